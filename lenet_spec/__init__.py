@@ -1,0 +1,25 @@
+"""Framework-free LeNet spec: layers, shapes, parameters, presets and weight files."""
+
+from lenet_spec.presets import PRESETS
+from lenet_spec.spec import (
+    AvgPool,
+    Conv,
+    Flatten,
+    LayerInfo,
+    Linear,
+    MaxPool,
+    ReLU,
+    Sigmoid,
+    Spec,
+    SpecError,
+    Tanh,
+    load_spec,
+    parse_spec_json,
+)
+from lenet_spec.weights import WeightsError, check_weights, load_weights, save_weights
+
+__all__ = [
+    "PRESETS", "AvgPool", "Conv", "Flatten", "LayerInfo", "Linear", "MaxPool", "ReLU",
+    "Sigmoid", "Spec", "SpecError", "Tanh", "WeightsError", "check_weights", "load_spec",
+    "load_weights", "parse_spec_json", "save_weights",
+]

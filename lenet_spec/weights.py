@@ -1,0 +1,89 @@
+"""Canonical weights: names and layouts of torch's ``state_dict``, in safetensors files
+that carry their spec.
+
+A weights file is plain safetensors (no pickle, nothing executed on load); its metadata holds
+``{"format": "lenet-weights", "spec": <the spec's JSON>}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from lenet_spec.atomic import atomic_write_bytes
+from lenet_spec.spec import Spec, SpecError
+
+FORMAT = "lenet-weights"
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit a spec, or a weights file that cannot be read."""
+
+
+def check_weights(spec: Spec, weights: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`WeightsError` unless ``weights`` has exactly the spec's canonical tensors.
+
+    The message names the first mismatched tensor and both shapes.
+    """
+    expected = spec.param_shapes
+    for name, shape in expected.items():
+        if name not in weights:
+            raise WeightsError(f"{spec.name}: missing tensor {name!r} of shape {shape}")
+        got = tuple(np.shape(weights[name]))
+        if got != shape:
+            raise WeightsError(
+                f"{spec.name}: tensor {name!r} has shape {got}, the spec expects {shape}"
+            )
+        dtype = np.asarray(weights[name]).dtype
+        if not np.issubdtype(dtype, np.floating):
+            raise WeightsError(f"{spec.name}: tensor {name!r} has dtype {dtype}, expected float")
+    extra = [k for k in weights if k not in expected]
+    if extra:
+        raise WeightsError(
+            f"{spec.name}: unexpected tensor {extra[0]!r} of shape "
+            f"{tuple(np.shape(weights[extra[0]]))}; the spec has {', '.join(expected)}"
+        )
+
+
+def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec) -> None:
+    """Write canonical float32 ``weights`` and ``spec`` to a safetensors file, atomically."""
+    from safetensors.numpy import save
+
+    check_weights(spec, weights)
+    tensors = {
+        k: np.ascontiguousarray(np.asarray(weights[k], dtype=np.float32)) for k in spec.param_shapes
+    }
+    metadata = {"format": FORMAT, "spec": json.dumps(spec.to_dict())}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], Spec]:
+    """Read a file written by :func:`save_weights`: the canonical weights and their spec."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT or "spec" not in metadata:
+        raise WeightsError(f"{path}: not a lenet weights file (no spec in its metadata)")
+    try:
+        spec = Spec.from_dict(json.loads(metadata["spec"]))
+    except (json.JSONDecodeError, SpecError) as e:
+        raise WeightsError(f"{path}: the spec in its metadata is invalid: {e}") from None
+    try:
+        check_weights(spec, weights)
+    except WeightsError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    for k, v in weights.items():
+        if v.dtype != np.float32:
+            raise WeightsError(f"{path}: tensor {k!r} is {v.dtype}, expected float32")
+    return {k: weights[k] for k in spec.param_shapes}, spec

@@ -1,0 +1,139 @@
+"""The torch.nn port: ``build(spec) -> LeNet``, an ``nn.Module`` in the tutorial's style.
+
+Parameterised layers are submodules named as in the spec (``net.conv1``); activations,
+pooling and flatten are applied functionally in ``forward``, as in the PyTorch tutorial.
+Input NCHW float32, output logits (N, classes). Parameters are already in canonical layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lenet_spec import Spec, check_weights, load_spec
+from lenet_spec.spec import AvgPool, Conv, Flatten, Linear, MaxPool, ReLU, Sigmoid, Tanh
+
+INITS = ("torch", "lecun_normal")
+
+# The std of a normal truncated to ±2σ is this fraction of σ; lecun_normal divides it out.
+_TRUNC_STD = 0.87962566103423978
+
+
+class LeNet(nn.Module):
+    """A network built from a :class:`~lenet_spec.Spec`."""
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.spec = spec
+        for info in spec.infos:
+            layer = info.layer
+            if isinstance(layer, Conv):
+                conv = nn.Conv2d(info.in_shape[0], layer.out_channels, layer.kernel_size,
+                                 stride=layer.stride, padding=layer.padding)
+                setattr(self, layer.name, conv)
+            elif isinstance(layer, Linear):
+                setattr(self, layer.name, nn.Linear(info.in_shape[0], layer.out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self.spec, x)
+        for layer in self.spec.layers:
+            x = self.apply_layer(layer, x)
+        return x
+
+    def apply_layer(self, layer: object, x: torch.Tensor) -> torch.Tensor:
+        """One layer of the spec applied to ``x``."""
+        if isinstance(layer, (Conv, Linear)):
+            return getattr(self, layer.name)(x)
+        if isinstance(layer, ReLU):
+            return F.relu(x)
+        if isinstance(layer, Tanh):
+            return torch.tanh(x)
+        if isinstance(layer, Sigmoid):
+            return torch.sigmoid(x)
+        if isinstance(layer, MaxPool):
+            return F.max_pool2d(x, layer.kernel_size, layer.stride)
+        if isinstance(layer, AvgPool):
+            return F.avg_pool2d(x, layer.kernel_size, layer.stride)
+        if isinstance(layer, Flatten):
+            return torch.flatten(x, 1)
+        raise TypeError(f"unknown layer {layer!r}")
+
+
+def check_input(spec: Spec, x: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the expected (N, C, H, W) shape unless ``x`` has it."""
+    want = tuple(spec.input_shape)
+    if tuple(x.shape[1:]) == want and x.ndim == 4:
+        return
+    expected = f"(N, {', '.join(map(str, want))}) (NCHW)"
+    hint = ""
+    if tuple(x.shape) == want:
+        hint = "; for a single image add the batch axis: x.unsqueeze(0)"
+    raise ValueError(f"{spec.name}: expected input of shape {expected}, got {tuple(x.shape)}{hint}")
+
+
+def init_weights(net: LeNet, seed: int = 0, init: str = "torch") -> None:
+    """(Re)initialise every parameter from ``seed``.
+
+    ``"torch"``: PyTorch's default, weights and biases U(-1/√fan_in, 1/√fan_in).
+    ``"lecun_normal"``: weights N(0, 1/fan_in) truncated at ±2σ (variance preserved), zero
+    biases, as ``jax.nn.initializers.lecun_normal``.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for info in net.spec.infos:
+            if not info.params:
+                continue
+            module = getattr(net, info.label)
+            fan_in = math.prod(module.weight.shape[1:])
+            if init == "torch":
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(module.weight, -bound, bound, generator=g)
+                nn.init.uniform_(module.bias, -bound, bound, generator=g)
+            else:
+                std = 1 / math.sqrt(fan_in) / _TRUNC_STD
+                nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std, generator=g)
+                nn.init.zeros_(module.bias)
+
+
+def build(spec: Spec | str, seed: int = 0, init: str = "torch") -> LeNet:
+    """The torch model of ``spec`` (a Spec, preset name or JSON path), initialised from ``seed``."""
+    net = LeNet(load_spec(spec))
+    init_weights(net, seed, init)
+    return net
+
+
+def layer_outputs(net: LeNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every layer of the spec, in order, for input ``x``."""
+    check_input(net.spec, x)
+    outputs = []
+    for layer in net.spec.layers:
+        x = net.apply_layer(layer, x)
+        outputs.append(x)
+    return outputs
+
+
+def layer_param_counts(net: LeNet) -> dict[str, int]:
+    """Parameters of each parameterised layer, counted by torch."""
+    return {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in net.named_children()
+    }
+
+
+def get_weights(net: LeNet) -> dict[str, np.ndarray]:
+    """The canonical weights (torch's ``state_dict`` is already canonical)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def set_weights(net: LeNet, weights: Mapping[str, np.ndarray]) -> None:
+    """Load canonical ``weights``; a mismatch names the first tensor and both shapes."""
+    check_weights(net.spec, weights)
+    state = {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}
+    net.load_state_dict(state)
