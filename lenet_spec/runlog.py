@@ -1,0 +1,52 @@
+"""What both trainers show and write: progress bar, per-epoch line, metrics.jsonl, steps.jsonl."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    """Console output and JSON-lines metrics of one training run in ``workdir``."""
+
+    def __init__(self, workdir: Path, quiet: bool = False) -> None:
+        self.workdir = Path(workdir)
+        self.quiet = quiet
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def say(self, text: str) -> None:
+        """One line for the user (suppressed by --quiet)."""
+        if not self.quiet:
+            print(text, flush=True)
+
+    def bar(self, total: int, epoch: int, initial: int = 0):
+        """A tqdm bar over ``total`` steps of ``epoch`` (disabled by --quiet)."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step",
+                    disable=self.quiet, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl and print the epoch's summary line."""
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.say(
+            f"epoch {record['epoch']:3d}  step {record['step']:6d}  "
+            f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:6.2f}%  "
+            f"test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:6.2f}%  "
+            f"{record['epoch_s']:6.1f} s  {record['images_per_sec']:8,.0f} img/s"
+        )
+
+    def steps(self, first_step: int, losses: list[float]) -> None:
+        """Append one {"step", "loss"} line per step to steps.jsonl."""
+        with open(self.workdir / "steps.jsonl", "a") as f:
+            for i, loss in enumerate(losses):
+                f.write(json.dumps({"step": first_step + i, "loss": loss}) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
