@@ -35,6 +35,10 @@ from lenet_torch.optim import make_optimizer as torch_optimizer
 
 LOGIT_TOL = 1e-5  # max |Δ| of logits
 GRAD_TOL = 1e-5  # max |Δ| per parameter, relative to that gradient's max |g|
+# A gradient that is a cancelling batch mean (a bias of a 2-class head, say) can be ~1e-3 while
+# its per-example terms are O(1); float32 resolves such a sum only to ~2^-23 ≈ 1.2e-7 absolute.
+# Hypothesis found one (|Δ| 1.7e-8 on |g| 1.5e-3), so random specs add this absolute floor.
+GRAD_FLOOR = 1.2e-7
 TRAJ_LOSS_TOL = 1e-4  # relative, per step
 TRAJ_PARAM_TOL = 1e-4  # max |Δ| of every parameter after 20 steps
 
@@ -65,7 +69,7 @@ def test_logits_random_specs(spec: Spec) -> None:
     _logit_parity(spec)
 
 
-def _grad_parity(spec: Spec, loss: str) -> None:
+def _grad_parity(spec: Spec, loss: str, floor: float = 0.0) -> None:
     t, j = twin_nets(spec)
     x, y = random_batch(spec, 16, seed=5)
     lt, gt = torch_loss_and_grads(t, x, y, loss)
@@ -73,7 +77,7 @@ def _grad_parity(spec: Spec, loss: str) -> None:
     assert abs(lt - lj) <= 1e-5 * max(1.0, abs(lt))
     for k in gt:
         scale = max(float(np.abs(gt[k]).max()), 1e-12)
-        assert np.abs(gt[k] - gj[k]).max() <= GRAD_TOL * scale, k
+        assert np.abs(gt[k] - gj[k]).max() <= GRAD_TOL * scale + floor, k
 
 
 @pytest.mark.parametrize("loss", ["ce", "mse"])
@@ -85,7 +89,7 @@ def test_gradients_presets(name: str, loss: str) -> None:
 @settings(max_examples=15)
 @given(specs(), st.sampled_from(["ce", "mse"]))
 def test_gradients_random_specs(spec: Spec, loss: str) -> None:
-    _grad_parity(spec, loss)
+    _grad_parity(spec, loss, floor=GRAD_FLOOR)
 
 
 # ----------------------------------------------------------------------------- trajectories
