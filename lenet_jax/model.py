@@ -58,8 +58,7 @@ class LeNet(nnx.Module):
             layer = info.layer
             if not info.params:
                 continue
-            fan_in = math.prod(info.params[f"{layer.name}.weight"][1:])
-            kernel_init, bias_init = initializers(fan_in, init)
+            kernel_init, bias_init = initializers(info.fan_in, init)
             if isinstance(layer, Conv):
                 (ph, pw) = layer.padding
                 module = nnx.Conv(info.in_shape[0], layer.out_channels, layer.kernel_size,

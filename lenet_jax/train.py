@@ -21,11 +21,10 @@ from flax import nnx
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import make_tx
-from lenet_spec import load_weights, save_weights
-from lenet_spec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_spec import save_weights
 from lenet_spec.cli import parser
 from lenet_spec.data import epoch_order
-from lenet_spec.run import CHECKPOINT, WEIGHTS, Run, fail, setup
+from lenet_spec.run import WEIGHTS, Run, fail, setup
 
 EVAL_BATCH = 1000
 
@@ -33,7 +32,7 @@ EVAL_BATCH = 1000
 def optimizer_tensors(opt_state) -> dict[str, np.ndarray]:
     """The optimizer's state as flat arrays named by their path in the pytree."""
     leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
-    return {f"optim{jax.tree_util.keystr(path)}": np.asarray(v) for path, v in leaves}
+    return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
 
 
 def load_optimizer_tensors(template, tensors: dict[str, np.ndarray]):
@@ -41,18 +40,16 @@ def load_optimizer_tensors(template, tensors: dict[str, np.ndarray]):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     restored = []
     for path, leaf in leaves:
-        name = f"optim{jax.tree_util.keystr(path)}"
+        name = jax.tree_util.keystr(path)
         if name not in tensors or tensors[name].shape != np.shape(leaf):
-            raise CheckpointError(f"optimizer state {name!r} is missing or has another shape")
+            raise ValueError(f"optimizer state {name!r} is missing or has another shape")
         restored.append(jnp.asarray(tensors[name], dtype=jnp.asarray(leaf).dtype))
     return jax.tree_util.tree_unflatten(treedef, restored)
 
 
 def save_run_checkpoint(run: Run, graphdef, params, opt_state, epoch: int, step: int) -> None:
-    tensors = optimizer_tensors(opt_state)
-    tensors.update({f"model.{k}": v for k, v in get_weights(nnx.merge(graphdef, params)).items()})
-    meta = {"framework": "jax", "epoch": epoch, "step": step, "spec": run.spec.to_dict()}
-    save_checkpoint(run.workdir / CHECKPOINT, tensors, meta)
+    weights = get_weights(nnx.merge(graphdef, params))
+    run.save_checkpoint("jax", weights, optimizer_tensors(opt_state), epoch, step)
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss):
@@ -103,25 +100,22 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
     """Train for the run's epochs and steps; returns the last epoch's metrics."""
     args, log = run.args, run.log
     net = build(run.spec, seed=args.seed)
-    if args.init_weights:
-        weights, _ = load_weights(args.init_weights)
-        set_weights(net, weights)
+    if run.init_weights:
+        set_weights(net, run.init_weights)
     lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
     schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
     tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
-    graphdef, params = nnx.split(net)
-    opt_state = tx.init(params)
     start_epoch, step = 0, 0
     if args.resume:
+        weights, optimizer, meta = run.load_checkpoint("jax")
+        set_weights(net, weights)
+    graphdef, params = nnx.split(net)
+    opt_state = tx.init(params)
+    if args.resume:
         try:
-            tensors, meta = load_checkpoint(run.workdir / CHECKPOINT)
-            if meta.get("framework") != "jax":
-                raise CheckpointError(f"a {meta.get('framework')} checkpoint, not JAX's")
-            set_weights(net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            opt_state = load_optimizer_tensors(opt_state, tensors)
-        except CheckpointError as e:
-            fail(f"{run.workdir / CHECKPOINT}: {e}")
-        graphdef, params = nnx.split(net)
+            opt_state = load_optimizer_tensors(opt_state, optimizer)
+        except ValueError as e:
+            fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
         start_epoch, step = meta["epoch"] + 1, meta["step"]
     train_step, train_steps, eval_step = make_steps(graphdef, tx, loss_fn(args.loss))
     # NCHW -> NHWC once, then the data lives on the device for the whole run
@@ -136,36 +130,37 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
         order = epoch_order(len(train_x), args.batch_size, args.seed, epoch)
         order = order[: run.total_steps - step].astype(np.int32)
         t0 = time.perf_counter()
-        losses, corrects = [], []
+        losses, corrects = [], []  # device values; fetched only when reported
+        correct, counted = 0, 0
         bar = log.bar(len(order), epoch)
         i = 0
         while i < len(order):
             k = min(steps_per_call, len(order) - i)
             if k > 1:
-                params, opt_state, values, correct = train_steps(
+                params, opt_state, values, n_correct = train_steps(
                     params, opt_state, train_x, train_y, order[i : i + k])
                 losses.append(values)
             else:
-                params, opt_state, value, correct = train_step(
+                params, opt_state, value, n_correct = train_step(
                     params, opt_state, train_x, train_y, order[i])
                 losses.append(value[None])
-            corrects.append(correct)
+            corrects.append(n_correct)
             i += k
             step += k
             if i // 50 != (i - k) // 50 or i == len(order):
+                correct += int(jnp.sum(jnp.stack(corrects[counted:])))
+                counted = len(corrects)
                 seen = i * args.batch_size
-                bar.set_postfix(loss=f"{float(losses[-1][-1]):.4f}",
-                                acc=f"{float(sum(corrects)) / seen:.4f}",
+                bar.set_postfix(loss=f"{float(losses[-1][-1]):.4f}", acc=f"{correct / seen:.4f}",
                                 img_s=f"{seen / (time.perf_counter() - t0):,.0f}")
                 bar.update(i - bar.n)
-        step_losses = np.asarray(jnp.concatenate(losses), dtype=float)
         bar.close()
+        step_losses = np.asarray(jnp.concatenate(losses), dtype=float)
         epoch_s = time.perf_counter() - t0
         if args.log_steps:
             log.steps(step - len(order), step_losses.tolist())
         test = evaluate(eval_step, params, test_x, test_y)
-        train_metrics = (float(step_losses.mean()),
-                         float(sum(corrects)) / (len(order) * args.batch_size))
+        train_metrics = (float(step_losses.mean()), correct / (len(order) * args.batch_size))
         record = run.record(epoch, step, train_metrics, test, epoch_s, len(order) * args.batch_size)
         log.epoch(record)
         save_run_checkpoint(run, graphdef, params, opt_state, epoch, step)

@@ -103,8 +103,8 @@ def lr_at(schedule: str, peak: float, step: int, total: int) -> float:
     """The learning rate of ``step`` (0-based) of ``total``.
 
     constant: ``peak``. cosine: ``peak · ½(1 + cos(π·step/total))``. onecycle: linear warm-up
-    from peak/25 to peak over the first 30% of steps, then cosine down to peak/25e4 (the
-    defaults of torch's OneCycleLR with linear warm-up).
+    from peak/25 to peak over the first 30% of steps, then cosine down to peak/25e4 (the start,
+    end and 30% of torch's OneCycleLR defaults; its warm-up is a cosine, ours is linear).
     """
     if schedule == "constant":
         return peak

@@ -178,6 +178,11 @@ class LayerInfo:
         return sum(math.prod(s) for s in self.params.values())
 
     @property
+    def fan_in(self) -> int:
+        """Inputs feeding one output unit of a conv or linear layer (I·kH·kW or in)."""
+        return math.prod(self.params[f"{self.label}.weight"][1:])
+
+    @property
     def kind(self) -> str:
         layer = self.layer
         if isinstance(layer, Conv):

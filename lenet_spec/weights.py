@@ -48,31 +48,42 @@ def check_weights(spec: Spec, weights: Mapping[str, np.ndarray]) -> None:
         )
 
 
-def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec) -> None:
-    """Write canonical float32 ``weights`` and ``spec`` to a safetensors file, atomically."""
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
+                      metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (0-d arrays stay 0-d) and string ``metadata`` to ``path`` atomically."""
     from safetensors.numpy import save
 
+    arrays = {k: np.array(v, order="C") for k, v in tensors.items()}
+    atomic_write_bytes(path, save(arrays, metadata=metadata))
+
+
+def read_safetensors(
+    path: Path, error: type[Exception]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The tensors and metadata of a safetensors file; anything unreadable raises ``error``
+    naming the file (safetensors itself raises several exception types)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise error(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec) -> None:
+    """Write canonical float32 ``weights`` and ``spec`` to a safetensors file, atomically."""
     check_weights(spec, weights)
-    tensors = {
-        k: np.ascontiguousarray(np.asarray(weights[k], dtype=np.float32)) for k in spec.param_shapes
-    }
-    metadata = {"format": FORMAT, "spec": json.dumps(spec.to_dict())}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    tensors = {k: np.asarray(weights[k], dtype=np.float32) for k in spec.param_shapes}
+    write_safetensors(path, tensors, {"format": FORMAT, "spec": json.dumps(spec.to_dict())})
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], Spec]:
     """Read a file written by :func:`save_weights`: the canonical weights and their spec."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    weights, metadata = read_safetensors(path, WeightsError)
     if metadata.get("format") != FORMAT or "spec" not in metadata:
         raise WeightsError(f"{path}: not a lenet weights file (no spec in its metadata)")
     try:

@@ -91,13 +91,12 @@ def init_weights(net: LeNet, seed: int = 0, init: str = "torch") -> None:
             if not info.params:
                 continue
             module = getattr(net, info.label)
-            fan_in = math.prod(module.weight.shape[1:])
             if init == "torch":
-                bound = 1 / math.sqrt(fan_in)
+                bound = 1 / math.sqrt(info.fan_in)
                 nn.init.uniform_(module.weight, -bound, bound, generator=g)
                 nn.init.uniform_(module.bias, -bound, bound, generator=g)
             else:
-                std = 1 / math.sqrt(fan_in) / _TRUNC_STD
+                std = 1 / math.sqrt(info.fan_in) / _TRUNC_STD
                 nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std, generator=g)
                 nn.init.zeros_(module.bias)
 

@@ -12,11 +12,10 @@ import time
 import numpy as np
 import torch
 
-from lenet_spec import load_weights, save_weights
-from lenet_spec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_spec import save_weights
 from lenet_spec.cli import parser
 from lenet_spec.data import epoch_order
-from lenet_spec.run import CHECKPOINT, WEIGHTS, Run, fail, setup
+from lenet_spec.run import WEIGHTS, Run, fail, setup
 from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import make_optimizer
@@ -28,7 +27,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, np.ndarray]
     """The optimizer's state as flat named arrays plus its JSON-able param groups."""
     state = opt.state_dict()
     tensors = {
-        f"optim.{i}.{k}": v.detach().cpu().numpy()
+        f"{i}.{k}": v.detach().cpu().numpy()
         for i, per_param in state["state"].items() for k, v in per_param.items()
     }
     return tensors, state["param_groups"]
@@ -38,18 +37,14 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, groups: li
     """Restore what :func:`optimizer_tensors` saved."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = torch.from_numpy(value.copy())
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = torch.from_numpy(value.copy())
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_run_checkpoint(run: Run, net, opt, epoch: int, step: int) -> None:
     tensors, groups = optimizer_tensors(opt)
-    tensors.update({f"model.{k}": v for k, v in get_weights(net).items()})
-    meta = {"framework": "torch", "epoch": epoch, "step": step, "param_groups": groups,
-            "spec": run.spec.to_dict()}
-    save_checkpoint(run.workdir / CHECKPOINT, tensors, meta)
+    run.save_checkpoint("torch", get_weights(net), tensors, epoch, step, param_groups=groups)
 
 
 def evaluate(net, x: torch.Tensor, y: torch.Tensor, loss) -> tuple[float, float]:
@@ -70,20 +65,17 @@ def train(run: Run, device: torch.device, compile_model: bool = False) -> dict:
     """Train for the run's epochs and steps; returns the last epoch's metrics."""
     args, log = run.args, run.log
     net = build(run.spec, seed=args.seed).to(device)
-    if args.init_weights:
-        weights, _ = load_weights(args.init_weights)
-        set_weights(net, weights)
+    if run.init_weights:
+        set_weights(net, run.init_weights)
     opt = make_optimizer(net, args.optimizer, args.lr, args.momentum, args.weight_decay)
     start_epoch, step = 0, 0
     if args.resume:
+        weights, optimizer, meta = run.load_checkpoint("torch")
+        set_weights(net, weights)
         try:
-            tensors, meta = load_checkpoint(run.workdir / CHECKPOINT)
-        except CheckpointError as e:
-            fail(str(e))
-        if meta.get("framework") != "torch":
-            fail(f"{run.workdir / CHECKPOINT}: a {meta.get('framework')} checkpoint, not torch's")
-        set_weights(net, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_tensors(opt, tensors, meta["param_groups"])
+            load_optimizer_tensors(opt, optimizer, meta["param_groups"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
         start_epoch, step = meta["epoch"] + 1, meta["step"]
     model = torch.compile(net) if compile_model else net
     loss = loss_fn(args.loss)

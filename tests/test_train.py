@@ -174,6 +174,25 @@ def test_resume_and_refuse_overwrite(tmp_path, mnist_dir, framework: str) -> Non
     res = _run(PROGRAMS[other], "--epochs", "3", "--resume", *common, check=False)
     assert res.returncode == 2 and f"a {framework} checkpoint" in res.stderr
     assert "Traceback" not in res.stderr
+    res = _run(PROGRAMS[framework], "--epochs", "3", "--resume", "--optimizer", "sgd", *common,
+               check=False)
+    assert res.returncode == 2 and "written with --optimizer adam, not sgd" in res.stderr
+    res = _run(PROGRAMS[framework], "--epochs", "3", "--resume", "--spec", "lenet5_3x3", *common,
+               check=False)
+    assert res.returncode == 2 and "not a checkpoint of this --spec" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_init_weights_of_another_spec(tmp_path, mnist_dir, framework: str) -> None:
+    path = tmp_path / "w.safetensors"
+    save_weights(path, lenet_torch.get_weights(lenet_torch.build("lenet5_3x3")),
+                 PRESETS["lenet5_3x3"])
+    res = _run(PROGRAMS[framework], "--init-weights", str(path), "--data-dir", mnist_dir,
+               "--workdir", str(tmp_path / "run"), check=False)
+    assert res.returncode == 2
+    assert "--init-weights: lenet5: tensor 'conv1.weight' has shape (6, 1, 3, 3)" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_plot(tmp_path) -> None:
