@@ -9,6 +9,7 @@ code runs on CPU, GPU and TPU. ``--steps-per-call K`` runs K steps per dispatch 
 
 from __future__ import annotations
 
+import sys
 import time
 from functools import partial
 
@@ -23,8 +24,7 @@ from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import make_tx
 from lenet_spec import save_weights
 from lenet_spec.cli import parser
-from lenet_spec.data import epoch_order
-from lenet_spec.run import WEIGHTS, Run, fail, setup
+from lenet_spec.run import WEIGHTS, Position, Run, fail, interruptible, setup
 
 EVAL_BATCH = 1000
 
@@ -47,9 +47,11 @@ def load_optimizer_tensors(template, tensors: dict[str, np.ndarray]):
     return jax.tree_util.tree_unflatten(treedef, restored)
 
 
-def save_run_checkpoint(run: Run, graphdef, params, opt_state, epoch: int, step: int) -> None:
-    weights = get_weights(nnx.merge(graphdef, params))
-    run.save_checkpoint("jax", weights, optimizer_tensors(opt_state), epoch, step)
+def save_run_checkpoint(run: Run, graphdef, params, opt_state, pos: Position,
+                        hold: bool = False) -> None:
+    """Checkpoint the run now, or (``hold``) once the next step's loss confirms it."""
+    save = run.hold_checkpoint if hold else run.save_checkpoint
+    save(get_weights(nnx.merge(graphdef, params)), optimizer_tensors(opt_state), pos)
 
 
 def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss):
@@ -105,65 +107,64 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
     lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
     schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
     tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
-    start_epoch, step = 0, 0
+    pos = Position()
     if args.resume:
-        weights, optimizer, meta = run.load_checkpoint("jax")
-        set_weights(net, weights)
+        ckpt = run.load_checkpoint()
+        set_weights(net, ckpt.weights)
     graphdef, params = nnx.split(net)
     opt_state = tx.init(params)
     if args.resume:
         try:
-            opt_state = load_optimizer_tensors(opt_state, optimizer)
+            opt_state = load_optimizer_tensors(opt_state, ckpt.optimizer)
         except ValueError as e:
             fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        pos = ckpt.position
     train_step, train_steps, eval_step = make_steps(graphdef, tx, loss_fn(args.loss))
     # NCHW -> NHWC once, then the data lives on the device for the whole run
     train_x = jax.device_put(run.train_x.transpose(0, 2, 3, 1))
     test_x = jax.device_put(run.test_x.transpose(0, 2, 3, 1))
     train_y = jax.device_put(run.train_y.astype(np.int32))
     test_y = jax.device_put(run.test_y.astype(np.int32))
+    run.watch_signals()
     record: dict = {}
-    for epoch in range(start_epoch, args.epochs):
-        if step >= run.total_steps:
+    for epoch in range(pos.epoch, args.epochs):
+        order = run.epoch_batches(pos).astype(np.int32)
+        if len(order) == 0:
             break
-        order = epoch_order(len(train_x), args.batch_size, args.seed, epoch)
-        order = order[: run.total_steps - step].astype(np.int32)
-        t0 = time.perf_counter()
-        losses, corrects = [], []  # device values; fetched only when reported
-        correct, counted = 0, 0
-        bar = log.bar(len(order), epoch)
-        i = 0
-        while i < len(order):
-            k = min(steps_per_call, len(order) - i)
+        pending, pending_correct = [], []  # device values, fetched at report points
+        t0, before = time.perf_counter(), pos.epoch_s
+        bar = log.bar(len(order), epoch, initial=pos.done)
+        while pos.done < len(order):
+            i = pos.done
+            # chunks start at multiples of K within the epoch, so a resumed run repeats them
+            k = min(steps_per_call - i % steps_per_call, len(order) - i)
             if k > 1:
                 params, opt_state, values, n_correct = train_steps(
                     params, opt_state, train_x, train_y, order[i : i + k])
-                losses.append(values)
+                pending.append(values)
             else:
                 params, opt_state, value, n_correct = train_step(
                     params, opt_state, train_x, train_y, order[i])
-                losses.append(value[None])
-            corrects.append(n_correct)
-            i += k
-            step += k
-            if i // 50 != (i - k) // 50 or i == len(order):
-                correct += int(jnp.sum(jnp.stack(corrects[counted:])))
-                counted = len(corrects)
-                seen = i * args.batch_size
-                bar.set_postfix(loss=f"{float(losses[-1][-1]):.4f}", acc=f"{correct / seen:.4f}",
-                                img_s=f"{seen / (time.perf_counter() - t0):,.0f}")
-                bar.update(i - bar.n)
+                pending.append(value[None])
+            pending_correct.append(n_correct)
+            pos.done, pos.step = i + k, pos.step + k
+            due = run.checkpoint_due(pos.step - k, pos.step) and pos.done < len(order)
+            if (i // 50 != pos.done // 50 or pos.done == len(order) or due or run.held
+                    or run.interrupted):
+                run.account(pos, np.asarray(jnp.concatenate(pending)),
+                            int(jnp.sum(jnp.stack(pending_correct))),
+                            before + time.perf_counter() - t0, bar)
+                pending, pending_correct = [], []
+            if run.interrupted:
+                bar.close()
+                save_run_checkpoint(run, graphdef, params, opt_state, pos)
+                run.stop_interrupted(pos)
+            if due:
+                save_run_checkpoint(run, graphdef, params, opt_state, pos, hold=True)
         bar.close()
-        step_losses = np.asarray(jnp.concatenate(losses), dtype=float)
-        epoch_s = time.perf_counter() - t0
-        if args.log_steps:
-            log.steps(step - len(order), step_losses.tolist())
-        test = evaluate(eval_step, params, test_x, test_y)
-        train_metrics = (float(step_losses.mean()), correct / (len(order) * args.batch_size))
-        record = run.record(epoch, step, train_metrics, test, epoch_s, len(order) * args.batch_size)
-        log.epoch(record)
-        save_run_checkpoint(run, graphdef, params, opt_state, epoch, step)
+        record = run.end_epoch(pos, evaluate(eval_step, params, test_x, test_y))
+        pos = Position(epoch + 1, 0, pos.step)
+        save_run_checkpoint(run, graphdef, params, opt_state, pos)
     save_weights(run.workdir / WEIGHTS, get_weights(nnx.merge(graphdef, params)), run.spec)
     log.say(f"weights: {run.workdir / WEIGHTS}")
     return record
@@ -173,14 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("python -m lenet_jax.train", "JAX / Flax NNX")
     p.add_argument("--steps-per-call", type=int, default=1,
                    help="optimizer steps per dispatch (lax.scan over batches)")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.steps_per_call < 1:
         p.error("--steps-per-call must be at least 1")
-    run = setup(args, "jax")
-    devices = ", ".join(str(d) for d in jax.devices())
-    run.log.say(f"jax {jax.__version__} on {jax.default_backend()} ({devices}); "
-                f"{run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
-    train(run, args.steps_per_call)
+    with interruptible():
+        run = setup(args, "jax", argv)
+        devices = ", ".join(str(d) for d in jax.devices())
+        run.log.say(f"jax {jax.__version__} on {jax.default_backend()} ({devices}); "
+                    f"{run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
+        train(run, args.steps_per_call)
     return 0
 
 

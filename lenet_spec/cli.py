@@ -24,6 +24,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -74,6 +84,12 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where metrics, weights and checkpoints go (default: runs/<time>-<fw>)")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR's checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a WORKDIR that holds a run (deletes its run files)")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=250, metavar="N",
+                   help="also checkpoint every N optimizer steps (0: only at epoch ends)")
+    p.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+                   help="train on the first N training images only (quick experiments)")
     p.add_argument("--init-weights", type=Path, default=None,
                    help="start from this weights file (safetensors) instead of a fresh init")
     p.add_argument("--log-steps", action="store_true",

@@ -12,9 +12,11 @@ import gzip
 import hashlib
 import io
 import logging
+import math
 import os
 import socket
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,7 @@ def parse_idx(raw: bytes, source: str, ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{source}: truncated IDX header")
     shape = struct.unpack(f">{dims}I", raw[4:header])
-    expected = header + int(np.prod(shape, dtype=np.int64))
+    expected = header + math.prod(shape) * np.dtype(_IDX_DTYPES[dtype_code]).itemsize
     if len(raw) != expected:
         raise DataError(
             f"{source}: file size {len(raw)} bytes does not match its header "
@@ -76,14 +78,22 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def _read_raw(path: Path) -> bytes:
+def _read_raw(path: Path, limit: int) -> bytes:
+    """The file's bytes (decompressed if .gz), refused past ``limit`` bytes without reading
+    further (a small .gz can inflate to any size)."""
+    too_big = DataError(f"{path}: more than {limit} bytes, larger than the official MNIST file")
     try:
-        data = path.read_bytes()
-        if path.suffix == ".gz":
-            data = gzip.decompress(data)
-        return data
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        if path.suffix != ".gz":
+            if path.stat().st_size > limit:
+                raise too_big
+            return path.read_bytes()
+        with gzip.open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+    if len(data) > limit:
+        raise too_big
+    return data
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -101,7 +111,8 @@ def read_idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray] | N
         return None
     arrays = []
     for name, path, ndim in ((img_name, img_path, 3), (lbl_name, lbl_path, 1)):
-        raw = _read_raw(path)
+        per_item = 28 * 28 if ndim == 3 else 1
+        raw = _read_raw(path, 4 + 4 * ndim + COUNTS[split] * per_item)
         array = parse_idx(raw, str(path), ndim)
         if len(array) == COUNTS[split] and hashlib.md5(raw).hexdigest() != MD5[name]:
             raise DataError(

@@ -1,13 +1,19 @@
-"""What both trainers do before and around their framework's steps: workdir, data, schedule."""
+"""What both trainers do before and around their framework's steps: workdir, data, schedule,
+checkpoints and where a run stands, signals, and stopping on a non-finite loss."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import shlex
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,13 +22,42 @@ import numpy as np
 from lenet_spec.atomic import atomic_write_bytes
 from lenet_spec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_spec.cli import default_workdir, lr_at, total_steps
-from lenet_spec.data import DataError, load_mnist, prepare
+from lenet_spec.data import DataError, epoch_order, load_mnist, prepare
 from lenet_spec.runlog import RunLog
 from lenet_spec.spec import Spec
 from lenet_spec.weights import WeightsError, check_weights, load_weights
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "weights.safetensors"
+RUN_FILES = ("config.json", "metrics.jsonl", "steps.jsonl", CHECKPOINT, WEIGHTS)
+"""What a run writes in its workdir (and what --overwrite deletes)."""
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+@dataclass
+class Position:
+    """Where a run stands: the epoch, the steps of it done, the optimizer steps done in all,
+    and the epoch's results so far (per-step losses, correct predictions, seconds)."""
+
+    epoch: int = 0
+    done: int = 0
+    step: int = 0
+    losses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    correct: int = 0
+    epoch_s: float = 0.0
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint restores: canonical weights, the optimizer's tensors, the position,
+    framework RNG state and the metadata the framework wrote."""
+
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    position: Position
+    rng: dict[str, np.ndarray]
+    meta: dict[str, Any]
 
 
 @dataclass
@@ -31,6 +66,7 @@ class Run:
 
     args: argparse.Namespace
     spec: Spec
+    framework: str
     workdir: Path
     log: RunLog
     train_x: np.ndarray
@@ -40,8 +76,17 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     started: float
+    argv: list[str]
     init_weights: dict[str, np.ndarray] | None = None
     """Canonical weights from --init-weights, checked against the spec."""
+    wall_before: float = 0.0
+    """Seconds the run had already spent before it was resumed."""
+    last_checkpoint_step: int | None = None
+    interrupted: str | None = None
+    """The name of the signal (SIGINT, SIGTERM) that asked the run to stop, once one has."""
+    held: tuple | None = None
+    """A due checkpoint kept in memory until the loss of its weights' next step is known
+    finite, so that the checkpoint on disk is always one that trains on."""
 
     def lr_table(self) -> np.ndarray:
         """The learning rate of every step of the run (the schedule, precomputed)."""
@@ -49,40 +94,138 @@ class Run:
         return np.array([lr_at(a.schedule, a.lr, s, self.total_steps)
                          for s in range(self.total_steps)], dtype=np.float64)
 
-    def record(self, epoch: int, step: int, train: tuple[float, float], test: tuple[float, float],
-               epoch_s: float, images: int) -> dict:
-        """The metrics.jsonl record of one epoch."""
-        return {
-            "epoch": epoch, "step": step,
-            "train_loss": train[0], "train_accuracy": train[1],
+    def epoch_batches(self, pos: Position) -> np.ndarray:
+        """The (steps, batch) training indices of ``pos``'s epoch, cut where the run's steps
+        end (counted from the step the epoch began at)."""
+        order = epoch_order(len(self.train_x), self.args.batch_size, self.args.seed, pos.epoch)
+        return order[: max(self.total_steps - (pos.step - pos.done), 0)]
+
+    def checkpoint_due(self, before: int, after: int) -> bool:
+        """Whether the steps ``before`` → ``after`` crossed a multiple of --checkpoint-every."""
+        every = self.args.checkpoint_every
+        return bool(every) and before // every != after // every
+
+    def account(self, pos: Position, losses: np.ndarray, correct: int, epoch_s: float,
+                bar: Any) -> None:
+        """Take the steps just fetched from the device into ``pos`` (stopping the run at a
+        non-finite loss), write the held checkpoint once they confirm it, update ``bar``."""
+        losses = np.asarray(losses, dtype=np.float32)
+        self.check_finite(losses, pos.step - len(losses))
+        pos.losses = np.concatenate([pos.losses, losses])
+        pos.correct += correct
+        pos.epoch_s = epoch_s
+        if self.held is not None:
+            self.save_checkpoint(*self.held[:3], **self.held[3])
+        seen = pos.done * self.args.batch_size
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{pos.correct / seen:.4f}",
+                        img_s=f"{seen / max(epoch_s, 1e-9):,.0f}")
+        bar.update(pos.done - bar.n)
+
+    def end_epoch(self, pos: Position, test: tuple[float, float]) -> dict:
+        """Log the epoch that ``pos`` has just finished (metrics.jsonl, steps.jsonl, the
+        summary line) and return its record; a non-finite test loss stops the run."""
+        if not math.isfinite(test[0]):
+            self.diverged(f"the test loss is {test[0]} after step {pos.step}")
+        if self.args.log_steps:
+            self.log.steps(pos.step - pos.done, pos.losses.tolist())
+        images = pos.done * self.args.batch_size
+        record = {
+            "epoch": pos.epoch, "step": pos.step,
+            "train_loss": float(np.asarray(pos.losses, dtype=np.float64).mean()),
+            "train_accuracy": pos.correct / images,
             "test_loss": test[0], "test_accuracy": test[1],
-            "epoch_s": epoch_s, "images_per_sec": images / max(epoch_s, 1e-9),
-            "wall_s": time.perf_counter() - self.started,
-            "lr": lr_at(self.args.schedule, self.args.lr, max(step - 1, 0), self.total_steps),
+            "epoch_s": pos.epoch_s, "images_per_sec": images / max(pos.epoch_s, 1e-9),
+            "wall_s": self.wall_before + time.perf_counter() - self.started,
+            "lr": lr_at(self.args.schedule, self.args.lr, max(pos.step - 1, 0), self.total_steps),
         }
+        self.log.epoch(record)
+        return record
 
+    def check_finite(self, losses: np.ndarray, first_step: int) -> None:
+        """Stop the run (exit 3) at the first non-finite loss among the steps from
+        ``first_step``, naming that step and the last good checkpoint."""
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            self.diverged(f"the loss is {losses[bad[0]]} at step {first_step + int(bad[0])}")
 
-    def save_checkpoint(self, framework: str, weights: dict[str, np.ndarray],
-                        optimizer: dict[str, np.ndarray], epoch: int, step: int,
+    def diverged(self, what: str) -> NoReturn:
+        if self.last_checkpoint_step is None:
+            kept = "no checkpoint had been written yet"
+        else:
+            kept = (f"the last good checkpoint, {self.workdir / CHECKPOINT} "
+                    f"(step {self.last_checkpoint_step}), is kept; continue from it with a lower "
+                    f"--lr: {self.resume_command()}")
+        fail(f"{what}; run stopped, nothing after it was written; {kept}", EXIT_DIVERGED)
+
+    def resume_command(self) -> str:
+        """The command line that continues this run from its checkpoint."""
+        argv = [a for a in self.argv if a not in ("--resume", "--overwrite")]
+        if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
+            argv += ["--workdir", str(self.workdir)]
+        return shlex.join(["python", "-m", f"lenet_{self.framework}.train", *argv, "--resume"])
+
+    def watch_signals(self) -> None:
+        """From now on SIGINT and SIGTERM ask the run to checkpoint and stop (a second one
+        stops it at once)."""
+
+        def handler(signum: int, frame: Any) -> None:
+            self.interrupted = signal.Signals(signum).name
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+    def stop_interrupted(self, pos: Position) -> NoReturn:
+        """Say where the interrupted run stopped and how to continue it; exit 130."""
+        print(f"{self.interrupted}: stopped at step {pos.step} (epoch {pos.epoch}, batch "
+              f"{pos.done}); checkpoint {self.workdir / CHECKPOINT}. Continue with:\n  "
+              f"{self.resume_command()}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+    def hold_checkpoint(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
+                        pos: Position, **extra: Any) -> None:
+        """Keep a copy of this state; :meth:`account` writes it once the next step's loss,
+        computed from these weights, is known to be finite."""
+        copy = lambda d: {k: np.array(v, copy=True) for k, v in d.items()}  # noqa: E731
+        if "rng" in extra:
+            extra["rng"] = copy(extra["rng"])
+        self.held = (copy(weights), copy(optimizer), replace(pos), extra)
+
+    def save_checkpoint(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
+                        pos: Position, rng: dict[str, np.ndarray] | None = None,
                         **extra: Any) -> None:
-        """Write WORKDIR/checkpoint.safetensors: canonical weights, optimizer state, position."""
+        """Write WORKDIR/checkpoint.safetensors atomically now: canonical weights, optimizer
+        state, position and partial epoch results, RNG state, spec and settings."""
+        self.held = None
+        bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+        if bad:
+            self.diverged(f"weight {bad[0]!r} is not finite after step {pos.step}")
         tensors = {f"model.{k}": v for k, v in weights.items()}
         tensors.update({f"optim.{k}": v for k, v in optimizer.items()})
-        meta = {"framework": framework, "optimizer": self.args.optimizer, "epoch": epoch,
-                "step": step, "spec": self.spec.to_dict(), **extra}
+        tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
+        tensors["progress.losses"] = np.asarray(pos.losses, dtype=np.float32)
+        a = self.args
+        meta = {"framework": self.framework, "optimizer": a.optimizer, "spec": self.spec.to_dict(),
+                "epoch": pos.epoch, "done": pos.done, "step": pos.step, "correct": pos.correct,
+                "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
+                "steps_per_epoch": self.steps_per_epoch,
+                "wall_s": self.wall_before + time.perf_counter() - self.started, **extra}
         save_checkpoint(self.workdir / CHECKPOINT, tensors, meta)
+        self.last_checkpoint_step = pos.step
 
-    def load_checkpoint(self, framework: str) -> tuple[dict, dict, dict[str, Any]]:
-        """(canonical weights, optimizer tensors, metadata) of the checkpoint to resume; any
-        problem (damaged, another framework, optimizer or spec) exits with one clear error."""
+    def load_checkpoint(self) -> Checkpoint:
+        """The checkpoint to resume; any problem (damaged, another framework, optimizer, spec,
+        batch size or seed) exits with one clear error."""
         path = self.workdir / CHECKPOINT
         try:
             tensors, meta = load_checkpoint(path)
         except CheckpointError as e:
             fail(str(e))
-        if meta.get("framework") != framework:
-            fail(f"{path}: a {meta.get('framework')} checkpoint; resume it with "
-                 f"python -m lenet_{meta.get('framework')}.train")
+        framework = meta.get("framework")
+        if framework != self.framework:
+            fail(f"{path}: a {framework} checkpoint; resume it with "
+                 f"python -m lenet_{framework}.train")
         if meta.get("optimizer") != self.args.optimizer:
             fail(f"{path}: written with --optimizer {meta.get('optimizer')}, "
                  f"not {self.args.optimizer}")
@@ -91,31 +234,107 @@ class Run:
             check_weights(self.spec, weights)
         except WeightsError as e:
             fail(f"{path}: not a checkpoint of this --spec: {e}")
-        optimizer = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
-        return weights, optimizer, meta
+        for flag, key, ours in (("--batch-size", "batch_size", self.args.batch_size),
+                                ("--seed", "seed", self.args.seed),
+                                ("--train-size", "steps_per_epoch", self.steps_per_epoch)):
+            if meta.get(key) != ours:
+                fail(f"{path}: written with another {flag} ({key} {meta.get(key)}, now {ours}); "
+                     "a run resumes with the flags it started with")
+        try:
+            position = Position(int(meta["epoch"]), int(meta["done"]), int(meta["step"]),
+                                tensors["progress.losses"], int(meta["correct"]),
+                                float(meta["epoch_s"]))
+            self.wall_before = float(meta["wall_s"])
+        except (KeyError, TypeError, ValueError) as e:
+            fail(f"{path}: damaged checkpoint metadata ({e!r} missing or invalid)")
+        if not (0 <= position.done <= self.steps_per_epoch and len(position.losses) == position.done
+                and math.isfinite(position.epoch_s)):
+            fail(f"{path}: damaged checkpoint (position {position.done} of {self.steps_per_epoch}"
+                 f" steps with {len(position.losses)} losses)")
+        self.last_checkpoint_step = position.step
+        self._trim_logs(position)
+        return Checkpoint(
+            weights,
+            {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
+            position,
+            {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
+            meta,
+        )
+
+    def _trim_logs(self, pos: Position) -> None:
+        """Drop what the logs recorded after the checkpoint (a run killed after writing an
+        epoch's metrics but before its checkpoint would otherwise repeat that epoch)."""
+        epoch_start = pos.step - pos.done
+        for name, keep in (("metrics.jsonl", lambda r: r["epoch"] < pos.epoch),
+                           ("steps.jsonl", lambda r: r["step"] < epoch_start)):
+            path = self.workdir / name
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if keep(json.loads(line)):
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+            atomic_write_bytes(path, "".join(kept).encode())
 
 
-def fail(message: str) -> NoReturn:
-    """Print one clear error and exit with status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """A Ctrl-C before the run can checkpoint (loading data, compiling) or a second Ctrl-C
+    ends the program with one line and exit status 130 instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted; nothing more was written (a checkpoint already in the workdir is "
+              "kept; --resume continues from it)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
-def setup(args: argparse.Namespace, framework: str) -> Run:
-    """Workdir, data and step counts; refuses to overwrite a run unless resuming."""
+def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print one clear error and exit with ``status`` (2: bad input, 3: diverged)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _prepare_workdir(args: argparse.Namespace, workdir: Path) -> None:
+    if args.resume and args.overwrite:
+        fail("--resume and --overwrite contradict each other; pick one")
+    if args.resume:
+        if not (workdir / CHECKPOINT).is_file():
+            fail(f"--resume: {workdir / CHECKPOINT} does not exist (the run stopped before its "
+                 "first checkpoint); start it again with --overwrite")
+        return
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir}: not a folder")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not args.overwrite:
+            fail(f"{workdir} is not empty; pass --resume to continue the run in it, --overwrite "
+                 "to start afresh there, or pick another --workdir")
+        for name in RUN_FILES:
+            (workdir / name).unlink(missing_ok=True)
+        for tmp in workdir.glob(".*.tmp"):
+            tmp.unlink()
+
+
+def setup(args: argparse.Namespace, framework: str, argv: list[str]) -> Run:
+    """Workdir, data and step counts; refuses a non-empty workdir unless resuming or told to
+    overwrite."""
     started = time.perf_counter()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
     workdir = args.workdir or default_workdir(framework)
-    if args.resume and not (workdir / CHECKPOINT).is_file():
-        fail(f"--resume: {workdir / CHECKPOINT} does not exist")
-    if not args.resume and (workdir / CHECKPOINT).exists():
-        fail(f"{workdir} already holds a run; pass --resume to continue it or pick another "
-             "--workdir")
+    _prepare_workdir(args, workdir)
     spec = args.spec
     try:
         train_images, train_y = load_mnist("train", args.data_dir)
         test_images, test_y = load_mnist("test", args.data_dir)
+        if args.train_size:
+            if args.train_size > len(train_images):
+                fail(f"--train-size {args.train_size} is larger than the training set "
+                     f"({len(train_images)})")
+            train_images, train_y = train_images[: args.train_size], train_y[: args.train_size]
         train_x, test_x = prepare(train_images, spec), prepare(test_images, spec)
     except DataError as e:
         fail(str(e))
@@ -133,5 +352,6 @@ def setup(args: argparse.Namespace, framework: str) -> Run:
     config["spec"] = spec.to_dict()
     atomic_write_bytes(workdir / "config.json", json.dumps(config, indent=2).encode())
     steps_per_epoch = len(train_x) // args.batch_size
-    return Run(args, spec, workdir, log, train_x, train_y, test_x, test_y, steps_per_epoch,
-               total_steps(args, steps_per_epoch), started, init_weights)
+    return Run(args, spec, framework, workdir, log, train_x, train_y, test_x, test_y,
+               steps_per_epoch, total_steps(args, steps_per_epoch), started, list(argv),
+               init_weights)

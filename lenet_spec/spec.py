@@ -20,6 +20,9 @@ Shape = tuple[int, ...]
 Pair = tuple[int, int]
 
 
+MAX_PARAMS = 2**31
+
+
 class SpecError(ValueError):
     """A spec that cannot describe a network; the message names the layer and the problem."""
 
@@ -260,6 +263,9 @@ class Spec:
         object.__setattr__(self, "input_shape", tuple(shape))
         object.__setattr__(self, "layers", tuple(self._named(self.layers)))
         _ = self.infos  # validates
+        if self.param_count > MAX_PARAMS:
+            raise SpecError(f"{self.name}: {self.param_count:,} parameters, more than the "
+                            f"{MAX_PARAMS:,} (8 GiB of float32) a spec may have")
 
     def _named(self, layers: Any) -> list[Layer]:
         named: list[Layer] = []
@@ -460,6 +466,8 @@ def parse_spec_json(text: str, source: str = "<string>") -> Spec:
     except json.JSONDecodeError as e:
         where = f"line {e.lineno}, column {e.colno}"
         raise SpecError(f"{source}: invalid JSON at {where}: {e.msg}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: JSON nested too deeply") from None
     try:
         return Spec.from_dict(data)
     except SpecError as e:

@@ -48,13 +48,32 @@ def check_weights(spec: Spec, weights: Mapping[str, np.ndarray]) -> None:
         )
 
 
+_DTYPES = {np.dtype(k): v for k, v in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint64", "U64"), ("uint32", "U32"),
+    ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"))}
+
+
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
                       metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (0-d arrays stay 0-d) and string ``metadata`` to ``path`` atomically."""
-    from safetensors.numpy import save
-
-    arrays = {k: np.array(v, order="C") for k, v in tensors.items()}
-    atomic_write_bytes(path, save(arrays, metadata=metadata))
+    """Write ``tensors`` (0-d arrays stay 0-d) and string ``metadata`` to ``path`` atomically,
+    as a safetensors file whose bytes depend only on its contents (the same state gives the
+    same file, so runs can be compared by checksum)."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
+        data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + b"".join(chunks))
 
 
 def read_safetensors(

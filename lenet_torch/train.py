@@ -7,6 +7,7 @@ WORKDIR/metrics.jsonl (one record per epoch), weights.safetensors and a checkpoi
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -14,8 +15,7 @@ import torch
 
 from lenet_spec import save_weights
 from lenet_spec.cli import parser
-from lenet_spec.data import epoch_order
-from lenet_spec.run import WEIGHTS, Run, fail, setup
+from lenet_spec.run import WEIGHTS, Position, Run, fail, interruptible, setup
 from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import make_optimizer
@@ -42,9 +42,12 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict, groups: li
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_run_checkpoint(run: Run, net, opt, epoch: int, step: int) -> None:
+def save_run_checkpoint(run: Run, net, opt, pos: Position, hold: bool = False) -> None:
+    """Checkpoint the run now, or (``hold``) once the next step's loss confirms it."""
     tensors, groups = optimizer_tensors(opt)
-    run.save_checkpoint("torch", get_weights(net), tensors, epoch, step, param_groups=groups)
+    save = run.hold_checkpoint if hold else run.save_checkpoint
+    save(get_weights(net), tensors, pos, rng={"torch_cpu": torch.get_rng_state().numpy()},
+         param_groups=groups)
 
 
 def evaluate(net, x: torch.Tensor, y: torch.Tensor, loss) -> tuple[float, float]:
@@ -68,59 +71,61 @@ def train(run: Run, device: torch.device, compile_model: bool = False) -> dict:
     if run.init_weights:
         set_weights(net, run.init_weights)
     opt = make_optimizer(net, args.optimizer, args.lr, args.momentum, args.weight_decay)
-    start_epoch, step = 0, 0
+    pos = Position()
     if args.resume:
-        weights, optimizer, meta = run.load_checkpoint("torch")
-        set_weights(net, weights)
+        ckpt = run.load_checkpoint()
+        set_weights(net, ckpt.weights)
         try:
-            load_optimizer_tensors(opt, optimizer, meta["param_groups"])
+            load_optimizer_tensors(opt, ckpt.optimizer, ckpt.meta["param_groups"])
+            torch.set_rng_state(torch.from_numpy(ckpt.rng["torch_cpu"].copy()))
         except (KeyError, ValueError, RuntimeError) as e:
             fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
-        start_epoch, step = meta["epoch"] + 1, meta["step"]
+        pos = ckpt.position
     model = torch.compile(net) if compile_model else net
     loss = loss_fn(args.loss)
     lrs = run.lr_table()
     train_x, train_y = (torch.from_numpy(a).to(device) for a in (run.train_x, run.train_y))
     test_x, test_y = (torch.from_numpy(a).to(device) for a in (run.test_x, run.test_y))
+    run.watch_signals()
     record: dict = {}
-    for epoch in range(start_epoch, args.epochs):
-        if step >= run.total_steps:
+    for epoch in range(pos.epoch, args.epochs):
+        order = torch.from_numpy(run.epoch_batches(pos)).to(device)
+        if len(order) == 0:
             break
-        order = torch.from_numpy(epoch_order(len(train_x), args.batch_size, args.seed, epoch))
-        order = order[: run.total_steps - step].to(device)
-        t0 = time.perf_counter()
-        losses, correct = [], torch.zeros((), dtype=torch.long, device=device)
-        bar = log.bar(len(order), epoch)
-        for i, idx in enumerate(order):
-            x, y = train_x[idx], train_y[idx]
+        pending, correct = [], torch.zeros((), dtype=torch.long, device=device)
+        t0, before = time.perf_counter(), pos.epoch_s
+        bar = log.bar(len(order), epoch, initial=pos.done)
+        while pos.done < len(order):
+            i = pos.done
+            x, y = train_x[order[i]], train_y[order[i]]
             for group in opt.param_groups:  # the shared schedule, looked up by step
-                group["lr"] = float(lrs[step])
+                group["lr"] = float(lrs[pos.step])
             opt.zero_grad(set_to_none=True)
             logits = model(x)
             value = loss(logits, y)
             value.backward()
             opt.step()
-            step += 1
-            losses.append(value.detach())
+            pending.append(value.detach())
             correct += (logits.detach().argmax(1) == y).sum()
-            if (i + 1) % 50 == 0 or i + 1 == len(order):
-                seen = (i + 1) * args.batch_size
-                bar.set_postfix(loss=f"{losses[-1].item():.4f}",
-                                acc=f"{correct.item() / seen:.4f}",
-                                img_s=f"{seen / (time.perf_counter() - t0):,.0f}")
-                bar.update(i + 1 - bar.n)
+            pos.done, pos.step = i + 1, pos.step + 1
+            due = run.checkpoint_due(pos.step - 1, pos.step) and pos.done < len(order)
+            if (i // 50 != pos.done // 50 or pos.done == len(order) or due or run.held
+                    or run.interrupted):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                run.account(pos, torch.stack(pending).cpu().numpy(), int(correct.item()),
+                            before + time.perf_counter() - t0, bar)
+                pending, correct = [], torch.zeros_like(correct)
+            if run.interrupted:
+                bar.close()
+                save_run_checkpoint(run, net, opt, pos)
+                run.stop_interrupted(pos)
+            if due:
+                save_run_checkpoint(run, net, opt, pos, hold=True)
         bar.close()
-        step_losses = torch.stack(losses).cpu().numpy().astype(float)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_s = time.perf_counter() - t0
-        if args.log_steps:
-            log.steps(step - len(order), step_losses.tolist())
-        test = evaluate(model, test_x, test_y, loss)
-        train_metrics = (float(step_losses.mean()), correct.item() / (len(order) * args.batch_size))
-        record = run.record(epoch, step, train_metrics, test, epoch_s, len(order) * args.batch_size)
-        log.epoch(record)
-        save_run_checkpoint(run, net, opt, epoch, step)
+        record = run.end_epoch(pos, evaluate(model, test_x, test_y, loss))
+        pos = Position(epoch + 1, 0, pos.step)
+        save_run_checkpoint(run, net, opt, pos)
     save_weights(run.workdir / WEIGHTS, get_weights(net), run.spec)
     log.say(f"weights: {run.workdir / WEIGHTS}")
     return record
@@ -130,17 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("python -m lenet_torch.train", "PyTorch")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = setup(args, "torch")
-    run.log.say(f"torch {torch.__version__} on {device}"
-                + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
-                   f", {torch.get_num_threads()} threads")
-                + f"; {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
-    train(run, device, args.compile)
+    with interruptible():
+        run = setup(args, "torch", argv)
+        run.log.say(f"torch {torch.__version__} on {device}"
+                    + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
+                       f", {torch.get_num_threads()} threads")
+                    + f"; {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
+        train(run, device, args.compile)
     return 0
 
 

@@ -165,7 +165,7 @@ def test_resume_and_refuse_overwrite(tmp_path, mnist_dir, framework: str) -> Non
               "--workdir", str(workdir), "--quiet"]
     _run(PROGRAMS[framework], "--epochs", "1", *common)
     res = _run(PROGRAMS[framework], "--epochs", "1", *common, check=False)
-    assert res.returncode == 2 and "already holds a run; pass --resume" in res.stderr
+    assert res.returncode == 2 and "is not empty; pass --resume" in res.stderr
     _run(PROGRAMS[framework], "--epochs", "2", "--resume", *common[:1], "80", *common[2:])
     records = read_jsonl(workdir / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]

@@ -1,0 +1,216 @@
+"""Runs that are killed, interrupted, diverge, or meet damaged files, through the real programs.
+
+A short run (2,560 training images, batch 128: 20 steps an epoch, 3 epochs, a checkpoint every
+7 steps) is killed with SIGKILL at several points and resumed until it finishes; it must end
+with the same weights file, byte for byte, and the same metrics as a run never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_spec.checkpoint import load_checkpoint
+from lenet_spec.runlog import read_jsonl
+
+PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
+RUN = ["--train-size", "2560", "--epochs", "3", "--checkpoint-every", "7", "--log-steps",
+       "--quiet"]
+TIMING = {"epoch_s", "images_per_sec", "wall_s"}
+
+
+def _cmd(framework: str, workdir: Path, mnist_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", PROGRAMS[framework], *RUN, "--data-dir", mnist_dir,
+            "--workdir", str(workdir), *extra]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _checkpoint_meta(workdir: Path) -> dict | None:
+    """The checkpoint's metadata, read from the safetensors header alone (cheap to poll)."""
+    try:
+        raw = (workdir / "checkpoint.safetensors").read_bytes()
+    except FileNotFoundError:
+        return None
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(json.loads(raw[8 : 8 + n])["__metadata__"]["meta"])
+
+
+def _lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _kill_when(proc: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()``; it must still have been running."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {what}: {proc.returncode}"
+
+
+def _same_run(a: Path, b: Path) -> None:
+    assert (a / "weights.safetensors").read_bytes() == (b / "weights.safetensors").read_bytes()
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["epoch"] for r in rb] == [0, 1, 2]
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in ra] == \
+           [{k: v for k, v in r.items() if k not in TIMING} for r in rb]
+    assert (a / "steps.jsonl").read_text() == (b / "steps.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_dir) -> dict[str, Path]:
+    """Each framework's run, never interrupted."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for framework in PROGRAMS:
+        res = _run(_cmd(framework, root / framework, mnist_dir))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[framework] = root / framework
+    return runs
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, mnist_dir, reference,
+                                                           framework: str) -> None:
+    workdir = tmp_path / "run"
+    metrics = workdir / "metrics.jsonl"
+    resumed_from = []
+
+    def start(*extra: str) -> subprocess.Popen:
+        return subprocess.Popen(_cmd(framework, workdir, mnist_dir, *extra),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def resume() -> subprocess.Popen:
+        resumed_from.append(_checkpoint_meta(workdir))
+        return start("--resume")
+
+    # 1: mid-epoch 0, as soon as the first checkpoint exists
+    _kill_when(start(), lambda: _checkpoint_meta(workdir) is not None, "the first checkpoint")
+    # 2: the moment an epoch's metrics line is written (its checkpoint may not be yet)
+    lines = _lines(metrics)
+    _kill_when(resume(), lambda: _lines(metrics) > lines, "an epoch's metrics line")
+    # 3: a few checkpoints later, mid-epoch
+    later = (_checkpoint_meta(workdir)["step"] + 14, 45)
+
+    def far_enough() -> bool:
+        meta = _checkpoint_meta(workdir)
+        return meta["step"] >= min(later)
+
+    _kill_when(resume(), far_enough, f"step {min(later)}")
+    final = resume()
+    assert final.wait(timeout=600) == 0, final.stderr.read()[-3000:]
+    assert any(m["done"] > 0 for m in resumed_from), resumed_from  # resumed mid-epoch at least once
+    _same_run(reference[framework], workdir)
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_sigint_checkpoints_says_how_to_resume_and_resumes_exactly(tmp_path, mnist_dir,
+                                                                  reference, framework) -> None:
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(framework, workdir, mnist_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while _checkpoint_meta(workdir) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.wait() == 130, stderr
+    assert "Traceback" not in stderr
+    match = re.search(r"SIGINT: stopped at step (\d+) .*Continue with:\n  (.*--resume)", stderr,
+                      re.S)
+    assert match, stderr
+    assert _checkpoint_meta(workdir)["step"] == int(match[1])
+    assert f"--workdir {workdir}" in match[2] and "lenet_" + framework in match[2]
+    res = _run([*_cmd(framework, workdir, mnist_dir), "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    _same_run(reference[framework], workdir)
+
+
+def test_jax_resume_with_steps_per_call_is_bit_exact(tmp_path, mnist_dir) -> None:
+    """With --steps-per-call 4 a killed and resumed run repeats the same lax.scan chunks."""
+    runs = {}
+    for name in ("whole", "killed"):
+        workdir = runs[name] = tmp_path / name
+        cmd = _cmd("jax", workdir, mnist_dir, "--steps-per-call", "4")
+        if name == "killed":
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    text=True)
+            _kill_when(proc, lambda w=workdir: (_checkpoint_meta(w) or {}).get("step", 0) >= 21,
+                       "step 21")
+            cmd = [*cmd, "--resume"]
+        res = _run(cmd)
+        assert res.returncode == 0, res.stderr[-3000:]
+    _same_run(runs["whole"], runs["killed"])
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_diverging_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, mnist_dir, framework: str) -> None:
+    workdir = tmp_path / "run"
+    res = _run([*_cmd(framework, workdir, mnist_dir), "--optimizer", "sgd", "--schedule",
+                "constant", "--lr", "1e8", "--checkpoint-every", "1"])
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    match = re.search(r"error: the loss is (nan|inf|-inf) at step (\d+); run stopped.*"
+                      r"the last good checkpoint, (\S+) \(step (\d+)\), is kept", res.stderr)
+    assert match, res.stderr
+    bad, kept = int(match[2]), int(match[4])
+    assert Path(match[3]) == workdir / "checkpoint.safetensors"
+    tensors, meta = load_checkpoint(workdir / "checkpoint.safetensors")
+    assert meta["step"] == kept and kept <= bad
+    assert all(np.all(np.isfinite(v)) for v in tensors.values())
+    assert np.all(np.isfinite(tensors["progress.losses"]))
+    assert not (workdir / "weights.safetensors").exists()
+    assert not (workdir / "metrics.jsonl").exists()  # it diverged in epoch 0
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_damaged_checkpoint_is_one_clear_error(tmp_path, mnist_dir, reference,
+                                               framework: str) -> None:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    raw = (reference[framework] / "checkpoint.safetensors").read_bytes()
+    for damage, message in ((raw[: len(raw) // 2], "not a readable safetensors file"),
+                            (raw[:8] + b"[" + raw[9:], "not a readable safetensors file")):
+        (workdir / "checkpoint.safetensors").write_bytes(damage)
+        res = _run([*_cmd(framework, workdir, mnist_dir), "--resume", "--epochs", "4"])
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert f"error: {workdir / 'checkpoint.safetensors'}: {message}" in res.stderr
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_workdir_is_never_overwritten_by_surprise(tmp_path, mnist_dir, framework: str) -> None:
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    short = ["--train-size", "256", "--epochs", "1"]
+    res = _run([*_cmd(framework, workdir, mnist_dir), *short])
+    assert res.returncode == 2
+    assert f"error: {workdir} is not empty; pass --resume" in res.stderr
+    assert "--overwrite" in res.stderr
+    res = _run([*_cmd(framework, workdir, mnist_dir), *short, "--resume"])
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = _run([*_cmd(framework, workdir, mnist_dir), *short, "--overwrite", "--resume"])
+    assert res.returncode == 2 and "contradict" in res.stderr
+    res = _run([*_cmd(framework, workdir, mnist_dir), *short, "--overwrite"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (workdir / "notes.txt").read_text() == "mine"  # only the run's own files go
+    assert len(read_jsonl(workdir / "metrics.jsonl")) == 1
+    res = _run([*_cmd(framework, workdir, mnist_dir), *short, "--resume", "--batch-size", "64"])
+    assert res.returncode == 2 and "written with another --batch-size" in res.stderr
