@@ -459,6 +459,22 @@ def _layer_from_dict(i: int, d: Any) -> Layer:
         raise SpecError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
+def widen(spec: Spec, factor: float) -> Spec:
+    """``spec`` with every conv's channels and every linear layer's features but the last
+    multiplied by ``factor`` (at least 1 each): the same network, wider."""
+    last = max((i for i, layer in enumerate(spec.layers) if isinstance(layer, Linear)), default=-1)
+    layers = []
+    for i, layer in enumerate(spec.layers):
+        if isinstance(layer, Conv):
+            layer = dataclasses.replace(layer, out_channels=max(1, round(layer.out_channels
+                                                                         * factor)))
+        elif isinstance(layer, Linear) and i != last:
+            layer = dataclasses.replace(layer, out_features=max(1, round(layer.out_features
+                                                                         * factor)))
+        layers.append(layer)
+    return Spec(f"{spec.name}_x{factor:g}", spec.input_shape, tuple(layers))
+
+
 def parse_spec_json(text: str, source: str = "<string>") -> Spec:
     """Parse a spec from JSON text; errors name ``source`` (and line and column for bad JSON)."""
     try:

@@ -1,0 +1,227 @@
+"""One benchmark measurement in its own process: ``python -m bench.worker '<json config>'``.
+
+Imports only the framework of its variant, builds the spec's model and the training step the
+training program uses (``lenet_jax.train.make_steps`` / the torch loop's step), puts random
+data in memory (on the device), and prints one JSON result line. Clocks stop only after
+``block_until_ready`` / ``torch.cuda.synchronize``; warm-up (compilation) is timed separately.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from lenet_spec import load_spec
+from lenet_spec.spec import Spec, widen
+
+POOL = 4096
+"""Random training images held in memory; batches are drawn from them by index."""
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _time_blocks(run_block: Callable[[], None], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_block()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _indices(batch: int, steps: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, POOL, size=(steps, batch)).astype(np.int32)
+
+
+def measure_jax(spec: Spec, variant: str, batch: int, steps: int, repeats: int,
+                latency_calls: int) -> dict[str, Any]:
+    import jax
+    from flax import nnx
+
+    from lenet_jax.loss import loss_fn
+    from lenet_jax.model import build
+    from lenet_jax.optim import make_tx
+    from lenet_jax.train import make_steps
+
+    rng = np.random.default_rng(0)
+    c, h, w = spec.input_shape
+    images = jax.device_put(rng.standard_normal((POOL, h, w, c)).astype(np.float32))
+    labels = jax.device_put(rng.integers(0, spec.num_classes, POOL).astype(np.int32))
+    graphdef, params = nnx.split(build(spec, seed=0))
+    tx = make_tx("adam", 1e-3)
+    opt_state = tx.init(params)
+    train_step, train_steps, _ = make_steps(graphdef, tx, loss_fn("ce"))
+    idx = _indices(batch, steps)
+    state = [params, opt_state]
+
+    if variant == "jax-jit":
+        def block() -> None:
+            p, o = state
+            for i in range(steps):
+                p, o, _, _ = train_step(p, o, images, labels, idx[i])
+            jax.block_until_ready(p)
+            state[:] = [p, o]
+    else:  # jax-scan: the whole block of steps in one dispatch
+        def block() -> None:
+            p, o, _, _ = train_steps(*state, images, labels, idx)
+            jax.block_until_ready(p)
+            state[:] = [p, o]
+
+    t0 = time.perf_counter()
+    block()  # compiles
+    compile_s = time.perf_counter() - t0
+    block()  # one more warm block, untimed
+    train = _time_blocks(block, repeats)
+
+    @jax.jit
+    def predict(params, x):
+        return nnx.merge(graphdef, params)(x)
+
+    x = images[:batch]
+    t0 = time.perf_counter()
+    jax.block_until_ready(predict(state[0], x))
+    compile_s += time.perf_counter() - t0
+
+    def infer_block() -> None:
+        for _ in range(steps):
+            out = predict(state[0], x)
+        jax.block_until_ready(out)
+
+    infer_block()
+    infer = _time_blocks(infer_block, repeats)
+    one = images[:1]
+    jax.block_until_ready(predict(state[0], one))
+    latency = []
+    for _ in range(latency_calls):
+        t0 = time.perf_counter()
+        jax.block_until_ready(predict(state[0], one))
+        latency.append(time.perf_counter() - t0)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return {
+        "train_s": train, "infer_s": infer, "latency_s": latency, "compile_s": compile_s,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "peak_device_mb": stats["peak_bytes_in_use"] / 2**20 if stats else None,
+        "threads": len(os.sched_getaffinity(0)),  # XLA:CPU's pool uses every core
+    }
+
+
+def measure_torch(spec: Spec, variant: str, batch: int, steps: int, repeats: int,
+                  latency_calls: int, threads: int | None) -> dict[str, Any]:
+    import torch
+
+    from lenet_torch.loss import loss_fn
+    from lenet_torch.model import build
+    from lenet_torch.optim import make_optimizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.standard_normal((POOL, *spec.input_shape))
+                              .astype(np.float32)).to(device)
+    labels = torch.from_numpy(rng.integers(0, spec.num_classes, POOL)).to(device)
+    net = build(spec, seed=0).to(device)
+    model = torch.compile(net) if variant == "torch-compile" else net
+    opt = make_optimizer(net, "adam", 1e-3)
+    loss = loss_fn("ce")
+    idx = torch.from_numpy(_indices(batch, steps).astype(np.int64)).to(device)
+
+    def block() -> None:
+        for i in range(steps):
+            x, y = images[idx[i]], labels[idx[i]]
+            opt.zero_grad(set_to_none=True)
+            loss(model(x), y).backward()
+            opt.step()
+        sync()
+
+    t0 = time.perf_counter()
+    block()  # compiles (torch-compile) / warms the allocator
+    compile_s = time.perf_counter() - t0
+    block()
+    train = _time_blocks(block, repeats)
+
+    model.eval()
+    x = images[:batch]
+
+    def infer_block() -> None:
+        with torch.inference_mode():
+            for _ in range(steps):
+                model(x)
+        sync()
+
+    t0 = time.perf_counter()
+    infer_block()
+    compile_s += time.perf_counter() - t0
+    infer = _time_blocks(infer_block, repeats)
+    one = images[:1]
+    latency = []
+    with torch.inference_mode():
+        model(one)
+        sync()
+        for _ in range(latency_calls):
+            t0 = time.perf_counter()
+            model(one)
+            sync()
+            latency.append(time.perf_counter() - t0)
+    return {
+        "train_s": train, "infer_s": infer, "latency_s": latency, "compile_s": compile_s,
+        "device": (f"cuda:{torch.cuda.get_device_name()}" if device.type == "cuda" else "cpu"),
+        "peak_device_mb": (torch.cuda.max_memory_allocated() / 2**20
+                           if device.type == "cuda" else None),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    """Measure one (variant, spec, width, batch size); the result record of ``python -m bench``."""
+    spec = load_spec(config["spec"])
+    if config.get("width", 1) != 1:
+        spec = widen(spec, config["width"])
+    variant, batch, steps = config["variant"], config["batch_size"], config["steps"]
+    repeats, latency_calls = config["repeats"], config["latency_calls"]
+    if variant.startswith("jax"):
+        raw = measure_jax(spec, variant, batch, steps, repeats, latency_calls)
+    else:
+        raw = measure_torch(spec, variant, batch, steps, repeats, latency_calls,
+                            config.get("threads"))
+    images = steps * batch
+    train = _stats([images / t for t in raw["train_s"]])
+    infer = _stats([images / t for t in raw["infer_s"]])
+    latency = _stats([1000 * t for t in raw["latency_s"]])
+    return {
+        "framework": variant.split("-")[0], "variant": variant, "spec": spec.name,
+        "width": config.get("width", 1), "batch_size": batch, "steps_per_repeat": steps,
+        "train_images_per_sec": train["median"], "train_images_per_sec_min": train["min"],
+        "train_images_per_sec_max": train["max"],
+        "infer_images_per_sec": infer["median"], "infer_images_per_sec_min": infer["min"],
+        "infer_images_per_sec_max": infer["max"],
+        "latency_ms": latency["median"], "latency_ms_min": latency["min"],
+        "latency_ms_max": latency["max"],
+        "compile_s": raw["compile_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mb": raw["peak_device_mb"], "device": raw["device"],
+        "threads": raw["threads"], "repeats": repeats,
+        "train_flops_per_image": 6 * spec.macs,
+    }
+
+
+def main() -> int:
+    print(json.dumps(run(json.loads(sys.argv[1]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
