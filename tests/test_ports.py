@@ -179,3 +179,32 @@ def test_initial_cross_entropy_is_ln10(port: str, name: str) -> None:
             from lenet_jax.loss import cross_entropy
             losses.append(float(cross_entropy(net(jnp.asarray(nhwc(x))), jnp.asarray(y))))
     assert abs(np.mean(losses) - math.log(10)) < 0.15, losses
+
+
+@pytest.mark.parametrize("stride, padding", [((1, 1), (0, 0)), ((2, 1), (1, 2)), ((3, 3), (2, 0))])
+def test_jax_one_channel_conv_equals_xla_conv(stride, padding) -> None:
+    """The JAX port's fast one-channel convolution (shift-and-add with its own backward pass)
+    against lax.conv_general_dilated: values and the gradients of input, kernel and bias,
+    within 1e-5 of each tensor's largest magnitude (float32 sums in another order)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lenet_jax.model import conv_one_channel
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 13, 11, 1)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 4, 1, 5)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    pads = ((padding[0],) * 2, (padding[1],) * 2)
+
+    def xla(x, k, b):
+        return jax.lax.conv_general_dilated(x, k, stride, pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+
+    y_ref, vjp_ref = jax.vjp(xla, x, k, b)
+    y, vjp = jax.vjp(lambda x, k, b: conv_one_channel(x, k, b, stride, padding), x, k, b)
+    assert y.shape == y_ref.shape
+    assert float(jnp.max(jnp.abs(y - y_ref))) <= 1e-5 * float(jnp.max(jnp.abs(y_ref)))
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
