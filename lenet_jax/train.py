@@ -141,18 +141,17 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
             if k > 1:
                 params, opt_state, values, n_correct = train_steps(
                     params, opt_state, train_x, train_y, order[i : i + k])
-                pending.append(values)
             else:
-                params, opt_state, value, n_correct = train_step(
+                params, opt_state, values, n_correct = train_step(
                     params, opt_state, train_x, train_y, order[i])
-                pending.append(value[None])
+            pending.append(values)  # no device op on results here: it would wait for them
             pending_correct.append(n_correct)
             pos.done, pos.step = i + k, pos.step + k
             due = run.checkpoint_due(pos.step - k, pos.step) and pos.done < len(order)
             if (i // 50 != pos.done // 50 or pos.done == len(order) or due or run.held
                     or run.interrupted):
-                run.account(pos, np.asarray(jnp.concatenate(pending)),
-                            int(jnp.sum(jnp.stack(pending_correct))),
+                run.account(pos, np.concatenate([np.ravel(v) for v in pending]),
+                            int(sum(np.asarray(c) for c in pending_correct)),
                             before + time.perf_counter() - t0, bar)
                 pending, pending_correct = [], []
             if run.interrupted:

@@ -221,3 +221,16 @@ def test_jax_steps_per_call_scan_matches_single_steps(tmp_path, mnist_dir) -> No
         losses[k] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
     assert len(losses["1"]) == len(losses["5"]) == 20
     assert np.all(np.abs(losses["5"] - losses["1"]) <= 1e-4 * losses["1"])
+
+
+def test_torch_compile_trains_like_eager(tmp_path, mnist_dir) -> None:
+    """``--compile`` (torch.compile) trains the same 10 steps as eager: per-step losses within
+    1e-4 relative (inductor may fuse and reorder float32 arithmetic)."""
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        workdir = tmp_path / name
+        _run("lenet_torch.train", "--train-size", "1280", "--epochs", "1", "--log-steps",
+             "--quiet", "--data-dir", mnist_dir, "--workdir", str(workdir), *extra)
+        losses[name] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
+    assert len(losses["eager"]) == len(losses["compiled"]) == 10
+    assert np.all(np.abs(losses["compiled"] - losses["eager"]) <= 1e-4 * losses["eager"])
