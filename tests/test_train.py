@@ -100,8 +100,8 @@ def test_programs_agree_step_by_step_lenet5(one_epoch_runs) -> None:
     """Same weights, same batches, default flags: the first 30 losses within 1e-3 relative.
 
     Not 100: on lenet5 (ReLU + max-pool) a one-ulp difference between the frameworks grows
-    about tenfold every 7 steps once a max-pool argmax or a ReLU sign flips (measured: 2e-6 at
-    step 20, 2.5e-4 at step 40, 1e-2 at step 60). The smooth lenet5_classic below holds for
+    about tenfold every 7 steps once a max-pool argmax or a ReLU sign flips (measured: 3e-6 by
+    step 20, 5e-5 by 30, 4.5e-4 by 40, 1.4e-2 by 60). The smooth lenet5_classic below holds for
     all 100 steps, so the ports agree and the divergence is the network's own sensitivity.
     """
     losses = _step_losses(one_epoch_runs)
