@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
@@ -120,11 +122,20 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
             fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
         pos = ckpt.position
     train_step, train_steps, eval_step = make_steps(graphdef, tx, loss_fn(args.loss))
-    # NCHW -> NHWC once, then the data lives on the device for the whole run
-    train_x = jax.device_put(run.train_x.transpose(0, 2, 3, 1))
-    test_x = jax.device_put(run.test_x.transpose(0, 2, 3, 1))
-    train_y = jax.device_put(run.train_y.astype(np.int32))
-    test_y = jax.device_put(run.test_y.astype(np.int32))
+    # data parallel over every device: a 1-D mesh splits each global batch's indices; the
+    # data, parameters and optimizer state are replicated, and XLA inserts the gradient
+    # all-reduce (on one device this is the plain single-device step)
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    if args.batch_size % mesh.size:
+        fail(f"--batch-size {args.batch_size} does not split evenly over {mesh.size} devices")
+    replicated = NamedSharding(mesh, P())
+    split = {1: NamedSharding(mesh, P("batch")), 2: NamedSharding(mesh, P(None, "batch"))}
+    params, opt_state = jax.device_put((params, opt_state), replicated)
+    # NCHW -> NHWC once, then the data lives on the devices for the whole run
+    train_x = jax.device_put(run.train_x.transpose(0, 2, 3, 1), replicated)
+    test_x = jax.device_put(run.test_x.transpose(0, 2, 3, 1), replicated)
+    train_y = jax.device_put(run.train_y.astype(np.int32), replicated)
+    test_y = jax.device_put(run.test_y.astype(np.int32), replicated)
     run.watch_signals()
     record: dict = {}
     for epoch in range(pos.epoch, args.epochs):
@@ -139,11 +150,13 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
             # chunks start at multiples of K within the epoch, so a resumed run repeats them
             k = min(steps_per_call - i % steps_per_call, len(order) - i)
             if k > 1:
+                idx = jax.device_put(order[i : i + k], split[2])
                 params, opt_state, values, n_correct = train_steps(
-                    params, opt_state, train_x, train_y, order[i : i + k])
+                    params, opt_state, train_x, train_y, idx)
             else:
+                idx = jax.device_put(order[i], split[1])
                 params, opt_state, values, n_correct = train_step(
-                    params, opt_state, train_x, train_y, order[i])
+                    params, opt_state, train_x, train_y, idx)
             pending.append(values)  # no device op on results here: it would wait for them
             pending_correct.append(n_correct)
             pos.done, pos.step = i + k, pos.step + k
