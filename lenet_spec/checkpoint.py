@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lenet_spec.weights import read_safetensors, write_safetensors
+from lenet_spec.weights import read_lenet_file, write_safetensors
 
 FORMAT = "lenet-checkpoint"
 
@@ -27,11 +27,7 @@ def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: dict[st
 def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The tensors and metadata of a checkpoint written by :func:`save_checkpoint`."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no checkpoint to resume from")
-    tensors, metadata = read_safetensors(path, CheckpointError)
-    if metadata.get("format") != FORMAT or "meta" not in metadata:
-        raise CheckpointError(f"{path}: not a lenet checkpoint")
+    tensors, metadata = read_lenet_file(path, FORMAT, "meta", "checkpoint", CheckpointError)
     try:
         meta = json.loads(metadata["meta"])
     except json.JSONDecodeError as e:

@@ -90,6 +90,19 @@ def read_safetensors(
         raise error(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def read_lenet_file(path: str | Path, fmt: str, key: str, kind: str,
+                    error: type[Exception]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors and metadata of one of our safetensors files, whose metadata says ``format:
+    fmt`` and holds ``key``; a missing or foreign file raises ``error`` naming it as ``kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {kind}")
+    tensors, metadata = read_safetensors(path, error)
+    if metadata.get("format") != fmt or key not in metadata:
+        raise error(f"{path}: not a lenet {kind} (no {key} in its metadata)")
+    return tensors, metadata
+
+
 def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec) -> None:
     """Write canonical float32 ``weights`` and ``spec`` to a safetensors file, atomically."""
     check_weights(spec, weights)
@@ -100,11 +113,7 @@ def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec
 def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], Spec]:
     """Read a file written by :func:`save_weights`: the canonical weights and their spec."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
-    weights, metadata = read_safetensors(path, WeightsError)
-    if metadata.get("format") != FORMAT or "spec" not in metadata:
-        raise WeightsError(f"{path}: not a lenet weights file (no spec in its metadata)")
+    weights, metadata = read_lenet_file(path, FORMAT, "spec", "weights file", WeightsError)
     try:
         spec = Spec.from_dict(json.loads(metadata["spec"]))
     except (json.JSONDecodeError, SpecError) as e:
