@@ -3,8 +3,10 @@
 The model is split once into a graph definition and its parameters; the train step is a pure
 function of (params, optimizer state, batch indices) compiled with ``jax.jit``, with the
 parameters and optimizer state donated and the whole data set put on the device once. The same
-code runs on CPU, GPU and TPU. ``--steps-per-call K`` runs K steps per dispatch with
-``lax.scan``. Writes WORKDIR/metrics.jsonl, weights.safetensors and a checkpoint.
+code runs on CPU, GPU and TPU, data parallel over every device of every process (started
+together with ``--coordinator``, ``--num-processes`` and ``--process-id``). ``--steps-per-call
+K`` runs K steps per dispatch with ``lax.scan``. Writes WORKDIR/metrics.jsonl,
+weights.safetensors and a checkpoint (process 0 alone writes).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lenet_jax import distributed
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import make_tx
 from lenet_spec import save_weights
 from lenet_spec.cli import parser
+from lenet_spec.distributed import peers_guard
 from lenet_spec.run import WEIGHTS, Position, Run, fail, interruptible, setup
 
 EVAL_BATCH = 1000
@@ -122,12 +126,14 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
             fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
         pos = ckpt.position
     train_step, train_steps, eval_step = make_steps(graphdef, tx, loss_fn(args.loss))
-    # data parallel over every device: a 1-D mesh splits each global batch's indices; the
-    # data, parameters and optimizer state are replicated, and XLA inserts the gradient
-    # all-reduce (on one device this is the plain single-device step)
+    # data parallel over every device of every process: a 1-D mesh splits each global batch's
+    # indices; the data, parameters and optimizer state are replicated, and XLA inserts the
+    # gradient all-reduce (on one device this is the plain single-device step). Every process
+    # knows the whole batch order; device_put hands each device only its own shard of it.
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     if args.batch_size % mesh.size:
-        fail(f"--batch-size {args.batch_size} does not split evenly over {mesh.size} devices")
+        fail(f"--batch-size {args.batch_size} does not split evenly over {mesh.size} devices",
+             everyone=True)
     replicated = NamedSharding(mesh, P())
     split = {1: NamedSharding(mesh, P("batch")), 2: NamedSharding(mesh, P(None, "batch"))}
     params, opt_state = jax.device_put((params, opt_state), replicated)
@@ -161,13 +167,14 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
             pending_correct.append(n_correct)
             pos.done, pos.step = i + k, pos.step + k
             due = run.checkpoint_due(pos.step - k, pos.step) and pos.done < len(order)
-            if (i // 50 != pos.done // 50 or pos.done == len(order) or due or run.held
-                    or run.interrupted):
+            report = i // 50 != pos.done // 50 or pos.done == len(order) or due
+            stop = run.stop_requested(report)
+            if report or run.held or stop:
                 run.account(pos, np.concatenate([np.ravel(v) for v in pending]),
                             int(sum(np.asarray(c) for c in pending_correct)),
                             before + time.perf_counter() - t0, bar)
                 pending, pending_correct = [], []
-            if run.interrupted:
+            if stop:
                 bar.close()
                 save_run_checkpoint(run, graphdef, params, opt_state, pos)
                 run.stop_interrupted(pos)
@@ -177,8 +184,9 @@ def train(run: Run, steps_per_call: int = 1) -> dict:
         record = run.end_epoch(pos, evaluate(eval_step, params, test_x, test_y))
         pos = Position(epoch + 1, 0, pos.step)
         save_run_checkpoint(run, graphdef, params, opt_state, pos)
-    save_weights(run.workdir / WEIGHTS, get_weights(nnx.merge(graphdef, params)), run.spec)
-    log.say(f"weights: {run.workdir / WEIGHTS}")
+    if run.layout.writer:
+        save_weights(run.workdir / WEIGHTS, get_weights(nnx.merge(graphdef, params)), run.spec)
+        log.say(f"weights: {run.workdir / WEIGHTS}")
     return record
 
 
@@ -186,16 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     p = parser("python -m lenet_jax.train", "JAX / Flax NNX")
     p.add_argument("--steps-per-call", type=int, default=1,
                    help="optimizer steps per dispatch (lax.scan over batches)")
+    distributed.add_flags(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.steps_per_call < 1:
         p.error("--steps-per-call must be at least 1")
+    distributed.check_flags(p, args)
     with interruptible():
-        run = setup(args, "jax", argv)
+        layout = distributed.init(args)
+        run = setup(args, "jax", argv, layout)
+        run.any_process = distributed.any_process
         devices = ", ".join(str(d) for d in jax.devices())
-        run.log.say(f"jax {jax.__version__} on {jax.default_backend()} ({devices}); "
-                    f"{run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
-        train(run, args.steps_per_call)
+        run.log.say(f"jax {jax.__version__} on {jax.default_backend()} ({devices}"
+                    + (f"; {layout.process_count} processes" if layout.distributed else "")
+                    + f"); {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
+        # a collective whose peer has gone fails in XLA's runtime (gloo reports it as a
+        # ValueError on CPU)
+        with peers_guard(layout, (jax.errors.JaxRuntimeError, ValueError)):
+            train(run, args.steps_per_call)
     return 0
 
 

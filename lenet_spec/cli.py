@@ -94,6 +94,9 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--log-steps", action="store_true",
                    help="also write every step's loss to WORKDIR/steps.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--dist-timeout", type=_positive_float, default=120.0, metavar="S",
+                   help="with several processes: seconds to wait for all of them to start "
+                        "before giving up with an error")
     return p
 
 

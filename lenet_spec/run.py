@@ -11,7 +11,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +23,7 @@ from lenet_spec.atomic import atomic_write_bytes
 from lenet_spec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_spec.cli import default_workdir, lr_at, total_steps
 from lenet_spec.data import DataError, epoch_order, load_mnist, prepare
+from lenet_spec.distributed import Layout, active, exit_now
 from lenet_spec.runlog import RunLog
 from lenet_spec.spec import Spec
 from lenet_spec.weights import WeightsError, check_weights, load_weights
@@ -87,6 +88,10 @@ class Run:
     held: tuple | None = None
     """A due checkpoint kept in memory until the loss of its weights' next step is known
     finite, so that the checkpoint on disk is always one that trains on."""
+    layout: Layout = field(default_factory=Layout)
+    """This process's place among the run's processes; only process 0 writes files."""
+    any_process: Callable[[bool], bool] = bool
+    """Whether a flag is set in any of the run's processes (a collective when several)."""
 
     def lr_table(self) -> np.ndarray:
         """The learning rate of every step of the run (the schedule, precomputed)."""
@@ -141,6 +146,14 @@ class Run:
         self.log.epoch(record)
         return record
 
+    def stop_requested(self, at_report: bool) -> bool:
+        """Whether to checkpoint and stop after this step. Several processes decide together,
+        at report points only (all of them reach the same ones), so they stop after the same
+        step whichever of them was signalled."""
+        if not self.layout.distributed:
+            return self.interrupted is not None
+        return at_report and self.any_process(self.interrupted is not None)
+
     def check_finite(self, losses: np.ndarray, first_step: int) -> None:
         """Stop the run (exit 3) at the first non-finite loss among the steps from
         ``first_step``, naming that step and the last good checkpoint."""
@@ -155,14 +168,20 @@ class Run:
             kept = (f"the last good checkpoint, {self.workdir / CHECKPOINT} "
                     f"(step {self.last_checkpoint_step}), is kept; continue from it with a lower "
                     f"--lr: {self.resume_command()}")
-        fail(f"{what}; run stopped, nothing after it was written; {kept}", EXIT_DIVERGED)
+        fail(f"{what}; run stopped, nothing after it was written; {kept}", EXIT_DIVERGED,
+             everyone=True)
 
     def resume_command(self) -> str:
         """The command line that continues this run from its checkpoint."""
         argv = [a for a in self.argv if a not in ("--resume", "--overwrite")]
         if not any(a == "--workdir" or a.startswith("--workdir=") for a in argv):
             argv += ["--workdir", str(self.workdir)]
-        return shlex.join(["python", "-m", f"lenet_{self.framework}.train", *argv, "--resume"])
+        command = shlex.join(["python", "-m", f"lenet_{self.framework}.train", *argv,
+                              "--resume"])
+        if self.layout.distributed:
+            return (f"{command}\n  (start all {self.layout.process_count} processes again the "
+                    "way they were started, each with --resume added; this is process 0's)")
+        return command
 
     def watch_signals(self) -> None:
         """From now on SIGINT and SIGTERM ask the run to checkpoint and stop (a second one
@@ -178,9 +197,11 @@ class Run:
 
     def stop_interrupted(self, pos: Position) -> NoReturn:
         """Say where the interrupted run stopped and how to continue it; exit 130."""
-        print(f"{self.interrupted}: stopped at step {pos.step} (epoch {pos.epoch}, batch "
-              f"{pos.done}); checkpoint {self.workdir / CHECKPOINT}. Continue with:\n  "
-              f"{self.resume_command()}", file=sys.stderr, flush=True)
+        if self.layout.writer:
+            signalled = self.interrupted or "a signal to another process"
+            print(f"{signalled}: stopped at step {pos.step} (epoch {pos.epoch}, batch "
+                  f"{pos.done}); checkpoint {self.workdir / CHECKPOINT}. Continue with:\n  "
+                  f"{self.resume_command()}", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
 
     def hold_checkpoint(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
@@ -211,7 +232,8 @@ class Run:
                 "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
                 "steps_per_epoch": self.steps_per_epoch,
                 "wall_s": self.wall_before + time.perf_counter() - self.started, **extra}
-        save_checkpoint(self.workdir / CHECKPOINT, tensors, meta)
+        if self.layout.writer:
+            save_checkpoint(self.workdir / CHECKPOINT, tensors, meta)
         self.last_checkpoint_step = pos.step
 
     def load_checkpoint(self) -> Checkpoint:
@@ -252,7 +274,8 @@ class Run:
             fail(f"{path}: damaged checkpoint (position {position.done} of {self.steps_per_epoch}"
                  f" steps with {len(position.losses)} losses)")
         self.last_checkpoint_step = position.step
-        self._trim_logs(position)
+        if self.layout.writer:
+            self._trim_logs(position)
         return Checkpoint(
             weights,
             {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
@@ -289,12 +312,21 @@ def interruptible() -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted; nothing more was written (a checkpoint already in the workdir is "
               "kept; --resume continues from it)", file=sys.stderr, flush=True)
+        if active():
+            exit_now(EXIT_INTERRUPTED)
         sys.exit(EXIT_INTERRUPTED)
 
 
-def fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print one clear error and exit with ``status`` (2: bad input, 3: diverged)."""
+def fail(message: str, status: int = EXIT_BAD_INPUT, everyone: bool = False) -> NoReturn:
+    """Print one clear error and exit with ``status`` (2: bad input, 3: diverged).
+
+    When the run has several processes and the failure is this process's alone (not
+    ``everyone``'s at the same step), it leaves at once; the others then stop on their next
+    collective with a lost-contact error instead of waiting at the runtime's shutdown.
+    """
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if active() and not everyone:
+        exit_now(status)
     sys.exit(status)
 
 
@@ -318,14 +350,22 @@ def _prepare_workdir(args: argparse.Namespace, workdir: Path) -> None:
             tmp.unlink()
 
 
-def setup(args: argparse.Namespace, framework: str, argv: list[str]) -> Run:
+def setup(args: argparse.Namespace, framework: str, argv: list[str],
+          layout: Layout | None = None) -> Run:
     """Workdir, data and step counts; refuses a non-empty workdir unless resuming or told to
-    overwrite."""
+    overwrite. Of several processes only process 0 prepares the workdir and writes to it; all
+    of them read the data, and on --resume the checkpoint."""
     started = time.perf_counter()
+    layout = layout or Layout()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
     workdir = args.workdir or default_workdir(framework)
-    _prepare_workdir(args, workdir)
+    if layout.writer:
+        _prepare_workdir(args, workdir)
+    elif args.resume and not (workdir / CHECKPOINT).is_file():
+        fail(f"{layout}: --resume: {workdir / CHECKPOINT} is not readable here; every process "
+             "reads the checkpoint, so on several hosts --workdir must be on a shared "
+             "filesystem (or hold a copy of it)")
     spec = args.spec
     try:
         train_images, train_y = load_mnist("train", args.data_dir)
@@ -347,11 +387,13 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str]) -> Run:
             check_weights(spec, init_weights)
         except WeightsError as e:
             fail(f"--init-weights: {e}")
-    log = RunLog(workdir, args.quiet)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config["spec"] = spec.to_dict()
-    atomic_write_bytes(workdir / "config.json", json.dumps(config, indent=2).encode())
+    log = RunLog(workdir, args.quiet or not layout.writer, write=layout.writer)
+    if layout.writer:
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        config["spec"] = spec.to_dict()
+        config["processes"] = layout.process_count
+        atomic_write_bytes(workdir / "config.json", json.dumps(config, indent=2).encode())
     steps_per_epoch = len(train_x) // args.batch_size
     return Run(args, spec, framework, workdir, log, train_x, train_y, test_x, test_y,
                steps_per_epoch, total_steps(args, steps_per_epoch), started, list(argv),
-               init_weights)
+               init_weights, layout=layout)

@@ -11,10 +11,13 @@ from typing import Any
 class RunLog:
     """Console output and JSON-lines metrics of one training run in ``workdir``."""
 
-    def __init__(self, workdir: Path, quiet: bool = False) -> None:
+    def __init__(self, workdir: Path, quiet: bool = False, write: bool = True) -> None:
         self.workdir = Path(workdir)
         self.quiet = quiet
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write = write
+        """False in every process of a run but the one that writes its files."""
+        if write:
+            self.workdir.mkdir(parents=True, exist_ok=True)
 
     def say(self, text: str) -> None:
         """One line for the user (suppressed by --quiet)."""
@@ -30,8 +33,9 @@ class RunLog:
 
     def epoch(self, record: dict[str, Any]) -> None:
         """Append ``record`` to metrics.jsonl and print the epoch's summary line."""
-        with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.write:
+            with open(self.workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.say(
             f"epoch {record['epoch']:3d}  step {record['step']:6d}  "
             f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:6.2f}%  "
@@ -41,6 +45,8 @@ class RunLog:
 
     def steps(self, first_step: int, losses: list[float]) -> None:
         """Append one {"step", "loss"} line per step to steps.jsonl."""
+        if not self.write:
+            return
         with open(self.workdir / "steps.jsonl", "a") as f:
             for i, loss in enumerate(losses):
                 f.write(json.dumps({"step": first_step + i, "loss": loss}) + "\n")

@@ -1,8 +1,9 @@
 """``python -m lenet_torch.train``: train a spec'd LeNet on MNIST with PyTorch.
 
-CUDA when present, else CPU; ``--compile`` wraps the model in ``torch.compile``. Writes
-WORKDIR/metrics.jsonl (one record per epoch), weights.safetensors and a checkpoint that
-``--resume`` continues from.
+CUDA when present, else CPU; ``--compile`` wraps the model in ``torch.compile``. Under
+``torchrun --nproc-per-node N`` it trains with DistributedDataParallel, each rank on its slice
+of every global batch. Writes WORKDIR/metrics.jsonl (one record per epoch),
+weights.safetensors and a checkpoint that ``--resume`` continues from (rank 0 alone writes).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import time
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from lenet_spec import save_weights
 from lenet_spec.cli import parser
+from lenet_spec.distributed import peers_guard
 from lenet_spec.run import WEIGHTS, Position, Run, fail, interruptible, setup
+from lenet_torch import distributed
 from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import make_optimizer
@@ -81,7 +85,18 @@ def train(run: Run, device: torch.device, compile_model: bool = False) -> dict:
         except (KeyError, ValueError, RuntimeError) as e:
             fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
         pos = ckpt.position
-    model = torch.compile(net) if compile_model else net
+    # data parallel over the ranks: each takes its slice of every global batch and DDP
+    # averages the gradients (one rank: the plain module)
+    layout = run.layout
+    if args.batch_size % layout.process_count:
+        fail(f"--batch-size {args.batch_size} does not split evenly over "
+             f"{layout.process_count} ranks", everyone=True)
+    shard = args.batch_size // layout.process_count
+    mine = slice(layout.process_index * shard, (layout.process_index + 1) * shard)
+    model = net
+    if layout.distributed:
+        model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    model = torch.compile(model) if compile_model else model
     loss = loss_fn(args.loss)
     lrs = run.lr_table()
     train_x, train_y = (torch.from_numpy(a).to(device) for a in (run.train_x, run.train_y))
@@ -89,7 +104,7 @@ def train(run: Run, device: torch.device, compile_model: bool = False) -> dict:
     run.watch_signals()
     record: dict = {}
     for epoch in range(pos.epoch, args.epochs):
-        order = torch.from_numpy(run.epoch_batches(pos)).to(device)
+        order = torch.from_numpy(run.epoch_batches(pos)[:, mine]).to(device)
         if len(order) == 0:
             break
         pending, correct = [], torch.zeros((), dtype=torch.long, device=device)
@@ -109,14 +124,16 @@ def train(run: Run, device: torch.device, compile_model: bool = False) -> dict:
             correct += (logits.detach().argmax(1) == y).sum()
             pos.done, pos.step = i + 1, pos.step + 1
             due = run.checkpoint_due(pos.step - 1, pos.step) and pos.done < len(order)
-            if (i // 50 != pos.done // 50 or pos.done == len(order) or due or run.held
-                    or run.interrupted):
+            report = i // 50 != pos.done // 50 or pos.done == len(order) or due
+            stop = run.stop_requested(report)
+            if report or run.held or stop:
+                losses, n_correct = distributed.reduce_metrics(torch.stack(pending), correct)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                run.account(pos, torch.stack(pending).cpu().numpy(), int(correct.item()),
+                run.account(pos, losses.cpu().numpy(), int(n_correct.item()),
                             before + time.perf_counter() - t0, bar)
                 pending, correct = [], torch.zeros_like(correct)
-            if run.interrupted:
+            if stop:
                 bar.close()
                 save_run_checkpoint(run, net, opt, pos)
                 run.stop_interrupted(pos)
@@ -126,8 +143,9 @@ def train(run: Run, device: torch.device, compile_model: bool = False) -> dict:
         record = run.end_epoch(pos, evaluate(model, test_x, test_y, loss))
         pos = Position(epoch + 1, 0, pos.step)
         save_run_checkpoint(run, net, opt, pos)
-    save_weights(run.workdir / WEIGHTS, get_weights(net), run.spec)
-    log.say(f"weights: {run.workdir / WEIGHTS}")
+    if layout.writer:
+        save_weights(run.workdir / WEIGHTS, get_weights(net), run.spec)
+        log.say(f"weights: {run.workdir / WEIGHTS}")
     return record
 
 
@@ -142,12 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with interruptible():
-        run = setup(args, "torch", argv)
+        layout = distributed.init(args, device)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        run = setup(args, "torch", argv, layout)
+        run.any_process = distributed.any_process
         run.log.say(f"torch {torch.__version__} on {device}"
                     + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
                        f", {torch.get_num_threads()} threads")
+                    + (f", {layout.process_count} ranks" if layout.distributed else "")
                     + f"; {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
-        train(run, device, args.compile)
+        with peers_guard(layout, (torch.distributed.DistError, RuntimeError)):
+            train(run, device, args.compile)
     return 0
 
 

@@ -1,0 +1,78 @@
+"""Several JAX processes as one run: ``jax.distributed`` (one controller per host) and the one
+collective the training loop needs beyond the step's own gradient all-reduce.
+
+After :func:`init`, ``jax.devices()`` lists every process's devices, the trainer's mesh spans
+them all, and each process feeds and computes only its own devices' shard of every global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lenet_spec.distributed import Layout, activate, deadline
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that start several processes (each defaults to the environment variable)."""
+    p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                   metavar="HOST:PORT",
+                   help="address of process 0, which coordinates (env JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   metavar="N", help="processes in the run (env JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), metavar="I",
+                   help="this process's index, 0 … N-1 (env JAX_PROCESS_ID)")
+    p.add_argument("--distributed", action="store_true",
+                   help="start jax.distributed with what JAX detects (TPU slice, SLURM, Open MPI)")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.strip().lstrip("-").isdigit() else None
+
+
+def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject a partial or inconsistent set of the flags of :func:`add_flags`."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in given) and any(v is None for v in given):
+        p.error("--coordinator, --num-processes and --process-id go together (or set "
+                "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    if args.num_processes is not None:
+        if args.num_processes < 1:
+            p.error(f"--num-processes must be at least 1, got {args.num_processes}")
+        if not 0 <= args.process_id < args.num_processes:
+            p.error(f"--process-id must be in 0 … {args.num_processes - 1}, "
+                    f"got {args.process_id}")
+        if ":" not in args.coordinator or not args.coordinator.rsplit(":", 1)[1].isdigit():
+            p.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+
+
+def init(args: argparse.Namespace) -> Layout:
+    """Join the other processes (when the flags or the cluster ask for it); this process's
+    place in the run. Gives up with one error after --dist-timeout seconds."""
+    if args.num_processes is None and not args.distributed:
+        return Layout()
+    if args.num_processes == 1:
+        return Layout()
+    where = (f"process {args.process_id} of {args.num_processes}, coordinator {args.coordinator}"
+             if args.num_processes else "cluster detected by JAX")
+    timeout = args.dist_timeout
+    with deadline(timeout, f"{where}: the processes did not all meet within --dist-timeout "
+                           f"{timeout:g} s (is process 0 running, is the address reachable from "
+                           "here, and were all processes started?)"):
+        jax.distributed.initialize(
+            args.coordinator, args.num_processes, args.process_id,
+            initialization_timeout=int(timeout) + 60,
+            heartbeat_timeout_seconds=max(int(timeout), 10))
+    layout = Layout(jax.process_index(), jax.process_count())
+    activate(layout)
+    return layout
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set in any process (every process must call this together)."""
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -1,0 +1,96 @@
+"""What both trainers share when one run spans several processes: who writes, a bounded wait
+for the others at start-up, and one clear error instead of a hang when a process is lost.
+
+The frameworks' own engines do the work (``jax.distributed`` and XLA's collectives,
+``torch.distributed`` and DistributedDataParallel); this module only decides what the user
+sees when they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NoReturn
+
+EXIT_LOST_PEER = 4
+"""Exit status when a process could not reach, or lost, the others."""
+
+_active = False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place in the run: its index and the number of processes."""
+
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the run's files (process 0 alone does)."""
+        return self.process_index == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.process_count > 1
+
+    def __str__(self) -> str:
+        return f"process {self.process_index} of {self.process_count}"
+
+
+def activate(layout: Layout) -> None:
+    """Record that this process is one of several: from now on it leaves with :func:`exit_now`,
+    since a normal interpreter exit would wait for the others at the runtime's shutdown."""
+    global _active
+    _active = layout.distributed
+
+
+def active() -> bool:
+    """Whether this process is one of several."""
+    return _active
+
+
+def exit_now(status: int) -> NoReturn:
+    """Flush and leave with ``status`` at once (no wait for the other processes at exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+@contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Give up with ``error: {what}`` and exit status 4 if the block has not finished after
+    ``seconds`` (the runtimes' own start-up timeouts abort the process with a native stack
+    trace, so this fires first)."""
+    timer = threading.Timer(seconds, give_up, (what,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def give_up(what: str) -> NoReturn:
+    """Print ``error: {what}`` and leave at once with exit status 4."""
+    print(f"error: {what}", file=sys.stderr, flush=True)
+    exit_now(EXIT_LOST_PEER)
+
+
+@contextmanager
+def peers_guard(layout: Layout, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Turn a failed collective (``errors``: what the framework raises when another process
+    stopped or crashed) into one clear error and exit status 4; a single process is left
+    alone."""
+    try:
+        yield
+    except errors as e:
+        if not layout.distributed:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        give_up(f"{layout}: lost contact with the other processes (one of them stopped or "
+                f"crashed; its own output says why); stopping. The runtime said: {first}")

@@ -1,0 +1,70 @@
+"""Several torch processes as one run: ``torch.distributed`` started the way ``torchrun`` sets
+it up (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK), gloo on CPU and NCCL on CUDA,
+and the collectives the training loop needs beyond DistributedDataParallel's gradient
+all-reduce.
+
+Each rank trains on its slice of every global batch; DDP averages the gradients, so a step
+sees the global batch's mean gradient whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from lenet_spec.distributed import Layout, activate, deadline, give_up
+
+
+def init(args: argparse.Namespace, device: torch.device) -> Layout:
+    """Join the other ranks when started by torchrun (WORLD_SIZE > 1); this process's place in
+    the run. Gives up with one error after --dist-timeout seconds."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Layout()
+    rank = int(os.environ.get("RANK", "0"))
+    where = (f"rank {rank} of {world}, store {os.environ.get('MASTER_ADDR')}:"
+             f"{os.environ.get('MASTER_PORT')}")
+    timeout = args.dist_timeout
+    message = (f"{where}: the ranks did not all meet within --dist-timeout {timeout:g} s (is "
+               "rank 0 running, is the address reachable from here, and were all ranks started?)")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch's own timeout (which also bounds every collective) is set past ours: when it
+    # expires first it logs native stack traces before raising
+    with deadline(timeout, message):
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout + 60))
+        except dist.DistError:
+            give_up(message)
+    layout = Layout(dist.get_rank(), dist.get_world_size())
+    activate(layout)
+    return layout
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set in any rank (every rank must call this together)."""
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def reduce_metrics(losses: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor,
+                                                                         torch.Tensor]:
+    """The global batches' mean losses and correct counts from every rank's share of them
+    (the ranks' shares are equal, so the global mean is the mean of the ranks' means)."""
+    if not dist.is_initialized():
+        return losses, correct
+    both = torch.cat([losses.double(), correct.double().reshape(1)])
+    dist.all_reduce(both)
+    return (both[:-1] / dist.get_world_size()).float(), both[-1].round().long()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
