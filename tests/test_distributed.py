@@ -1,0 +1,204 @@
+"""Data-parallel training through the real programs: simulated devices, several processes
+(JAX's multi-controller runtime, torch DDP over gloo), and what happens when one is lost.
+
+The layout must not change the run: each global batch and the batch order are the same for any
+number of devices or processes, so after 30 SGD steps the parameters, per-step losses and every
+metric agree with one process within 1e-5 (float32 all-reduces sum in another order; measured
+≤ 6e-7). SGD, because Adam amplifies that order where its second moment is tiny (8e-5 in the
+parameters after 30 steps on 8 simulated devices).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_spec import load_weights
+from lenet_spec.runlog import read_jsonl
+
+PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
+SHORT = ["--train-size", "2560", "--epochs", "2", "--max-steps", "30", "--log-steps",
+         "--quiet", "--optimizer", "sgd", "--lr", "0.05"]
+"""20 steps an epoch at batch 128, stopped after 30: one whole epoch and part of another."""
+LONG = ["--train-size", "12800", "--epochs", "2", "--checkpoint-every", "20", "--quiet"]
+"""200 steps, long enough to act on a running pair of processes."""
+WAIT = 120
+"""Seconds a test waits for a process before calling it hung (not a speed bound)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_same_training(a: Path, b: Path) -> None:
+    (wa, _), (wb, _) = (load_weights(d / "weights.safetensors") for d in (a, b))
+    assert max(float(np.max(np.abs(wa[k] - wb[k]))) for k in wa) <= 1e-5
+    sa, sb = (np.array([r["loss"] for r in read_jsonl(d / "steps.jsonl")]) for d in (a, b))
+    assert len(sa) == len(sb) == 30 and np.max(np.abs(sa - sb)) <= 1e-5
+    ma, mb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [20, 30]
+    for ra, rb in zip(ma, mb, strict=True):
+        for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+            assert abs(ra[key] - rb[key]) <= 1e-5, (key, ra[key], rb[key])
+
+
+def _cmd(framework: str, mnist_dir: str, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", PROGRAMS[framework], "--data-dir", mnist_dir,
+            "--workdir", str(workdir), *extra]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _start_pair(framework: str, mnist_dir: str, workdirs: tuple[Path, Path],
+                *extra: str) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a two-process run, started directly (JAX: the coordinator flags;
+    torch: the environment torchrun would set), each with its own --workdir."""
+    port = str(_free_port())
+    procs = []
+    for i, workdir in enumerate(workdirs):
+        if framework == "jax":
+            cmd = _cmd("jax", mnist_dir, workdir, *extra, "--coordinator", f"127.0.0.1:{port}",
+                       "--num-processes", "2", "--process-id", str(i))
+            env = _env()
+        else:
+            cmd = _cmd("torch", mnist_dir, workdir, *extra)
+            env = _env(RANK=str(i), LOCAL_RANK=str(i), WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=WAIT)
+    return proc.returncode, err
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        for p in procs:
+            assert p.poll() is None, f"a process ended early: {p.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {WAIT} s"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, mnist_dir) -> dict[str, Path]:
+    """The 30 SGD steps of SHORT in one process on one device, per framework."""
+    runs = {}
+    for framework in PROGRAMS:
+        workdir = tmp_path_factory.mktemp(f"one-{framework}")
+        res = subprocess.run(_cmd(framework, mnist_dir, workdir, *SHORT),
+                             capture_output=True, text=True, timeout=600,
+                             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[framework] = workdir
+    return runs
+
+
+def test_jax_on_8_simulated_devices_matches_1(tmp_path, mnist_dir, one_process) -> None:
+    """Each global batch split over a 1-D mesh of 8 simulated CPU devices in one process."""
+    res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "d8", *SHORT), capture_output=True,
+                         text=True, timeout=600,
+                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_training(tmp_path / "d8", one_process["jax"])
+
+
+def test_jax_batch_must_split_over_the_devices(tmp_path, mnist_dir) -> None:
+    res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "w", "--batch-size", "100"),
+                         capture_output=True, text=True, timeout=600,
+                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "error: --batch-size 100 does not split evenly over 8 devices" in res.stderr
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_two_processes_match_one_and_only_process_0_writes(tmp_path, mnist_dir, one_process,
+                                                           framework: str) -> None:
+    """JAX: two processes on 127.0.0.1 joined by jax.distributed (CPU collectives over gloo).
+    torch: two gloo ranks with DistributedDataParallel. Process 1 is given its own --workdir,
+    which must never be created."""
+    workdirs = (tmp_path / "p0", tmp_path / "p1")
+    results = [_finish(p) for p in _start_pair(framework, mnist_dir, workdirs, *SHORT)]
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    assert not workdirs[1].exists()
+    _assert_same_training(workdirs[0], one_process[framework])
+
+
+def test_torchrun_launches_the_same_training(tmp_path, mnist_dir, one_process) -> None:
+    """The documented launch: ``torchrun --standalone --nproc-per-node 2 -m lenet_torch.train``."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "lenet_torch.train", "--data-dir",
+                          mnist_dir, "--workdir", str(tmp_path / "tr"), *SHORT],
+                         capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_training(tmp_path / "tr", one_process["torch"])
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_unreachable_coordinator_gives_up_with_one_error(tmp_path, mnist_dir,
+                                                         framework: str) -> None:
+    """Process 1 started alone: nobody listens at the coordinator's port."""
+    port = str(_free_port())
+    if framework == "jax":
+        cmd = _cmd("jax", mnist_dir, tmp_path / "w", "--dist-timeout", "3", "--coordinator",
+                   f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1")
+        env = _env()
+    else:
+        cmd = _cmd("torch", mnist_dir, tmp_path / "w", "--dist-timeout", "3")
+        env = _env(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT, env=env)
+    assert res.returncode == 4, res.stderr[-3000:]
+    assert "did not all meet within --dist-timeout 3 s" in res.stderr
+    assert f"127.0.0.1:{port}" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_a_lost_process_stops_the_other_with_one_error(tmp_path, mnist_dir,
+                                                       framework: str) -> None:
+    """Process 1 is killed (SIGKILL) mid-run; process 0 must stop on its own, not hang."""
+    procs = _start_pair(framework, mnist_dir, (tmp_path / "p0", tmp_path / "p1"), *LONG)
+    _wait_for(tmp_path / "p0" / "checkpoint.safetensors", procs)
+    procs[1].kill()
+    procs[1].wait()
+    rc, err = _finish(procs[0])
+    assert rc == 4, err[-3000:]
+    assert "error: process 0 of 2: lost contact with the other processes" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, mnist_dir,
+                                                               framework: str) -> None:
+    """SIGTERM to process 1 alone: both checkpoint-and-stop after the same step (exit 130),
+    process 0 says how to continue, and the pair resumes to the end."""
+    workdir = tmp_path / "run"
+    procs = _start_pair(framework, mnist_dir, (workdir, workdir), *LONG)
+    _wait_for(workdir / "checkpoint.safetensors", procs)
+    procs[1].send_signal(signal.SIGTERM)
+    (rc0, err0), (rc1, err1) = (_finish(p) for p in procs)
+    assert rc0 == rc1 == 130, (err0[-2000:], err1[-2000:])
+    assert "a signal to another process: stopped at step" in err0 and "--resume" in err0
+    assert "Traceback" not in err0 + err1
+    resumed = [_finish(p) for p in _start_pair(framework, mnist_dir, (workdir, workdir),
+                                                *LONG, "--resume")]
+    for rc, err in resumed:
+        assert rc == 0, err[-3000:]
+    assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [100, 200]
