@@ -36,19 +36,22 @@ def _env_int(name: str) -> int | None:
 
 
 def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject a partial or inconsistent set of the flags of :func:`add_flags`."""
+    """Reject a partial or inconsistent set of the flags of :func:`add_flags` (with
+    --distributed, JAX detects what is not given)."""
     given = [args.coordinator, args.num_processes, args.process_id]
-    if any(v is not None for v in given) and any(v is None for v in given):
+    partial = any(v is not None for v in given) and any(v is None for v in given)
+    if partial and not args.distributed:
         p.error("--coordinator, --num-processes and --process-id go together (or set "
                 "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
     if args.num_processes is not None:
         if args.num_processes < 1:
             p.error(f"--num-processes must be at least 1, got {args.num_processes}")
-        if not 0 <= args.process_id < args.num_processes:
+        if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
             p.error(f"--process-id must be in 0 … {args.num_processes - 1}, "
                     f"got {args.process_id}")
-        if ":" not in args.coordinator or not args.coordinator.rsplit(":", 1)[1].isdigit():
-            p.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+    if args.coordinator is not None and (":" not in args.coordinator
+                                         or not args.coordinator.rsplit(":", 1)[1].isdigit()):
+        p.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
 
 
 def init(args: argparse.Namespace) -> Layout:
@@ -58,8 +61,10 @@ def init(args: argparse.Namespace) -> Layout:
         return Layout()
     if args.num_processes == 1:
         return Layout()
-    where = (f"process {args.process_id} of {args.num_processes}, coordinator {args.coordinator}"
-             if args.num_processes else "cluster detected by JAX")
+    where = ", ".join(f"{name} {value}" for name, value in (
+        ("process", args.process_id), ("of", args.num_processes),
+        ("coordinator", args.coordinator)) if value is not None) or "cluster detected by JAX"
+    where = where.replace(", of", " of")
     timeout = args.dist_timeout
     with deadline(timeout, f"{where}: the processes did not all meet within --dist-timeout "
                            f"{timeout:g} s (is process 0 running, is the address reachable from "

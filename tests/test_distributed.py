@@ -202,3 +202,21 @@ def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, mnist_
     for rc, err in resumed:
         assert rc == 0, err[-3000:]
     assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [100, 200]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "127.0.0.1:1234"], "--coordinator, --num-processes and --process-id go "
+                                          "together"),
+    (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator must be HOST:PORT, got '127.0.0.1'"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must be in 0 … 1, got 2"),
+    (["--coordinator", "h:1", "--num-processes", "0", "--process-id", "0"],
+     "--num-processes must be at least 1, got 0"),
+])
+def test_bad_distributed_flags_are_one_error(argv, message, capsys) -> None:
+    from lenet_jax.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
