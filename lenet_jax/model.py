@@ -72,9 +72,31 @@ class LeNet(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         check_input(self.spec, x)
-        for layer in self.spec.layers:
-            x = self.apply_layer(layer, x)
+        layers, i = self.spec.layers, 0
+        while i < len(layers):
+            span = self.conv_pool_span(i)
+            if span:  # conv [+ activation] + max-pool, computed together
+                module, act = getattr(self, layers[i].name), _ACTIVATIONS.get(type(layers[i + 1]))
+                x = conv_max_pool(x, module.kernel[...], module.bias[...], layers[i].padding,
+                                  layers[i + span - 1].kernel_size, act)
+            else:
+                x = self.apply_layer(layers[i], x)
+            i += span or 1
         return x
+
+    def conv_pool_span(self, i: int) -> int:
+        """How many layers from ``i`` :func:`conv_max_pool` computes at once: 3 for conv,
+        monotone activation, max-pool; 2 for conv, max-pool; 0 if the layers differ, the conv
+        is strided, or the pool's windows overlap."""
+        layers = self.spec.layers
+        conv = layers[i]
+        if not isinstance(conv, Conv) or conv.stride != (1, 1):
+            return 0
+        span = 3 if i + 1 < len(layers) and type(layers[i + 1]) in _ACTIVATIONS else 2
+        pool = layers[i + span - 1] if i + span - 1 < len(layers) else None
+        if not isinstance(pool, MaxPool) or pool.kernel_size != pool.stride:
+            return 0
+        return span
 
     def apply_layer(self, layer: object, x: jax.Array) -> jax.Array:
         """One layer of the spec applied to ``x``."""
@@ -114,6 +136,57 @@ def _pool(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int], reduce
 
 
 Pair = tuple[int, int]
+
+_ACTIVATIONS = {ReLU: jax.nn.relu, Tanh: jnp.tanh, Sigmoid: jax.nn.sigmoid}
+"""The activations that commute with a maximum (monotone non-decreasing)."""
+
+
+def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,
+                  activation=None) -> jax.Array:
+    """max-pool(activation(conv(x) + bias)) for an NHWC ``x``, an HWIO ``kernel`` of stride 1
+    and non-overlapping ``pool`` windows, as one matrix product.
+
+    The convolution is evaluated at the pool's ph·pw phases at once: the input is rearranged
+    space-to-depth by the pool's shape, so that every phase of the output is a convolution of
+    that input with a kernel scattered from ``kernel`` (zeros elsewhere, which add nothing to
+    a float sum); the phases' maximum is the pool, and the bias and a monotone activation
+    commute with it. XLA:CPU runs this matrix product ≈ 2× faster in the whole train step than
+    its convolution plus pool (README, benchmark).
+    """
+    (ph, pw), (kh, kw, cin, cout) = pool, kernel.shape
+    (pad_h, pad_w) = padding
+    if pad_h or pad_w:
+        x = jnp.pad(x, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
+    n, h, w, _ = x.shape
+    ho, wo = (h - kh + 1) // ph, (w - kw + 1) // pw  # pooled output; a ragged edge is dropped
+    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1  # taps of the phase kernel
+    hs, ws = ho + kp - 1, wo + kq - 1
+    # rows/columns past the input are read by zero taps only
+    x = jnp.pad(x, ((0, 0), (0, max(hs * ph - h, 0)), (0, max(ws * pw - w, 0)), (0, 0)))
+    x = x[:, : hs * ph, : ws * pw]
+    x = x.reshape(n, hs, ph, ws, pw, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, -1)
+    taps = jnp.einsum("PRqrabyx,yxio->PRqriabo", _phase_scatter(kernel.shape[:2], pool),
+                      kernel).reshape(kp * kq * ph * pw * cin, ph * pw * cout)
+    patches = jnp.concatenate([x[:, p : p + ho, r : r + wo] for p in range(kp)
+                               for r in range(kq)], axis=-1)
+    y = (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
+    y = jnp.max(y, axis=3) + bias
+    return activation(y) if activation else y
+
+
+def _phase_scatter(kernel: Pair, pool: Pair) -> np.ndarray:
+    """0/1 array S[P, R, q, r, a, b, dy, dx]: tap (dy, dx) of the kernel, for output phase
+    (a, b), reads space-to-depth position (P, R), sub-pixel (q, r)."""
+    (kh, kw), (ph, pw) = kernel, pool
+    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1
+    s = np.zeros((kp, kq, ph, pw, ph, pw, kh, kw), np.float32)
+    for a in range(ph):
+        for b in range(pw):
+            for dy in range(kh):
+                for dx in range(kw):
+                    (p, q), (r, t) = divmod(a + dy, ph), divmod(b + dx, pw)
+                    s[p, r, q, t, a, b, dy, dx] = 1
+    return s
 
 
 def _windows(x: jax.Array, kernel: Pair, stride: Pair, out: Pair) -> list[jax.Array]:
