@@ -208,3 +208,44 @@ def test_jax_one_channel_conv_equals_xla_conv(stride, padding) -> None:
     dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
     for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+
+
+@pytest.mark.parametrize("kernel, padding, pool, cin, act", [
+    ((5, 5), (0, 0), (2, 2), 1, "relu"),     # lenet5's conv1 block
+    ((5, 5), (0, 0), (2, 2), 6, "relu"),     # its conv2 block
+    ((3, 3), (1, 1), (2, 2), 3, "tanh"),
+    ((4, 2), (0, 1), (3, 2), 2, "sigmoid"),  # even kernel, unequal pool, ragged edges
+    ((1, 1), (0, 0), (2, 2), 4, None),       # conv straight into the pool
+])
+def test_jax_conv_max_pool_equals_conv_then_pool(kernel, padding, pool, cin, act) -> None:
+    """The JAX port's conv + activation + max-pool as one matrix product over the pool's
+    phases, against lax.conv_general_dilated, the activation and reduce_window max pooling:
+    values and the gradients of input, kernel and bias within 1e-5 of each tensor's largest
+    magnitude (float32 sums in another order)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lenet_jax.model import conv_max_pool
+
+    activation = {"relu": jax.nn.relu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, None: None}
+    f = activation[act] or (lambda v: v)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 15, 12, cin)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((*kernel, cin, 5)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    pads = ((padding[0],) * 2, (padding[1],) * 2)
+
+    def reference(x, k, b):
+        y = f(jax.lax.conv_general_dilated(x, k, (1, 1), pads,
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC")) + b)
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, *pool, 1), (1, *pool, 1),
+                                     "VALID")
+
+    y_ref, vjp_ref = jax.vjp(reference, x, k, b)
+    y, vjp = jax.vjp(lambda x, k, b: conv_max_pool(x, k, b, padding, pool, activation[act]),
+                     x, k, b)
+    assert y.shape == y_ref.shape
+    assert float(jnp.max(jnp.abs(y - y_ref))) <= 1e-5 * float(jnp.max(jnp.abs(y_ref)))
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
+        assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
