@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-args", default="",
                    help="extra flags for the training programs (with --time-to-accuracy)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure everything this many times, interleaved (each round in a "
+                        "rotated variant order), and report medians over the rounds and the "
+                        "ratios of each round: this machine's speed drifts over minutes")
     return p
 
 
@@ -155,27 +159,61 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def summary(results: list[dict[str, Any]], env: dict[str, Any], batch: int = 128) -> list[str]:
-    """The headline ratios: best JAX over best torch per (width, batch), and the GEMM bound."""
+def _best(results: list[dict[str, Any]], width: float, batch: int, framework: str):
+    group = [r for r in results if "error" not in r and r["width"] == width
+             and r["batch_size"] == batch and r["framework"] == framework]
+    return max(group, key=lambda r: r["train_images_per_sec"], default=None)
+
+
+def summary(results: list[dict[str, Any]], env: dict[str, Any],
+            rounds: list[list[dict[str, Any]]] | None = None) -> list[str]:
+    """The headline ratios: best JAX over best torch per (width, batch), and the GEMM bound;
+    with several rounds, also the range of the ratios measured within each round."""
     lines = []
     ok = [r for r in results if "error" not in r]
     for width in sorted({r["width"] for r in ok}):
         for b in sorted({r["batch_size"] for r in ok}):
-            group = [r for r in ok if r["width"] == width and r["batch_size"] == b]
-            best = {fw: max((r for r in group if r["framework"] == fw),
-                            key=lambda r: r["train_images_per_sec"], default=None)
-                    for fw in ("jax", "torch")}
-            if best["jax"] and best["torch"]:
-                j, t = best["jax"], best["torch"]
-                bound = env["gemm_gflops"] * 1e9 / j["train_flops_per_image"]
-                lines.append(
-                    f"width {width:g}, batch {b}: best JAX ({j['variant']}) "
+            j, t = _best(ok, width, b, "jax"), _best(ok, width, b, "torch")
+            if not (j and t):
+                continue
+            bound = env["gemm_gflops"] * 1e9 / j["train_flops_per_image"]
+            line = (f"width {width:g}, batch {b}: best JAX ({j['variant']}) "
                     f"{j['train_images_per_sec']:,.0f} img/s vs best torch ({t['variant']}) "
                     f"{t['train_images_per_sec']:,.0f} img/s = "
-                    f"{j['train_images_per_sec'] / t['train_images_per_sec']:.2f}×; JAX at "
-                    f"{100 * j['train_images_per_sec'] / bound:.0f}% of the GEMM bound "
-                    f"({bound:,.0f} img/s at {env['gemm_gflops']:.0f} GFLOP/s)")
+                    f"{j['train_images_per_sec'] / t['train_images_per_sec']:.2f}×")
+            ratios = [pj["train_images_per_sec"] / pt["train_images_per_sec"]
+                      for rs in rounds or [] for pj, pt in [(_best(rs, width, b, "jax"),
+                                                              _best(rs, width, b, "torch"))]
+                      if pj and pt]
+            if len(ratios) > 1:
+                line += (f" (within each of {len(ratios)} rounds: {min(ratios):.2f}–"
+                         f"{max(ratios):.2f}×, median {float(np.median(ratios)):.2f}×)")
+            lines.append(f"{line}; JAX at {100 * j['train_images_per_sec'] / bound:.0f}% of the "
+                         f"GEMM bound ({bound:,.0f} img/s at {env['gemm_gflops']:.0f} GFLOP/s)")
     return lines
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> list[dict[str, Any]]:
+    """One result per (width, batch, variant): the round whose training throughput is the
+    median of the rounds', with min and max over every round's repeats and each round's median
+    under ``rounds``."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    key = lambda r: (r["width"], r["batch_size"], variants.index(r["variant"]))  # noqa: E731
+    for first in sorted(rounds[0], key=key):
+        same = [r for rs in rounds for r in rs if key(r) == key(first)]
+        ok = sorted((r for r in same if "error" not in r),
+                    key=lambda r: r["train_images_per_sec"])
+        if not ok:
+            merged.append(same[0])
+            continue
+        result = dict(ok[(len(ok) - 1) // 2])
+        result["train_images_per_sec_min"] = min(r["train_images_per_sec_min"] for r in ok)
+        result["train_images_per_sec_max"] = max(r["train_images_per_sec_max"] for r in ok)
+        result["rounds"] = [r["train_images_per_sec"] for r in same if "error" not in r]
+        merged.append(result)
+    return merged
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
@@ -250,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.repeats < 5:
         parser().error("--repeats must be at least 5")
+    if args.rounds < 1:
+        parser().error("--rounds must be at least 1")
     env = environment()
     print(f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, flax {env['flax']}, "
           f"torch {env['torch']}; float32 GEMM {env['gemm_gflops']:.0f} GFLOP/s", flush=True)
@@ -263,22 +303,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         batches = [128] if args.quick else args.batch_sizes
         images = 2_560 if args.quick else args.images
-        results = []
-        for width in args.widths:
-            for batch in batches:
-                for variant in args.variants:
-                    config = {"spec": args.spec, "variant": variant, "batch_size": batch,
-                              "width": width, "steps": min(2_000, max(5, images // batch)),
-                              "repeats": args.repeats, "latency_calls": 50 if args.quick else 200,
-                              "threads": args.threads}
-                    r = measure(config, args.timeout)
-                    results.append(r)
-                    rate = ("failed: " + r["error"]) if "error" in r else (
-                        f"{r['train_images_per_sec']:,.0f} img/s train")
-                    print(f"  {variant:14s} width {width:g} batch {batch:5d}: {rate}",
-                          file=sys.stderr, flush=True)
+        rounds: list[list[dict[str, Any]]] = []
+        for k in range(args.rounds):
+            order = args.variants[k % len(args.variants):] + args.variants[:k % len(args.variants)]
+            results = []
+            for width in args.widths:
+                for batch in batches:
+                    for variant in order:
+                        config = {"spec": args.spec, "variant": variant, "batch_size": batch,
+                                  "width": width, "steps": min(2_000, max(5, images // batch)),
+                                  "repeats": args.repeats,
+                                  "latency_calls": 50 if args.quick else 200,
+                                  "threads": args.threads}
+                        r = measure(config, args.timeout)
+                        results.append(r)
+                        rate = ("failed: " + r["error"]) if "error" in r else (
+                            f"{r['train_images_per_sec']:,.0f} img/s train")
+                        print(f"  round {k + 1}/{args.rounds} {variant:14s} width {width:g} "
+                              f"batch {batch:5d}: {rate}", file=sys.stderr, flush=True)
+            rounds.append(results)
+        results = merge_rounds(rounds, args.variants)
         print(table(results))
-        for line in summary(results, env):
+        for line in summary(results, env, rounds):
             print(line)
         out = {"env": env, "results": results}
         if args.plot:

@@ -52,3 +52,26 @@ def test_time_to_accuracy(tmp_path, mnist_dir) -> None:
     for r in results:  # 2,560 images reach 50% test accuracy in an epoch or two
         assert r["seconds"] is not None and r["seconds"] > 0, r
         assert r["best_accuracy"] >= 0.5 and 1 <= r["epochs"] <= 2
+
+
+def test_rounds_merge_to_medians_and_report_each_rounds_ratio() -> None:
+    """Interleaved rounds: each (variant, batch) keeps the round with the median throughput,
+    min/max over all rounds, and the summary gives the range of ratios within rounds."""
+    from bench.__main__ import merge_rounds, summary
+
+    def result(variant: str, rate: float) -> dict:
+        return {"framework": variant.split("-")[0], "variant": variant, "width": 1.0,
+                "batch_size": 128, "train_images_per_sec": rate,
+                "train_images_per_sec_min": rate - 1, "train_images_per_sec_max": rate + 1,
+                "train_flops_per_image": 2.5e6}
+
+    rounds = [[result("jax-jit", j), result("torch-eager", t)]
+              for j, t in ((20.0, 10.0), (30.0, 10.0), (25.0, 20.0))]
+    merged = merge_rounds(rounds, ["jax-jit", "torch-eager"])
+    assert [(r["variant"], r["train_images_per_sec"]) for r in merged] == \
+        [("jax-jit", 25.0), ("torch-eager", 10.0)]
+    assert merged[0]["rounds"] == [20.0, 30.0, 25.0]
+    assert (merged[0]["train_images_per_sec_min"], merged[0]["train_images_per_sec_max"]) == \
+        (19.0, 31.0)
+    (line,) = summary(merged, {"gemm_gflops": 1.0}, rounds)
+    assert "= 2.50×" in line and "within each of 3 rounds: 1.25–3.00×, median 2.00×" in line
