@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,16 +82,27 @@ def give_up(what: str) -> NoReturn:
     exit_now(EXIT_LOST_PEER)
 
 
+LOST_CONTACT = ("gloo", "nccl", "connection", "timed out", "timeout", "unavailable",
+                "deadline", "socket", "peer")
+"""Words in the runtimes' errors when a collective fails because a process has gone."""
+
+
 @contextmanager
 def peers_guard(layout: Layout, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
-    """Turn a failed collective (``errors``: what the framework raises when another process
-    stopped or crashed) into one clear error and exit status 4; a single process is left
-    alone."""
+    """Turn a failed collective (one of ``errors``, the types the framework raises, whose
+    message speaks of the transport) into one clear error and exit status 4, instead of a
+    traceback or a hang. Any other exception in one of several processes is printed and ends
+    that process at once (exit 1), so that the others stop on their next collective rather
+    than wait for it at the runtime's shutdown. A single process is left alone."""
     try:
         yield
-    except errors as e:
+    except Exception as e:
         if not layout.distributed:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        give_up(f"{layout}: lost contact with the other processes (one of them stopped or "
-                f"crashed; its own output says why); stopping. The runtime said: {first}")
+        text = str(e).strip()
+        if isinstance(e, errors) and any(w in text.lower() for w in LOST_CONTACT):
+            give_up(f"{layout}: lost contact with the other processes (one of them stopped or "
+                    f"crashed; its own output says why); stopping. The runtime said: "
+                    f"{text.splitlines()[0]}")
+        traceback.print_exc()
+        exit_now(1)
