@@ -249,3 +249,37 @@ def test_jax_conv_max_pool_equals_conv_then_pool(kernel, padding, pool, cin, act
     dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
     for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
         assert float(jnp.max(jnp.abs(got - want))) <= 1e-5 * float(jnp.max(jnp.abs(want)))
+
+
+def test_jax_conv_max_pool_sends_tied_gradients_where_torch_does() -> None:
+    """On an image that is mostly zero (as MNIST is), a window's phases tie; the gradient must
+    go to the first maximum, as torch's max_pool2d sends it, so that the bias and the input
+    gradients match torch's (within 1e-5 of each tensor's largest magnitude)."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from lenet_jax.model import conv_max_pool
+
+    rng = np.random.default_rng(2)
+    x = np.zeros((2, 1, 12, 12), np.float32)
+    x[:, :, 3:7, 4:8] = rng.standard_normal((2, 1, 4, 4))
+    k = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    b = np.abs(rng.standard_normal(4)).astype(np.float32)  # positive: ReLU passes the ties
+    dy = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+
+    xt, kt, bt = (torch.tensor(a, requires_grad=True) for a in (x, k, b))
+    yt = torch.nn.functional.max_pool2d(torch.relu(torch.nn.functional.conv2d(xt, kt, bt)), 2)
+    yt.backward(torch.from_numpy(dy))
+
+    def f(x, k, b):
+        return conv_max_pool(x, k, b, (0, 0), (2, 2), jax.nn.relu)
+
+    xj, kj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(k.transpose(2, 3, 1, 0))
+    yj, vjp = jax.vjp(f, xj, kj, jnp.asarray(b))
+    dx, dk, db = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
+    assert np.abs(np.asarray(yj).transpose(0, 3, 1, 2) - yt.detach().numpy()).max() <= 1e-5
+    for got, want in ((np.asarray(dx).transpose(0, 3, 1, 2), xt.grad),
+                      (np.asarray(dk).transpose(3, 2, 0, 1), kt.grad), (np.asarray(db), bt.grad)):
+        want = want.numpy()
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
