@@ -14,25 +14,21 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lenet_spec.distributed import Layout, activate, deadline
+from lenet_spec.distributed import Layout, activate, deadline, did_not_meet
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-    """The flags that start several processes (each defaults to the environment variable)."""
+    """The flags that start several processes (each defaults to the environment variable,
+    which argparse checks like the flag)."""
     p.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                    metavar="HOST:PORT",
                    help="address of process 0, which coordinates (env JAX_COORDINATOR_ADDRESS)")
-    p.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+    p.add_argument("--num-processes", type=int, default=os.environ.get("JAX_NUM_PROCESSES"),
                    metavar="N", help="processes in the run (env JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"), metavar="I",
+    p.add_argument("--process-id", type=int, default=os.environ.get("JAX_PROCESS_ID"), metavar="I",
                    help="this process's index, 0 … N-1 (env JAX_PROCESS_ID)")
     p.add_argument("--distributed", action="store_true",
                    help="start jax.distributed with what JAX detects (TPU slice, SLURM, Open MPI)")
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value and value.strip().lstrip("-").isdigit() else None
 
 
 def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -61,14 +57,11 @@ def init(args: argparse.Namespace) -> Layout:
         return Layout()
     if args.num_processes == 1:
         return Layout()
-    where = ", ".join(f"{name} {value}" for name, value in (
-        ("process", args.process_id), ("of", args.num_processes),
-        ("coordinator", args.coordinator)) if value is not None) or "cluster detected by JAX"
-    where = where.replace(", of", " of")
+    given = (args.process_id, args.num_processes, args.coordinator)
+    where = ("process {} of {}, coordinator {}".format(*given) if None not in given
+             else "the cluster JAX detects")
     timeout = args.dist_timeout
-    with deadline(timeout, f"{where}: the processes did not all meet within --dist-timeout "
-                           f"{timeout:g} s (is process 0 running, is the address reachable from "
-                           "here, and were all processes started?)"):
+    with deadline(timeout, did_not_meet(where, timeout)):
         jax.distributed.initialize(
             args.coordinator, args.num_processes, args.process_id,
             initialization_timeout=int(timeout) + 60,

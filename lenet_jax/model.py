@@ -26,6 +26,8 @@ from lenet_spec import Spec, check_weights, load_spec
 from lenet_spec.spec import AvgPool, Conv, Flatten, LayerInfo, Linear, MaxPool, ReLU, Sigmoid, Tanh
 
 INITS = ("torch", "lecun_normal")
+ACTIVATIONS = {ReLU: jax.nn.relu, Tanh: jnp.tanh, Sigmoid: jax.nn.sigmoid}
+"""The spec's activation layers; all monotone, so they commute with a max-pool."""
 
 
 def _uniform(bound: float) -> nnx.Initializer:
@@ -76,7 +78,7 @@ class LeNet(nnx.Module):
         while i < len(layers):
             span = self.conv_pool_span(i)
             if span:  # conv [+ activation] + max-pool, computed together
-                module, act = getattr(self, layers[i].name), _ACTIVATIONS.get(type(layers[i + 1]))
+                module, act = getattr(self, layers[i].name), ACTIVATIONS.get(type(layers[i + 1]))
                 x = conv_max_pool(x, module.kernel[...], module.bias[...], layers[i].padding,
                                   layers[i + span - 1].kernel_size, act)
             else:
@@ -92,7 +94,7 @@ class LeNet(nnx.Module):
         conv = layers[i]
         if not isinstance(conv, Conv) or conv.stride != (1, 1):
             return 0
-        span = 3 if i + 1 < len(layers) and type(layers[i + 1]) in _ACTIVATIONS else 2
+        span = 3 if i + 1 < len(layers) and type(layers[i + 1]) in ACTIVATIONS else 2
         pool = layers[i + span - 1] if i + span - 1 < len(layers) else None
         if not isinstance(pool, MaxPool) or pool.kernel_size != pool.stride:
             return 0
@@ -106,12 +108,8 @@ class LeNet(nnx.Module):
                 return conv_one_channel(x, module.kernel[...], module.bias[...], layer.stride,
                                         layer.padding)
             return module(x)
-        if isinstance(layer, ReLU):
-            return jax.nn.relu(x)
-        if isinstance(layer, Tanh):
-            return jnp.tanh(x)
-        if isinstance(layer, Sigmoid):
-            return jax.nn.sigmoid(x)
+        if type(layer) in ACTIVATIONS:
+            return ACTIVATIONS[type(layer)](x)
         if isinstance(layer, MaxPool):
             return _pool(x, layer.kernel_size, layer.stride, jnp.max, nnx.max_pool)
         if isinstance(layer, AvgPool):
@@ -136,9 +134,6 @@ def _pool(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int], reduce
 
 
 Pair = tuple[int, int]
-
-_ACTIVATIONS = {ReLU: jax.nn.relu, Tanh: jnp.tanh, Sigmoid: jax.nn.sigmoid}
-"""The activations that commute with a maximum (monotone non-decreasing)."""
 
 
 def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,

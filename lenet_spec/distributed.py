@@ -76,6 +76,14 @@ def deadline(seconds: float, what: str) -> Iterator[None]:
         timer.cancel()
 
 
+def did_not_meet(where: str, timeout: float, who: str = "processes") -> str:
+    """The error when the run's ``who`` (processes, ranks) have not all started in time."""
+    first = "rank 0" if who == "ranks" else "process 0"
+    return (f"{where}: the {who} did not all meet within --dist-timeout {timeout:g} s (is "
+            f"{first} running, is the address reachable from here, and were all {who} "
+            "started?)")
+
+
 def give_up(what: str) -> NoReturn:
     """Print ``error: {what}`` and leave at once with exit status 4."""
     print(f"error: {what}", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from lenet_spec.distributed import Layout, activate, deadline, give_up
+from lenet_spec.distributed import Layout, activate, deadline, did_not_meet, give_up
 
 
 def init(args: argparse.Namespace, device: torch.device) -> Layout:
@@ -29,8 +29,7 @@ def init(args: argparse.Namespace, device: torch.device) -> Layout:
     where = (f"rank {rank} of {world}, store {os.environ.get('MASTER_ADDR')}:"
              f"{os.environ.get('MASTER_PORT')}")
     timeout = args.dist_timeout
-    message = (f"{where}: the ranks did not all meet within --dist-timeout {timeout:g} s (is "
-               "rank 0 running, is the address reachable from here, and were all ranks started?)")
+    message = did_not_meet(where, timeout, "ranks")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # torch's own timeout (which also bounds every collective) is set past ours: when it

@@ -18,6 +18,9 @@ from torch import nn
 from lenet_spec import Spec, check_weights, load_spec
 from lenet_spec.spec import AvgPool, Conv, Flatten, Linear, MaxPool, ReLU, Sigmoid, Tanh
 
+ACTIVATIONS = {ReLU: F.relu, Tanh: torch.tanh, Sigmoid: torch.sigmoid}
+"""The spec's activation layers."""
+
 INITS = ("torch", "lecun_normal")
 
 # The std of a normal truncated to ±2σ is this fraction of σ; lecun_normal divides it out.
@@ -49,12 +52,8 @@ class LeNet(nn.Module):
         """One layer of the spec applied to ``x``."""
         if isinstance(layer, (Conv, Linear)):
             return getattr(self, layer.name)(x)
-        if isinstance(layer, ReLU):
-            return F.relu(x)
-        if isinstance(layer, Tanh):
-            return torch.tanh(x)
-        if isinstance(layer, Sigmoid):
-            return torch.sigmoid(x)
+        if type(layer) in ACTIVATIONS:
+            return ACTIVATIONS[type(layer)](x)
         if isinstance(layer, MaxPool):
             return F.max_pool2d(x, layer.kernel_size, layer.stride)
         if isinstance(layer, AvgPool):
