@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lenet_spec.distributed import Layout, activate, deadline, did_not_meet
+from lenet_spec.distributed import Layout, activate, active, deadline, did_not_meet
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -69,6 +69,13 @@ def init(args: argparse.Namespace) -> Layout:
     layout = Layout(jax.process_index(), jax.process_count())
     activate(layout)
     return layout
+
+
+def shutdown() -> None:
+    """Leave the run: wait for the other processes at the runtime's shutdown barrier (JAX
+    would also do this at exit)."""
+    if active():
+        jax.distributed.shutdown()
 
 
 def any_process(flag: bool) -> bool:

@@ -200,18 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps_per_call < 1:
         p.error("--steps-per-call must be at least 1")
     distributed.check_flags(p, args)
-    with interruptible():
-        layout = distributed.init(args)
-        run = setup(args, "jax", argv, layout)
-        run.any_process = distributed.any_process
-        devices = ", ".join(str(d) for d in jax.devices())
-        run.log.say(f"jax {jax.__version__} on {jax.default_backend()} ({devices}"
-                    + (f"; {layout.process_count} processes" if layout.distributed else "")
-                    + f"); {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
-        # a collective whose peer has gone fails in XLA's runtime (gloo reports it as a
-        # ValueError on CPU)
-        with peers_guard(layout, (jax.errors.JaxRuntimeError, ValueError)):
-            train(run, args.steps_per_call)
+    try:
+        with interruptible():
+            layout = distributed.init(args)
+            run = setup(args, "jax", argv, layout)
+            run.any_process = distributed.any_process
+            devices = ", ".join(str(d) for d in jax.devices())
+            run.log.say(f"jax {jax.__version__} on {jax.default_backend()} ({devices}"
+                        + (f"; {layout.process_count} processes" if layout.distributed else "")
+                        + f"); {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
+            # a collective whose peer has gone fails in XLA's runtime (gloo reports it as a
+            # ValueError on CPU)
+            with peers_guard(layout, (jax.errors.JaxRuntimeError, ValueError)):
+                train(run, args.steps_per_call)
+    finally:
+        distributed.shutdown()
     return 0
 
 

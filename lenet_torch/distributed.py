@@ -45,6 +45,13 @@ def init(args: argparse.Namespace, device: torch.device) -> Layout:
     return layout
 
 
+def shutdown() -> None:
+    """Leave the process group (without it, the interpreter's exit can abort in the group's
+    threads: "terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def any_process(flag: bool) -> bool:
     """Whether ``flag`` is set in any rank (every rank must call this together)."""
     value = torch.tensor([int(flag)], device=_collective_device())

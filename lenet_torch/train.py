@@ -159,20 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with interruptible():
-        layout = distributed.init(args, device)
-        if device.type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        run = setup(args, "torch", argv, layout)
-        run.any_process = distributed.any_process
-        run.log.say(f"torch {torch.__version__} on {device}"
-                    + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
-                       f", {torch.get_num_threads()} threads")
-                    + (f", {layout.process_count} ranks" if layout.distributed else "")
-                    + f"; {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
-        # a collective whose peer has gone fails with a RuntimeError (gloo, NCCL)
-        with peers_guard(layout, (RuntimeError,)):
-            train(run, device, args.compile)
+    try:
+        with interruptible():
+            layout = distributed.init(args, device)
+            if device.type == "cuda":
+                device = torch.device("cuda", torch.cuda.current_device())
+            run = setup(args, "torch", argv, layout)
+            run.any_process = distributed.any_process
+            run.log.say(f"torch {torch.__version__} on {device}"
+                        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
+                           f", {torch.get_num_threads()} threads")
+                        + (f", {layout.process_count} ranks" if layout.distributed else "")
+                        + f"; {run.spec.name}, {run.total_steps} steps; workdir {run.workdir}")
+            # a collective whose peer has gone fails with a RuntimeError (gloo, NCCL)
+            with peers_guard(layout, (RuntimeError,)):
+                train(run, device, args.compile)
+    finally:
+        distributed.shutdown()
     return 0
 
 
