@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.runlog import read_jsonl
+from lenet_train.runlog import read_jsonl
 
 VARIANTS = ("jax-jit", "jax-scan", "torch-eager", "torch-compile")
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}

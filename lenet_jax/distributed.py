@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lenet_spec.distributed import Layout, activate, active, deadline, did_not_meet
+from lenet_train.distributed import Layout, activate, active, deadline, did_not_meet
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:

@@ -28,9 +28,9 @@ from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import make_tx
 from lenet_spec import save_weights
-from lenet_spec.cli import parser
-from lenet_spec.distributed import peers_guard
-from lenet_spec.run import WEIGHTS, Position, Run, fail, interruptible, setup
+from lenet_train.cli import parser
+from lenet_train.distributed import peers_guard
+from lenet_train.run import WEIGHTS, Position, Run, fail, interruptible, setup
 
 EVAL_BATCH = 1000
 

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from lenet_spec.distributed import Layout, activate, deadline, did_not_meet, give_up
+from lenet_train.distributed import Layout, activate, deadline, did_not_meet, give_up
 
 
 def init(args: argparse.Namespace, device: torch.device) -> Layout:

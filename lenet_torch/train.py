@@ -16,13 +16,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from lenet_spec import save_weights
-from lenet_spec.cli import parser
-from lenet_spec.distributed import peers_guard
-from lenet_spec.run import WEIGHTS, Position, Run, fail, interruptible, setup
 from lenet_torch import distributed
 from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import make_optimizer
+from lenet_train.cli import parser
+from lenet_train.distributed import peers_guard
+from lenet_train.run import WEIGHTS, Position, Run, fail, interruptible, setup
 
 EVAL_BATCH = 1000
 

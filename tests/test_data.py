@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from lenet_spec import PRESETS
-from lenet_spec import data as D
-from lenet_spec.data import DataError, idx_bytes, load_mnist, parse_idx, prepare
+from lenet_train import data as D
+from lenet_train.data import DataError, idx_bytes, load_mnist, parse_idx, prepare
 
 
 def _write_split(folder: Path, split: str, n: int, gz: bool = False, seed: int = 0):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from lenet_spec import load_weights
-from lenet_spec.runlog import read_jsonl
+from lenet_train.runlog import read_jsonl
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 SHORT = ["--train-size", "2560", "--epochs", "2", "--max-steps", "30", "--log-steps",

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lenet_spec import PRESETS, SpecError, load_weights, save_weights
-from lenet_spec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lenet_spec.data import DataError, idx_bytes, parse_idx, read_idx_pair
 from lenet_spec.spec import LAYER_TYPES, parse_spec_json
 from lenet_spec.weights import WeightsError
+from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_train.data import DataError, idx_bytes, parse_idx, read_idx_pair
 
 FUZZ = settings(max_examples=300, deadline=2000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

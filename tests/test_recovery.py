@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_spec.checkpoint import load_checkpoint
-from lenet_spec.runlog import read_jsonl
+from lenet_train.checkpoint import load_checkpoint
+from lenet_train.runlog import read_jsonl
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 RUN = ["--train-size", "2560", "--epochs", "3", "--checkpoint-every", "7", "--log-steps",

@@ -12,8 +12,8 @@ import pytest
 import lenet_jax
 import lenet_torch
 from lenet_spec import PRESETS, load_weights, save_weights
-from lenet_spec.cli import lr_at, parser
-from lenet_spec.runlog import read_jsonl
+from lenet_train.cli import lr_at, parser
+from lenet_train.runlog import read_jsonl
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 
@@ -144,7 +144,7 @@ def test_weights_file_loads_into_both_ports(one_epoch_runs) -> None:
     import jax.numpy as jnp
     import torch
 
-    from lenet_spec.data import load_mnist, prepare
+    from lenet_train.data import load_mnist, prepare
 
     weights, spec = load_weights(one_epoch_runs["jax"] / "weights.safetensors")
     t, j = lenet_torch.build(spec), lenet_jax.build(spec)
@@ -204,7 +204,7 @@ def test_plot(tmp_path) -> None:
                                     "train_accuracy": acc - 0.1 / (e + 1),
                                     "test_accuracy": acc}) + "\n")
     out = tmp_path / "curves.png"
-    res = _run("lenet_spec.plot", str(tmp_path / "jax"), str(tmp_path / "torch"), "-o", str(out))
+    res = _run("lenet_train.plot", str(tmp_path / "jax"), str(tmp_path / "torch"), "-o", str(out))
     assert "wrote" in res.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 

@@ -1,4 +1,4 @@
-"""``python -m lenet_spec.plot RUN_DIR [RUN_DIR ...] -o curves.png``: overlay the loss and
+"""``python -m lenet_train.plot RUN_DIR [RUN_DIR ...] -o curves.png``: overlay the loss and
 accuracy curves of several runs (say a JAX run and a torch run) from their metrics.jsonl."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lenet_spec.runlog import read_jsonl
+from lenet_train.runlog import read_jsonl
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> None:
@@ -40,7 +40,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lenet_spec.plot", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lenet_train.plot", description=__doc__)
     p.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     p.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
     args = p.parse_args(argv)

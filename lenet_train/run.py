@@ -20,13 +20,13 @@ from typing import Any, NoReturn
 import numpy as np
 
 from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lenet_spec.cli import default_workdir, lr_at, total_steps
-from lenet_spec.data import DataError, epoch_order, load_mnist, prepare
-from lenet_spec.distributed import Layout, active, exit_now
-from lenet_spec.runlog import RunLog
 from lenet_spec.spec import Spec
 from lenet_spec.weights import WeightsError, check_weights, load_weights
+from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_train.cli import default_workdir, lr_at, total_steps
+from lenet_train.data import DataError, epoch_order, load_mnist, prepare
+from lenet_train.distributed import Layout, active, exit_now
+from lenet_train.runlog import RunLog
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "weights.safetensors"
