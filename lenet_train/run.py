@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import shlex
 import signal
@@ -26,7 +25,7 @@ from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkp
 from lenet_train.cli import default_workdir, lr_at, total_steps
 from lenet_train.data import DataError, epoch_order, load_mnist, prepare
 from lenet_train.distributed import Layout, active, exit_now
-from lenet_train.runlog import RunLog
+from lenet_train.runlog import RunLog, log_to_stderr
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "weights.safetensors"
@@ -50,15 +49,15 @@ class Position:
 
 
 @dataclass
-class Checkpoint:
-    """What a checkpoint restores: canonical weights, the optimizer's tensors, the position,
-    framework RNG state and the metadata the framework wrote."""
+class State:
+    """A framework's training state as named numpy arrays: canonical weights (torch's
+    ``state_dict`` names and layouts), the optimizer's tensors, RNG state, and JSON-able extras
+    (torch's param groups; on load, the whole checkpoint's metadata)."""
 
     weights: dict[str, np.ndarray]
     optimizer: dict[str, np.ndarray]
-    position: Position
-    rng: dict[str, np.ndarray]
-    meta: dict[str, Any]
+    rng: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,7 +84,7 @@ class Run:
     last_checkpoint_step: int | None = None
     interrupted: str | None = None
     """The name of the signal (SIGINT, SIGTERM) that asked the run to stop, once one has."""
-    held: tuple | None = None
+    held: tuple[State, Position] | None = None
     """A due checkpoint kept in memory until the loss of its weights' next step is known
     finite, so that the checkpoint on disk is always one that trains on."""
     layout: Layout = field(default_factory=Layout)
@@ -120,7 +119,7 @@ class Run:
         pos.correct += correct
         pos.epoch_s = epoch_s
         if self.held is not None:
-            self.save_checkpoint(*self.held[:3], **self.held[3])
+            self.save_checkpoint(*self.held)
         seen = pos.done * self.args.batch_size
         bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{pos.correct / seen:.4f}",
                         img_s=f"{seen / max(epoch_s, 1e-9):,.0f}")
@@ -204,41 +203,37 @@ class Run:
                   f"{self.resume_command()}", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
 
-    def hold_checkpoint(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
-                        pos: Position, **extra: Any) -> None:
-        """Keep a copy of this state; :meth:`account` writes it once the next step's loss,
+    def hold_checkpoint(self, state: State, pos: Position) -> None:
+        """Keep a copy of ``state``; :meth:`account` writes it once the next step's loss,
         computed from these weights, is known to be finite."""
         copy = lambda d: {k: np.array(v, copy=True) for k, v in d.items()}  # noqa: E731
-        if "rng" in extra:
-            extra["rng"] = copy(extra["rng"])
-        self.held = (copy(weights), copy(optimizer), replace(pos), extra)
+        self.held = (State(copy(state.weights), copy(state.optimizer), copy(state.rng),
+                           dict(state.meta)), replace(pos))
 
-    def save_checkpoint(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
-                        pos: Position, rng: dict[str, np.ndarray] | None = None,
-                        **extra: Any) -> None:
+    def save_checkpoint(self, state: State, pos: Position) -> None:
         """Write WORKDIR/checkpoint.safetensors atomically now: canonical weights, optimizer
         state, position and partial epoch results, RNG state, spec and settings."""
         self.held = None
-        bad = [k for k, v in weights.items() if not np.all(np.isfinite(v))]
+        bad = [k for k, v in state.weights.items() if not np.all(np.isfinite(v))]
         if bad:
             self.diverged(f"weight {bad[0]!r} is not finite after step {pos.step}")
-        tensors = {f"model.{k}": v for k, v in weights.items()}
-        tensors.update({f"optim.{k}": v for k, v in optimizer.items()})
-        tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
+        tensors = {f"model.{k}": v for k, v in state.weights.items()}
+        tensors.update({f"optim.{k}": v for k, v in state.optimizer.items()})
+        tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
         tensors["progress.losses"] = np.asarray(pos.losses, dtype=np.float32)
         a = self.args
         meta = {"framework": self.framework, "optimizer": a.optimizer, "spec": self.spec.to_dict(),
                 "epoch": pos.epoch, "done": pos.done, "step": pos.step, "correct": pos.correct,
                 "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
                 "steps_per_epoch": self.steps_per_epoch,
-                "wall_s": self.wall_before + time.perf_counter() - self.started, **extra}
+                "wall_s": self.wall_before + time.perf_counter() - self.started, **state.meta}
         if self.layout.writer:
             save_checkpoint(self.workdir / CHECKPOINT, tensors, meta)
         self.last_checkpoint_step = pos.step
 
-    def load_checkpoint(self) -> Checkpoint:
-        """The checkpoint to resume; any problem (damaged, another framework, optimizer, spec,
-        batch size or seed) exits with one clear error."""
+    def load_checkpoint(self) -> tuple[State, Position]:
+        """The state and position to resume from; any problem (damaged, another framework,
+        optimizer, spec, batch size or seed) exits with one clear error."""
         path = self.workdir / CHECKPOINT
         try:
             tensors, meta = load_checkpoint(path)
@@ -276,13 +271,9 @@ class Run:
         self.last_checkpoint_step = position.step
         if self.layout.writer:
             self._trim_logs(position)
-        return Checkpoint(
-            weights,
-            {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
-            position,
-            {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
-            meta,
-        )
+        state = State(weights, {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
+                      {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta)
+        return state, position
 
     def _trim_logs(self, pos: Position) -> None:
         """Drop what the logs recorded after the checkpoint (a run killed after writing an
@@ -357,8 +348,7 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     of them read the data, and on --resume the checkpoint."""
     started = time.perf_counter()
     layout = layout or Layout()
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s")
+    log_to_stderr(args.quiet)
     workdir = args.workdir or default_workdir(framework)
     if layout.writer:
         _prepare_workdir(args, workdir)

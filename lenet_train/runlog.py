@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+
+def log_to_stderr(quiet: bool = False) -> None:
+    """Show our own log records (``lenet.*``: where the data came from) on stderr, as bare
+    lines, warnings only when ``quiet``; the frameworks' loggers are left at Python's default,
+    so their informational records (JAX's probe for a TPU, say) stay out of the terminal."""
+    logger = logging.getLogger("lenet")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 class RunLog:

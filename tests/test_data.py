@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
 import pickle
 import zipfile
@@ -125,6 +126,15 @@ def test_tfds_source_with_mock_data_fills_cache(tmp_path, monkeypatch) -> None:
     assert sorted(p.name for p in cached.iterdir()) == sorted(sum(D.FILES.values(), ()))
     again, _ = load_mnist("test")  # now offline, from the cache
     assert np.array_equal(again, x)
+
+
+def test_tfds_probe_of_an_empty_folder_is_silent(tmp_path, caplog) -> None:
+    """TFDS logs a warning for every empty variant folder it looks in ("Variant folder …
+    has no dataset_info.json"); our probe for prepared data keeps it out of the terminal."""
+    pytest.importorskip("tensorflow_datasets")
+    with caplog.at_level(logging.INFO), pytest.raises(DataError, match="no prepared mnist"):
+        D.from_tfds("train", data_dir=str(tmp_path), download=False)
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
 
 
 def _hub_wheel(path: Path, payload: bytes) -> Path:

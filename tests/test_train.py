@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -53,6 +54,17 @@ def test_bad_flag_through_the_real_command_line(framework: str) -> None:
     assert "--batch-size: must be at least 1" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_help_explains_every_flag_once(framework: str) -> None:
+    res = _run(PROGRAMS[framework], "--help")
+    flags = re.findall(r"^  (--[a-z-]+)(.*)\n((?:                .*\n)*)", res.stdout, re.M)
+    assert len(flags) >= 20
+    for flag, rest, more in flags:
+        text = " ".join((rest + " " + more).split())
+        assert len(text.split()) >= 3, f"{flag} has no help: {text!r}"
+        assert text.count("default") <= 1 and "(default: None)" not in text, (flag, text)
+
+
 def test_schedules() -> None:
     total = 1000
     assert lr_at("constant", 0.1, 500, total) == 0.1
@@ -63,6 +75,20 @@ def test_schedules() -> None:
     assert lr_at("onecycle", 0.1, total, total) == pytest.approx(0.1 / 25e4)
     values = [lr_at("onecycle", 0.1, s, total) for s in range(total)]
     assert int(np.argmax(values)) == 300
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_a_run_prints_only_our_lines(tmp_path, mnist_dir, framework: str) -> None:
+    """A user's terminal shows our lines (where the data came from, the framework and devices,
+    the progress bar, the epoch's summary, the weights file), no framework log records such as
+    JAX's "Unable to initialize backend 'tpu'"."""
+    res = _run(PROGRAMS[framework], "--train-size", "512", "--epochs", "1", "--data-dir",
+               mnist_dir, "--workdir", str(tmp_path / "w"))
+    ours = re.compile(r"MNIST (train|test) from .*|(jax|torch) \S+ on .*|epoch +0 .*|"
+                      r"epoch 0: .*|weights: .*")
+    lines = [line.strip() for line in re.split(r"[\r\n]", res.stdout + res.stderr)]
+    assert [line for line in lines if line and not ours.fullmatch(line)] == []
+    assert any(line.startswith("epoch   0  step      4") for line in lines), lines
 
 
 def test_missing_data_is_one_clear_error(tmp_path) -> None:

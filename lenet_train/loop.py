@@ -1,0 +1,146 @@
+"""The one training loop of both programs, and the :class:`Backend` it is written against.
+
+Keras 3's design: one framework-free ``fit`` loop, one framework-specific step. A backend
+(``lenet_jax.train.JaxBackend``, ``lenet_torch.train.TorchBackend``) holds the model and the
+optimizer state where its framework keeps them, runs optimizer steps on the batches it is told
+to, evaluates, and converts its state to and from named numpy arrays. :func:`fit` owns the rest:
+
+- **Epochs and batches.** Epoch ``e``'s batch order is a function of (seed, e) alone
+  (:func:`lenet_train.data.epoch_order`), so both frameworks, every device layout and every
+  restart see the same batches. The loop hands the backend calls of at most
+  ``steps_per_call`` steps that start at multiples of it within the epoch, so a resumed run
+  repeats the calls of an uninterrupted one.
+- **Report points.** What a call returns (per-step losses, correct counts) stays on the
+  device; the loop fetches it only every :data:`REPORT_EVERY` steps, at a due checkpoint, at
+  an epoch's end and when asked to stop, since fetching waits for the device. There it checks
+  the losses are finite (exit 3 naming the step), updates the progress bar, and writes a held
+  checkpoint.
+- **Checkpoints.** Every ``--checkpoint-every`` steps the backend's state is copied and held
+  until the next fetched loss, computed from those weights, is known finite; then it is
+  written. At every epoch's end and on a stop the state is written at once.
+- **Signals.** SIGINT/SIGTERM set a flag; several processes agree on it at report points (a
+  collective), so all of them checkpoint and stop after the same step.
+- **Epoch ends.** The backend evaluates the test split; the loop logs the epoch (metrics.jsonl,
+  steps.jsonl, the summary line). After the last epoch process 0 writes the weights file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Protocol
+
+import numpy as np
+
+from lenet_spec import save_weights
+from lenet_train.distributed import Layout
+from lenet_train.run import WEIGHTS, Position, Run, State, fail
+
+REPORT_EVERY = 50
+"""Steps between report points, where the loop fetches the device's results."""
+
+
+class StateError(ValueError):
+    """A saved state (a checkpoint's optimizer tensors, RNG state) that does not fit."""
+
+
+class Backend(Protocol):
+    """What a framework supplies to :func:`fit` and to the program around it."""
+
+    framework: str
+    """``"jax"`` or ``"torch"``: names the program (``python -m lenet_<framework>.train``) and
+    the checkpoints it can resume."""
+    steps_per_call: int
+    """The most optimizer steps one :meth:`train` call runs."""
+    transport_errors: tuple[type[BaseException], ...]
+    """The exception types with which the framework reports a failed collective."""
+
+    def add_flags(self, parser: argparse.ArgumentParser) -> None:
+        """Add the framework's own flags to the shared ones."""
+
+    def configure(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+        """Check the framework's flags (``parser.error``) and apply process-wide settings."""
+
+    def connect(self, args: argparse.Namespace) -> Layout:
+        """Join the run's other processes, if any; this process's place among them."""
+
+    def disconnect(self) -> None:
+        """Leave the run's other processes (nothing when alone)."""
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is set in any process (a collective: all of them call it)."""
+
+    def describe(self) -> str:
+        """The framework, its version and the devices it trains on, for the first line."""
+
+    def start(self, run: Run, restore: State | None) -> None:
+        """Build the model and optimizer from ``run.spec`` and the seed, then load
+        ``run.init_weights``, or everything in ``restore`` (``StateError`` if it does not
+        fit); put the data where the steps read it."""
+
+    def begin_epoch(self, order: np.ndarray) -> None:
+        """Take the epoch's (steps, batch) training indices of the global batches."""
+
+    def train(self, first: int, count: int, step: int) -> Any:
+        """Run optimizer steps on batches ``first`` … ``first + count - 1`` of the epoch
+        (``step`` is the run's index of the first, for the schedule); return the per-step
+        losses and correct counts as device values, without waiting for them."""
+
+    def fetch(self, pending: list[Any]) -> tuple[np.ndarray, int]:
+        """The per-step losses (global batch means) and the correct count of the
+        :meth:`train` results ``pending``, all processes' together."""
+
+    def evaluate(self) -> tuple[float, float]:
+        """Mean loss and accuracy over the test split."""
+
+    def state(self) -> State:
+        """The current state as named numpy arrays."""
+
+
+def fit(run: Run, backend: Backend) -> dict:
+    """Train ``run`` with ``backend`` to its last step (or a signal); returns the last
+    epoch's metrics record."""
+    args, log = run.args, run.log
+    restore, pos = run.load_checkpoint() if args.resume else (None, Position())
+    try:
+        backend.start(run, restore)
+    except StateError as e:
+        fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
+    run.watch_signals()
+    record: dict = {}
+    k_max = backend.steps_per_call
+    for epoch in range(pos.epoch, args.epochs):
+        order = run.epoch_batches(pos)
+        if len(order) == 0:
+            break
+        backend.begin_epoch(order)
+        pending: list[Any] = []
+        t0, before = time.perf_counter(), pos.epoch_s
+        bar = log.bar(len(order), epoch, initial=pos.done)
+        while pos.done < len(order):
+            i = pos.done
+            k = min(k_max - i % k_max, len(order) - i)
+            pending.append(backend.train(i, k, pos.step))
+            pos.done, pos.step = i + k, pos.step + k
+            due = run.checkpoint_due(pos.step - k, pos.step) and pos.done < len(order)
+            report = (i // REPORT_EVERY != pos.done // REPORT_EVERY or pos.done == len(order)
+                      or due)
+            stop = run.stop_requested(report)
+            if report or run.held or stop:
+                losses, correct = backend.fetch(pending)
+                run.account(pos, losses, correct, before + time.perf_counter() - t0, bar)
+                pending = []
+            if stop:
+                bar.close()
+                run.save_checkpoint(backend.state(), pos)
+                run.stop_interrupted(pos)
+            if due:
+                run.hold_checkpoint(backend.state(), pos)
+        bar.close()
+        record = run.end_epoch(pos, backend.evaluate())
+        pos = Position(epoch + 1, 0, pos.step)
+        run.save_checkpoint(backend.state(), pos)
+    if run.layout.writer:
+        save_weights(run.workdir / WEIGHTS, backend.state().weights, run.spec)
+        log.say(f"weights: {run.workdir / WEIGHTS}")
+    return record
