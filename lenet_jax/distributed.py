@@ -13,8 +13,11 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lenet_train.distributed import Layout, activate, active, deadline, did_not_meet
+from lenet_train.run import fail
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -81,3 +84,33 @@ def shutdown() -> None:
 def any_process(flag: bool) -> bool:
     """Whether ``flag`` is set in any process (every process must call this together)."""
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def shardings(batch_size: int) -> tuple[NamedSharding, dict[int, NamedSharding]]:
+    """Data parallel over every device of every process: a 1-D mesh ("batch"); returns the
+    replicated sharding (data, parameters, optimizer state) and, by rank, the shardings that
+    split one batch's indices (1) or K batches' (2) over the devices, so that each device
+    receives only its shard. XLA inserts the gradient all-reduce."""
+    mesh = Mesh(np.array(jax.devices()), ("batch",))
+    if batch_size % mesh.size:
+        fail(f"--batch-size {batch_size} does not split evenly over {mesh.size} devices",
+             everyone=True)
+    return NamedSharding(mesh, P()), {1: NamedSharding(mesh, P("batch")),
+                                      2: NamedSharding(mesh, P(None, "batch"))}
+
+
+class Processes:
+    """The backend's part in joining, polling and leaving the run's other processes."""
+
+    # a collective whose peer has gone fails in XLA's runtime (gloo: a ValueError on CPU)
+    transport_errors = (jax.errors.JaxRuntimeError, ValueError)
+
+    def connect(self, args: argparse.Namespace) -> Layout:
+        self.layout = init(args)
+        return self.layout
+
+    def disconnect(self) -> None:
+        shutdown()
+
+    def any_process(self, flag: bool) -> bool:
+        return any_process(flag)

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from lenet_jax import distributed
 from lenet_jax.loss import loss_fn
@@ -27,7 +25,7 @@ from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_train import program
 from lenet_train.cli import positive_int
 from lenet_train.loop import StateError
-from lenet_train.run import Run, State, fail
+from lenet_train.run import Run, State
 
 EVAL_BATCH = 1000
 
@@ -67,12 +65,10 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss):
     return train_step, train_steps, eval_step
 
 
-class JaxBackend:
+class JaxBackend(distributed.Processes):
     """The JAX side of ``lenet_train.loop.fit`` (see :class:`lenet_train.loop.Backend`)."""
 
     framework = "jax"
-    # a collective whose peer has gone fails in XLA's runtime (gloo: a ValueError on CPU)
-    transport_errors = (jax.errors.JaxRuntimeError, ValueError)
     steps_per_call = 1
 
     def add_flags(self, p) -> None:
@@ -83,16 +79,6 @@ class JaxBackend:
     def configure(self, p, args) -> None:
         distributed.check_flags(p, args)
         self.steps_per_call = args.steps_per_call
-
-    def connect(self, args):
-        self.layout = distributed.init(args)
-        return self.layout
-
-    def disconnect(self) -> None:
-        distributed.shutdown()
-
-    def any_process(self, flag: bool) -> bool:
-        return distributed.any_process(flag)
 
     def describe(self) -> str:
         processes = (f"; {self.layout.process_count} processes" if self.layout.distributed
@@ -118,13 +104,7 @@ class JaxBackend:
                 raise StateError(str(e)) from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
             self.graphdef, tx, loss_fn(args.loss))
-        mesh = Mesh(np.array(jax.devices()), ("batch",))
-        if args.batch_size % mesh.size:
-            fail(f"--batch-size {args.batch_size} does not split evenly over {mesh.size} "
-                 "devices", everyone=True)
-        replicated = NamedSharding(mesh, P())
-        # each device receives only its shard of a global batch's indices
-        self.split = {1: NamedSharding(mesh, P("batch")), 2: NamedSharding(mesh, P(None, "batch"))}
+        replicated, self.split = distributed.shardings(args.batch_size)
         self.params, self.opt_state = jax.device_put((params, opt_state), replicated)
         # NCHW -> NHWC once; the data then stays on the devices for the whole run
         self.train_x, self.test_x = (jax.device_put(x.transpose(0, 2, 3, 1), replicated)

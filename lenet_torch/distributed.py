@@ -15,8 +15,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from lenet_train.distributed import Layout, activate, deadline, did_not_meet, give_up
+from lenet_train.run import fail
 
 
 def init(args: argparse.Namespace, device: torch.device) -> Layout:
@@ -74,3 +76,38 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def shard(batch_size: int, layout: Layout) -> slice:
+    """This rank's slice of every global batch (DDP then averages the ranks' gradients)."""
+    if batch_size % layout.process_count:
+        fail(f"--batch-size {batch_size} does not split evenly over {layout.process_count} "
+             "ranks", everyone=True)
+    size = batch_size // layout.process_count
+    return slice(layout.process_index * size, (layout.process_index + 1) * size)
+
+
+def wrap(net: torch.nn.Module, layout: Layout, device: torch.device) -> torch.nn.Module:
+    """``net`` in DistributedDataParallel when the run has several ranks, else ``net``."""
+    if not layout.distributed:
+        return net
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+
+class Processes:
+    """The backend's part in joining, polling and leaving the run's other ranks."""
+
+    # a collective whose peer has gone fails with a RuntimeError (gloo, NCCL)
+    transport_errors = (RuntimeError,)
+
+    def connect(self, args: argparse.Namespace) -> Layout:
+        self.layout = init(args, self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        return self.layout
+
+    def disconnect(self) -> None:
+        shutdown()
+
+    def any_process(self, flag: bool) -> bool:
+        return any_process(flag)

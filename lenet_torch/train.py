@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from lenet_torch import distributed
 from lenet_torch.loss import loss_fn
@@ -19,7 +18,7 @@ from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_
 from lenet_train import program
 from lenet_train.cli import positive_int
 from lenet_train.loop import StateError
-from lenet_train.run import Run, State, fail
+from lenet_train.run import Run, State
 
 EVAL_BATCH = 1000
 
@@ -41,12 +40,10 @@ def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss):
     return step
 
 
-class TorchBackend:
+class TorchBackend(distributed.Processes):
     """The torch side of ``lenet_train.loop.fit`` (see :class:`lenet_train.loop.Backend`)."""
 
     framework = "torch"
-    # a collective whose peer has gone fails with a RuntimeError (gloo, NCCL)
-    transport_errors = (RuntimeError,)
     steps_per_call = 1
 
     def add_flags(self, p) -> None:
@@ -61,18 +58,6 @@ class TorchBackend:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.compile = args.compile
 
-    def connect(self, args):
-        self.layout = distributed.init(args, self.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        return self.layout
-
-    def disconnect(self) -> None:
-        distributed.shutdown()
-
-    def any_process(self, flag: bool) -> bool:
-        return distributed.any_process(flag)
-
     def describe(self) -> str:
         where = (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda"
                  else f", {torch.get_num_threads()} threads")
@@ -80,7 +65,7 @@ class TorchBackend:
         return f"torch {torch.__version__} on {self.device}{where}{ranks}"
 
     def start(self, run: Run, restore: State | None) -> None:
-        args, layout, device = run.args, self.layout, self.device
+        args, device = run.args, self.device
         self.net = net = build(run.spec, seed=args.seed).to(device)
         weights = restore.weights if restore else run.init_weights
         if weights:
@@ -92,17 +77,8 @@ class TorchBackend:
                 torch.set_rng_state(torch.from_numpy(restore.rng["torch_cpu"].copy()))
             except (KeyError, ValueError, RuntimeError) as e:
                 raise StateError(str(e)) from None
-        # data parallel over the ranks: each takes its slice of every global batch and DDP
-        # averages the gradients (one rank: the plain module)
-        if args.batch_size % layout.process_count:
-            fail(f"--batch-size {args.batch_size} does not split evenly over "
-                 f"{layout.process_count} ranks", everyone=True)
-        shard = args.batch_size // layout.process_count
-        self.mine = slice(layout.process_index * shard, (layout.process_index + 1) * shard)
-        model = net
-        if layout.distributed:
-            model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda"
-                                            else None)
+        self.mine = distributed.shard(args.batch_size, self.layout)
+        model = distributed.wrap(net, self.layout, device)
         self.model = torch.compile(model) if self.compile else model
         self.loss = loss_fn(args.loss)
         self.step = make_step(self.model, self.opt, self.loss)
