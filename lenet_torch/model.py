@@ -3,6 +3,8 @@
 Parameterised layers are submodules named as in the spec (``net.conv1``); activations,
 pooling and flatten are applied functionally in ``forward``, as in the PyTorch tutorial.
 Input NCHW float32, output logits (N, classes). Parameters are already in canonical layout.
+``kernels="stock"`` computes every layer with torch's own layers, ``"fused"`` with the tuned
+formulations of :mod:`lenet_torch.kernels` (the JAX port's); ``"auto"`` picks the faster.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from lenet_spec import Spec, check_weights, load_spec
 from lenet_spec.spec import AvgPool, Conv, Flatten, Linear, MaxPool, ReLU, Sigmoid, Tanh
+from lenet_torch import kernels as fused
 
 ACTIVATIONS = {ReLU: F.relu, Tanh: torch.tanh, Sigmoid: torch.sigmoid}
 """The spec's activation layers."""
@@ -30,9 +33,10 @@ _TRUNC_STD = 0.87962566103423978
 class LeNet(nn.Module):
     """A network built from a :class:`~lenet_spec.Spec`."""
 
-    def __init__(self, spec: Spec) -> None:
+    def __init__(self, spec: Spec, kernels: str = "auto") -> None:
         super().__init__()
         self.spec = spec
+        self.kernels = fused.resolve(kernels)
         for info in spec.infos:
             layer = info.layer
             if isinstance(layer, Conv):
@@ -44,12 +48,14 @@ class LeNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self.spec, x)
+        if self.kernels == "fused":
+            return fused.forward(self, x)
         for layer in self.spec.layers:
             x = self.apply_layer(layer, x)
         return x
 
     def apply_layer(self, layer: object, x: torch.Tensor) -> torch.Tensor:
-        """One layer of the spec applied to ``x``."""
+        """One layer of the spec applied to ``x`` by torch's own layers."""
         if isinstance(layer, (Conv, Linear)):
             return getattr(self, layer.name)(x)
         if type(layer) in ACTIVATIONS:
@@ -100,9 +106,10 @@ def init_weights(net: LeNet, seed: int = 0, init: str = "torch") -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build(spec: Spec | str, seed: int = 0, init: str = "torch") -> LeNet:
-    """The torch model of ``spec`` (a Spec, preset name or JSON path), initialised from ``seed``."""
-    net = LeNet(load_spec(spec))
+def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "auto") -> LeNet:
+    """The torch model of ``spec`` (a Spec, preset name or JSON path), initialised from ``seed``,
+    computed with ``kernels`` ("stock", "fused" or "auto")."""
+    net = LeNet(load_spec(spec), kernels)
     init_weights(net, seed, init)
     return net
 

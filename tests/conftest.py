@@ -30,19 +30,21 @@ def random_batch(spec: Spec, n: int, seed: int | list[int] = 0) -> tuple[np.ndar
     return x, y
 
 
-NEAR_TIE = 1e-5
-"""A max-pool window whose two largest inputs differ, but by at most this fraction of the
-largest magnitude of the pool's input, is one that two correct float32 implementations may
-resolve either way: the ports agree on a layer's outputs to ~1e-7 of its scale and on the
-logits to 1e-5. Resolved differently, such a window sends that element's gradient elsewhere,
-and SGD with momentum turns it into a 1e-4 jump in a weight (measured: cifar10_cnn, SGD, step
-12 of 20 — torch against itself with oneDNN off jumps the same way). Exact ties (ReLU's zeros,
-MNIST's background) are not near-ties: both ports send their gradient to the first maximum."""
+NEAR_KINK = 1e-5
+"""Where a network is not differentiable, two correct float32 implementations may take either
+side: a max-pool window whose two largest inputs differ, but by at most this fraction of the
+largest magnitude of the layer's input; a ReLU input within this fraction of zero. The ports
+agree on a layer's outputs to ~1e-7 of its scale and on the logits to 1e-5; a kink taken
+differently routes a gradient elsewhere, and the trajectory jumps (measured: cifar10_cnn, SGD,
+step 12 of 20: 1e-4 in conv2.weight, torch against itself with oneDNN off alike; lenet5, Adam:
+6.5e-3 after a ReLU input near zero). Exact ties and exact zeros (ReLU's zeros, MNIST's
+background) are not near: both ports send a max's gradient to the first maximum and give ReLU
+a zero gradient at 0."""
 
 
-def near_ties(spec: Spec, net, x: np.ndarray) -> np.ndarray:
-    """Per image of NCHW ``x``: whether any max-pool window of the torch ``net`` (at its
-    current weights) holds a near-tie (see :data:`NEAR_TIE`)."""
+def near_kinks(spec: Spec, net, x: np.ndarray) -> np.ndarray:
+    """Per image of NCHW ``x``: whether any max-pool window or ReLU of the torch ``net`` (at its
+    current weights) is near a kink (see :data:`NEAR_KINK`)."""
     import torch
 
     from lenet_torch.model import layer_outputs
@@ -51,32 +53,36 @@ def near_ties(spec: Spec, net, x: np.ndarray) -> np.ndarray:
         outputs = [o.numpy() for o in layer_outputs(net, torch.from_numpy(x))]
     found = np.zeros(len(x), bool)
     for i, layer in enumerate(spec.layers):
-        if not isinstance(layer, MaxPool):
+        if not isinstance(layer, (MaxPool, ReLU)):
             continue
         inp = x if i == 0 else outputs[i - 1]
+        scale = np.abs(inp).reshape(len(x), -1).max(axis=1)
+        if isinstance(layer, ReLU):
+            flat = inp.reshape(len(x), -1)
+            found |= ((flat != 0) & (np.abs(flat) <= NEAR_KINK * scale[:, None])).any(axis=1)
+            continue
         (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
         ho, wo = (inp.shape[2] - kh) // sh + 1, (inp.shape[3] - kw) // sw + 1
         windows = np.lib.stride_tricks.sliding_window_view(inp, (kh, kw), axis=(2, 3))
         windows = windows[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
         top2 = np.sort(windows.reshape(*windows.shape[:4], -1), axis=-1)[..., -2:]
         gap = top2[..., 1] - top2[..., 0]
-        scale = np.abs(inp).reshape(len(x), -1).max(axis=1)[:, None, None, None]
-        found |= ((gap > 0) & (gap <= NEAR_TIE * scale)).any(axis=(1, 2, 3))
+        found |= ((gap > 0) & (gap <= NEAR_KINK * scale[:, None, None, None])).any(axis=(1, 2, 3))
     return found
 
 
 def clear_batch(spec: Spec, net, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`random_batch` without the images that hold a max-pool near-tie under the torch
+    """:func:`random_batch` without the images near a kink (:data:`NEAR_KINK`) under the torch
     ``net``'s current weights (replaced by further draws; the same batch when there is none)."""
     xs, ys, kept, attempt = [], [], 0, 0
     while kept < n:
         x, y = random_batch(spec, n, seed if attempt == 0 else [seed, attempt])
-        ok = ~near_ties(spec, net, x)
+        ok = ~near_kinks(spec, net, x)
         xs.append(x[ok])
         ys.append(y[ok])
         kept += int(ok.sum())
         attempt += 1
-        assert attempt <= 20, f"{spec.name}: most images hold a max-pool near-tie"
+        assert attempt <= 20, f"{spec.name}: most images are near a kink"
     return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
 
 
@@ -124,13 +130,18 @@ def mnist_dir() -> str:
 # Imported lazily so that the spec tests run without either framework.
 
 
-def twin_nets(spec: Spec, seed: int = 0):
-    """A torch net and a JAX net holding the same weights (torch's, copied into JAX)."""
+KERNEL_PAIRS = [("stock", "stock"), ("fused", "fused"), ("stock", "fused"), ("fused", "stock")]
+"""(torch, JAX) kernels: the parity battery holds for each pairing, across frameworks too."""
+
+
+def twin_nets(spec: Spec, seed: int = 0, kernels: tuple[str, str] = ("auto", "auto")):
+    """A torch net and a JAX net holding the same weights (torch's, copied into JAX), built
+    with ``kernels`` (torch's, JAX's)."""
     import lenet_jax
     import lenet_torch
 
-    t = lenet_torch.build(spec, seed)
-    j = lenet_jax.build(spec, seed + 1)
+    t = lenet_torch.build(spec, seed, kernels=kernels[0])
+    j = lenet_jax.build(spec, seed + 1, kernels=kernels[1])
     lenet_jax.set_weights(j, lenet_torch.get_weights(t))
     return t, j
 

@@ -1,0 +1,176 @@
+"""The torch port's tuned formulations (``build(..., kernels="fused")``), the same as the JAX
+port's, each computing what torch's own layers compute, to float32 rounding:
+
+- a stride-1 conv, a monotone activation and a non-overlapping max-pool as ONE matrix product
+  over the pool's phases (:func:`conv_max_pool`);
+- a one-channel conv as a shift-and-add with a GEMM backward pass (:func:`conv_one_channel`);
+- a non-overlapping pool as a reshape and a reduction (:func:`pool`).
+
+Every max here sends its gradient to the first maximum of a window, as ``F.max_pool2d`` does
+(``torch.max`` over a dimension returns the first maximal index). They exist so that the
+benchmark can give both frameworks the same formulations; on this project's CPU torch trains
+faster with its own layers (README, benchmark), so ``"auto"`` is ``"stock"`` for torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lenet_spec.spec import AvgPool, Conv, MaxPool, ReLU, Sigmoid, Tanh
+
+KERNELS = ("auto", "stock", "fused")
+MONOTONE = {ReLU: F.relu, Tanh: torch.tanh, Sigmoid: torch.sigmoid}
+"""Activations that commute with a max-pool (non-decreasing), so they can follow it."""
+
+Pair = tuple[int, int]
+
+
+def resolve(kernels: str) -> str:
+    """``"stock"`` or ``"fused"``: ``"auto"`` is the faster (measured: stock, on CPU; stock on
+    GPU until a measurement there says otherwise)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
+    return "stock" if kernels == "auto" else kernels
+
+
+def forward(net: Any, x: torch.Tensor) -> torch.Tensor:
+    """``net``'s logits for NCHW ``x``, fused where a formulation applies, else by ``net``'s own
+    layers."""
+    layers, i = net.spec.layers, 0
+    while i < len(layers):
+        span = conv_pool_span(layers, i)
+        layer = layers[i]
+        if span:  # conv [+ activation] + max-pool, computed together
+            conv = getattr(net, layer.name)
+            x = conv_max_pool(x, conv.weight, conv.bias, layer.padding,
+                              layers[i + span - 1].kernel_size, MONOTONE.get(type(layers[i + 1])))
+        elif isinstance(layer, Conv) and getattr(net, layer.name).in_channels == 1:
+            conv = getattr(net, layer.name)
+            x = conv_one_channel(x, conv.weight, conv.bias, layer.stride, layer.padding)
+        elif isinstance(layer, (MaxPool, AvgPool)) and layer.stride == layer.kernel_size:
+            x = pool(x, layer.kernel_size, "max" if isinstance(layer, MaxPool) else "mean")
+        else:
+            x = net.apply_layer(layer, x)
+        i += span or 1
+    return x
+
+
+def conv_pool_span(layers: tuple, i: int) -> int:
+    """How many layers from ``i`` :func:`conv_max_pool` computes at once: 3 for conv, monotone
+    activation, max-pool; 2 for conv, max-pool; 0 if the layers differ, the conv is strided,
+    or the pool's windows overlap."""
+    conv = layers[i]
+    if not isinstance(conv, Conv) or conv.stride != (1, 1):
+        return 0
+    span = 3 if i + 1 < len(layers) and type(layers[i + 1]) in MONOTONE else 2
+    last = layers[i + span - 1] if i + span - 1 < len(layers) else None
+    if not isinstance(last, MaxPool) or last.kernel_size != last.stride:
+        return 0
+    return span
+
+
+def pool(x: torch.Tensor, window: Pair, reduce: str) -> torch.Tensor:
+    """Non-overlapping pooling of NCHW ``x`` ("max" or "mean") as a reshape and a reduction
+    (floor mode: a ragged edge is dropped)."""
+    n, c, h, w = x.shape
+    (kh, kw), ho, wo = window, h // window[0], w // window[1]
+    x = x[:, :, : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw)
+    if reduce == "mean":
+        return x.mean(dim=(3, 5))
+    return x.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, kh * kw).max(dim=4).values
+
+
+def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: Pair,
+                  pool: Pair, activation=None) -> torch.Tensor:
+    """max-pool(activation(conv(x) + bias)) for an NCHW ``x``, an OIHW ``weight`` of stride 1
+    and non-overlapping ``pool`` windows, as one matrix product.
+
+    The convolution is evaluated at the pool's ph·pw phases at once: the input is rearranged
+    space-to-depth by the pool's shape, so that every phase of the output is a convolution of
+    that input with a kernel scattered from ``weight`` (zeros elsewhere); the phases' maximum is
+    the pool, and the bias and a monotone activation commute with it.
+    """
+    (ph, pw), (cout, cin, kh, kw) = pool, weight.shape
+    (pad_h, pad_w) = padding
+    n, _, h, w = x.shape
+    h, w = h + 2 * pad_h, w + 2 * pad_w
+    ho, wo = (h - kh + 1) // ph, (w - kw + 1) // pw  # pooled output; a ragged edge is dropped
+    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1  # taps of the phase kernel
+    hs, ws = ho + kp - 1, wo + kq - 1
+    # rows/columns past the input are read by zero taps only; cut what no tap reads
+    x = F.pad(x, (pad_w, pad_w + max(ws * pw - w, 0), pad_h, pad_h + max(hs * ph - h, 0)))
+    x = x[:, :, : hs * ph, : ws * pw]
+    x = x.reshape(n, cin, hs, ph, ws, pw).permute(0, 2, 4, 3, 5, 1).reshape(n, hs, ws, -1)
+    scatter = torch.from_numpy(_phase_scatter((kh, kw), pool)).to(weight)
+    taps = torch.einsum("PRqrabyx,oiyx->PRqriabo", scatter, weight).reshape(
+        kp * kq * ph * pw * cin, ph * pw * cout)
+    patches = torch.cat([x[:, p : p + ho, r : r + wo] for p in range(kp) for r in range(kq)],
+                        dim=-1)
+    y = (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
+    y = y.max(dim=3).values + bias
+    y = activation(y) if activation else y
+    return y.permute(0, 3, 1, 2)
+
+
+def _phase_scatter(kernel: Pair, pool: Pair) -> np.ndarray:
+    """0/1 array S[P, R, q, r, a, b, dy, dx]: tap (dy, dx) of the kernel, for output phase
+    (a, b), reads space-to-depth position (P, R), sub-pixel (q, r)."""
+    (kh, kw), (ph, pw) = kernel, pool
+    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1
+    s = np.zeros((kp, kq, ph, pw, ph, pw, kh, kw), np.float32)
+    for a in range(ph):
+        for b in range(pw):
+            for dy in range(kh):
+                for dx in range(kw):
+                    (p, q), (r, t) = divmod(a + dy, ph), divmod(b + dx, pw)
+                    s[p, r, q, t, a, b, dy, dx] = 1
+    return s
+
+
+def _windows(x: torch.Tensor, kernel: Pair, stride: Pair, out: Pair) -> list[torch.Tensor]:
+    """The kernel's kh·kw shifted, strided views of one-channel NCHW ``x``, each (N, Ho, Wo)."""
+    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out
+    return [x[:, 0, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw]
+            for i in range(kh) for j in range(kw)]
+
+
+def conv_one_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: Pair,
+                     padding: Pair) -> torch.Tensor:
+    """The convolution of a one-channel NCHW ``x`` with an OIHW ``weight``: what ``nn.Conv2d``
+    computes, to float32 rounding."""
+    (ph, pw), (kh, kw) = padding, weight.shape[2:]
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    out = ((x.shape[2] - kh) // stride[0] + 1, (x.shape[3] - kw) // stride[1] + 1)
+    return _ShiftAndAdd.apply(x, weight, bias, stride, out)
+
+
+class _ShiftAndAdd(torch.autograd.Function):
+    """Σ over kernel taps of shifted image × tap; the backward pass makes the weight's gradient
+    one matrix product of the stacked windows (autograd would reduce once per tap)."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, stride: Pair, out: Pair) -> torch.Tensor:
+        cout, _, kh, kw = weight.shape
+        taps = weight.reshape(cout, kh * kw)
+        y = bias.reshape(1, cout, 1, 1).expand(x.shape[0], cout, *out).clone()
+        for t, window in enumerate(_windows(x, (kh, kw), stride, out)):
+            y.addcmul_(window.unsqueeze(1), taps[:, t].reshape(1, cout, 1, 1))
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.out = stride, out
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        cout, _, kh, kw = weight.shape
+        windows = torch.stack(_windows(x, (kh, kw), ctx.stride, ctx.out))
+        dweight = (windows.reshape(kh * kw, -1) @ dy.permute(0, 2, 3, 1).reshape(-1, cout))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.nn.grad.conv2d_input(x.shape, weight, dy, ctx.stride)
+        return dx, dweight.T.reshape(weight.shape), dy.sum((0, 2, 3)), None, None

@@ -1,0 +1,190 @@
+"""The tuned formulations (``kernels="fused"``) of both ports against each framework's own layers:
+values and the gradients of input, kernel and bias within 1e-5 of each tensor's largest
+magnitude (float32 sums in another order), ties sent where torch's max-pool sends them, and the
+choice of kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lenet_jax
+import lenet_torch
+from lenet_jax import kernels as jk
+from lenet_torch import kernels as tk
+
+TOL = 1e-5
+
+
+def _close(got, want) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= TOL * np.abs(want).max()
+
+
+def _jax_vs(reference, fused, args, rng) -> None:
+    """Values and vjp of ``fused`` against ``reference`` (JAX)."""
+    y_ref, vjp_ref = jax.vjp(reference, *args)
+    y, vjp = jax.vjp(fused, *args)
+    _close(y, y_ref)
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for got, want in zip(vjp(dy), vjp_ref(dy), strict=True):
+        _close(got, want)
+
+
+def _torch_vs(reference, fused, args, rng) -> None:
+    """Values and gradients of ``fused`` against ``reference`` (torch)."""
+    grads = []
+    for f in (fused, reference):
+        leaves = [torch.tensor(a, requires_grad=True) for a in args]
+        y = f(*leaves)
+        dy = torch.from_numpy(np.random.default_rng(9).standard_normal(tuple(y.shape))
+                              .astype(np.float32))
+        y.backward(dy)
+        grads.append([y.detach().numpy(), *(leaf.grad.numpy() for leaf in leaves)])
+    for got, want in zip(*grads, strict=True):
+        _close(got, want)
+
+
+ACTS = {"relu": (jax.nn.relu, F.relu), "tanh": (jnp.tanh, torch.tanh),
+        "sigmoid": (jax.nn.sigmoid, torch.sigmoid), None: (None, None)}
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("stride, padding", [((1, 1), (0, 0)), ((2, 1), (1, 2)), ((3, 3), (2, 0))])
+def test_one_channel_conv_equals_the_framework_conv(framework, stride, padding) -> None:
+    """The shift-and-add one-channel conv (with its GEMM backward pass)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 13, 11)).astype(np.float32)
+    w = rng.standard_normal((5, 1, 3, 4)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    if framework == "torch":
+        _torch_vs(lambda x, w, b: F.conv2d(x, w, b, stride, padding),
+                  lambda x, w, b: tk.conv_one_channel(x, w, b, stride, padding), (x, w, b), rng)
+        return
+    pads = ((padding[0],) * 2, (padding[1],) * 2)
+
+    def xla(x, k, b):
+        return jax.lax.conv_general_dilated(x, k, stride, pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+
+    args = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(w.transpose(2, 3, 1, 0)),
+            jnp.asarray(b))
+    _jax_vs(xla, lambda x, k, b: jk.conv_one_channel(x, k, b, stride, padding), args, rng)
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("kernel, padding, pool, cin, act", [
+    ((5, 5), (0, 0), (2, 2), 1, "relu"),     # lenet5's conv1 block
+    ((5, 5), (0, 0), (2, 2), 6, "relu"),     # its conv2 block
+    ((3, 3), (1, 1), (2, 2), 3, "tanh"),
+    ((4, 2), (0, 1), (3, 2), 2, "sigmoid"),  # even kernel, unequal pool, ragged edges
+    ((1, 1), (0, 0), (2, 2), 4, None),       # conv straight into the pool
+])
+def test_conv_max_pool_equals_conv_then_pool(framework, kernel, padding, pool, cin, act) -> None:
+    """conv + activation + max-pool as one matrix product over the pool's phases, against the
+    framework's conv, the activation and its max-pool."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, cin, 15, 12)).astype(np.float32)
+    w = rng.standard_normal((5, cin, *kernel)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    jax_act, torch_act = ACTS[act]
+    if framework == "torch":
+        f = torch_act or (lambda v: v)
+        _torch_vs(lambda x, w, b: F.max_pool2d(f(F.conv2d(x, w, b, padding=padding)), pool),
+                  lambda x, w, b: tk.conv_max_pool(x, w, b, padding, pool, torch_act),
+                  (x, w, b), rng)
+        return
+    f = jax_act or (lambda v: v)
+    pads = ((padding[0],) * 2, (padding[1],) * 2)
+
+    def reference(x, k, b):
+        y = f(jax.lax.conv_general_dilated(x, k, (1, 1), pads,
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC")) + b)
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, *pool, 1), (1, *pool, 1),
+                                     "VALID")
+
+    args = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(w.transpose(2, 3, 1, 0)),
+            jnp.asarray(b))
+    _jax_vs(reference, lambda x, k, b: jk.conv_max_pool(x, k, b, padding, pool, jax_act),
+            args, rng)
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_pool_equals_the_framework_pool(framework, reduce) -> None:
+    """Non-overlapping pooling as a reshape, on a ragged 7×9 input with 2×3 windows."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 7, 9)).astype(np.float32)
+    if framework == "torch":
+        stock = F.max_pool2d if reduce == "max" else F.avg_pool2d
+        _torch_vs(lambda x: stock(x, (2, 3)), lambda x: tk.pool(x, (2, 3), reduce), (x,), rng)
+        return
+    from flax import nnx
+
+    stock = nnx.max_pool if reduce == "max" else nnx.avg_pool
+    _jax_vs(lambda x: stock(x, (2, 3), (2, 3)), lambda x: jk.pool(x, (2, 3), reduce),
+            (jnp.asarray(x.transpose(0, 2, 3, 1)),), rng)
+
+
+def _tied_problem():
+    """A mostly-zero image (as MNIST is): a window's values tie, and a positive bias lets
+    ReLU pass the ties."""
+    rng = np.random.default_rng(2)
+    x = np.zeros((2, 1, 12, 12), np.float32)
+    x[:, :, 3:7, 4:8] = rng.standard_normal((2, 1, 4, 4))
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    b = np.abs(rng.standard_normal(4)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    F.max_pool2d(F.relu(F.conv2d(xt, wt, bt)), 2).backward(torch.from_numpy(dy))
+    return (x, w, b, dy), [g.numpy() for g in (xt.grad, wt.grad, bt.grad)]
+
+
+@pytest.mark.parametrize("kernels", ["stock", "fused"])
+def test_jax_sends_tied_gradients_where_torch_does(kernels) -> None:
+    """JAX's reduce_window max-pool (stock) and the phase maximum (fused) send a tied window's
+    gradient to its first maximum, as torch's max_pool2d does: input, kernel and bias
+    gradients match torch's."""
+    (x, w, b, dy), want = _tied_problem()
+
+    def f(x, k, b):
+        if kernels == "fused":
+            return jk.conv_max_pool(x, k, b, (0, 0), (2, 2), jax.nn.relu)
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        from flax import nnx
+
+        return nnx.max_pool(jax.nn.relu(y + b), (2, 2), (2, 2))
+
+    xj, kj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(w.transpose(2, 3, 1, 0))
+    _, vjp = jax.vjp(f, xj, kj, jnp.asarray(b))
+    dx, dk, db = vjp(jnp.asarray(dy.transpose(0, 2, 3, 1)))
+    for got, expected in zip((np.asarray(dx).transpose(0, 3, 1, 2),
+                              np.asarray(dk).transpose(3, 2, 0, 1), db), want, strict=True):
+        _close(got, expected)
+
+
+def test_torch_fused_sends_tied_gradients_where_its_max_pool_does() -> None:
+    (x, w, b, dy), want = _tied_problem()
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    tk.conv_max_pool(xt, wt, bt, (0, 0), (2, 2), F.relu).backward(torch.from_numpy(dy))
+    for got, expected in zip((xt.grad, wt.grad, bt.grad), want, strict=True):
+        _close(got.numpy(), expected)
+
+
+def test_kernels_choice() -> None:
+    """auto is the measured-faster choice per framework on CPU (JAX: fused; torch: stock);
+    an unknown name is one ValueError naming the choices."""
+    assert lenet_jax.build("lenet5").kernels == "fused"
+    assert lenet_torch.build("lenet5").kernels == "stock"
+    for pkg in (lenet_jax, lenet_torch):
+        assert pkg.build("lenet5", kernels="stock").kernels == "stock"
+        assert pkg.build("lenet5", kernels="fused").kernels == "fused"
+        with pytest.raises(ValueError, match="unknown kernels 'fast'; expected one of auto"):
+            pkg.build("lenet5", kernels="fast")
