@@ -24,6 +24,7 @@ from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_train import program
 from lenet_train.cli import positive_int
+from lenet_train.data import cache_root
 from lenet_train.loop import StateError
 from lenet_train.run import Run, State
 
@@ -65,6 +66,16 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss):
     return train_step, train_steps, eval_step
 
 
+def use_compilation_cache() -> None:
+    """Keep every compiled program, small ones too, in JAX's persistent cache
+    (``$JAX_COMPILATION_CACHE_DIR``, else the cache folder's ``lenet/jax``): a later run loads
+    the initialisers and the train and eval steps instead of compiling them."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 class JaxBackend(distributed.Processes):
     """The JAX side of ``lenet_train.loop.fit`` (see :class:`lenet_train.loop.Backend`)."""
 
@@ -74,11 +85,16 @@ class JaxBackend(distributed.Processes):
     def add_flags(self, p) -> None:
         p.add_argument("--steps-per-call", type=positive_int, default=1, metavar="K",
                        help="optimizer steps per dispatch (lax.scan over K batches)")
+        p.add_argument("--no-compile-cache", action="store_true",
+                       help="compile everything afresh instead of loading what an earlier run "
+                            "compiled from JAX's persistent cache")
         distributed.add_flags(p)
 
     def configure(self, p, args) -> None:
         distributed.check_flags(p, args)
         self.steps_per_call = args.steps_per_call
+        if not args.no_compile_cache:
+            use_compilation_cache()
 
     def describe(self) -> str:
         processes = (f"; {self.layout.process_count} processes" if self.layout.distributed

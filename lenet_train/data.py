@@ -132,10 +132,16 @@ def read_idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray] | N
     return images, labels.astype(np.int64)
 
 
+def cache_root() -> Path:
+    """Where lenet keeps what it can fetch or rebuild: ``$XDG_CACHE_HOME/lenet``, else
+    ``~/.cache/lenet``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lenet"
+
+
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/lenet/mnist``, else ``~/.cache/lenet/mnist``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lenet" / "mnist"
+    return cache_root() / "mnist"
 
 
 def write_cache(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +12,16 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from lenet_spec import AvgPool, Conv, Flatten, Linear, MaxPool, ReLU, Sigmoid, Spec, Tanh
+
+# Programs the tests start keep their caches (JAX's compiled programs) in one folder of this
+# session's, shared by the tests and removed at the end, never the user's ~/.cache.
+_CACHE = tempfile.mkdtemp(prefix="lenet-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
 
 settings.register_profile(
     "lenet", deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False

@@ -179,3 +179,17 @@ def test_initial_cross_entropy_is_ln10(port: str, name: str) -> None:
             from lenet_jax.loss import cross_entropy
             losses.append(float(cross_entropy(net(jnp.asarray(nhwc(x))), jnp.asarray(y))))
     assert abs(np.mean(losses) - math.log(10)) < 0.15, losses
+
+
+@pytest.mark.parametrize("init", ["torch", "lecun_normal"])
+def test_jax_build_draws_what_op_by_op_init_draws(init: str) -> None:
+    """lenet_jax.build compiles the construction as one program; its weights are bit for bit
+    those of Flax's op-by-op initialisation (nnx.Rngs(seed), one draw per parameter)."""
+    from flax import nnx
+
+    for name, spec in PRESETS.items():
+        for seed in (0, 3):
+            built = lenet_jax.get_weights(lenet_jax.build(spec, seed, init))
+            eager = lenet_jax.get_weights(jax_model.LeNet(spec, init=init, rngs=nnx.Rngs(seed)))
+            assert built.keys() == eager.keys()
+            assert all(np.array_equal(built[k], eager[k]) for k in built), (name, seed)
