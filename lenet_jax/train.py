@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from lenet_jax import distributed
+from lenet_jax.kernels import resolve
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
@@ -92,7 +93,7 @@ class JaxBackend(distributed.Processes):
 
     def configure(self, p, args) -> None:
         distributed.check_flags(p, args)
-        self.steps_per_call = args.steps_per_call
+        self.steps_per_call, self.kernels = args.steps_per_call, args.kernels
         if not args.no_compile_cache:
             use_compilation_cache()
 
@@ -100,11 +101,12 @@ class JaxBackend(distributed.Processes):
         processes = (f"; {self.layout.process_count} processes" if self.layout.distributed
                      else "")
         devices = ", ".join(str(d) for d in jax.devices())
-        return f"jax {jax.__version__} on {jax.default_backend()} ({devices}{processes})"
+        return (f"jax {jax.__version__} on {jax.default_backend()} ({devices}{processes}), "
+                f"{resolve(self.kernels)} kernels")
 
     def start(self, run: Run, restore: State | None) -> None:
         args = run.args
-        net = build(run.spec, seed=args.seed)
+        net = build(run.spec, seed=args.seed, kernels=args.kernels)
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)

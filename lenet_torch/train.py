@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from lenet_torch import distributed
+from lenet_torch.kernels import resolve
 from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
@@ -56,17 +57,18 @@ class TorchBackend(distributed.Processes):
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.compile = args.compile
+        self.compile, self.kernels = args.compile, args.kernels
 
     def describe(self) -> str:
         where = (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda"
                  else f", {torch.get_num_threads()} threads")
         ranks = f", {self.layout.process_count} ranks" if self.layout.distributed else ""
-        return f"torch {torch.__version__} on {self.device}{where}{ranks}"
+        return (f"torch {torch.__version__} on {self.device}{where}{ranks}, "
+                f"{resolve(self.kernels)} kernels")
 
     def start(self, run: Run, restore: State | None) -> None:
         args, device = run.args, self.device
-        self.net = net = build(run.spec, seed=args.seed).to(device)
+        self.net = net = build(run.spec, seed=args.seed, kernels=args.kernels).to(device)
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)

@@ -12,6 +12,7 @@ from lenet_spec.spec import Spec, SpecError, load_spec
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 LOSSES = ("ce", "mse")
+KERNELS = ("auto", "stock", "fused")
 
 
 def _int_at_least(minimum: int):
@@ -83,6 +84,10 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="stop after N optimizer steps in all (default: when the epochs end)")
     p.add_argument("--batch-size", type=positive_int, default=128, metavar="N",
                    help="images per optimizer step, over all devices and processes together")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="stock: the framework's own layers; fused: the tuned formulations "
+                        "(conv+activation+max-pool as one GEMM, ...); auto: the faster on this "
+                        "machine (JAX on CPU: fused; torch: stock)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="torch.optim's semantics in both frameworks (adam: L2 weight decay; "
                         "adamw: decoupled)")

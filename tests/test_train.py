@@ -260,3 +260,20 @@ def test_torch_compile_trains_like_eager(tmp_path, mnist_dir) -> None:
         losses[name] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
     assert len(losses["eager"]) == len(losses["compiled"]) == 10
     assert np.all(np.abs(losses["compiled"] - losses["eager"]) <= 1e-4 * losses["eager"])
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_kernels_flag_trains_the_same_steps(tmp_path, mnist_dir, framework: str) -> None:
+    """``--kernels stock`` and ``--kernels fused`` train the same 20 steps: per-step losses
+    within 1e-4 relative (the same as the parity battery's trajectories), and the first line
+    says which kernels ran."""
+    losses = {}
+    for kernels in ("stock", "fused"):
+        workdir = tmp_path / kernels
+        res = _run(PROGRAMS[framework], "--kernels", kernels, "--spec", "lenet5_classic",
+                   "--max-steps", "20", "--epochs", "1", "--log-steps", "--data-dir",
+                   mnist_dir, "--workdir", str(workdir))
+        assert f", {kernels} kernels; lenet5_classic, 20 steps" in res.stdout
+        losses[kernels] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
+    assert len(losses["stock"]) == len(losses["fused"]) == 20
+    assert np.all(np.abs(losses["fused"] - losses["stock"]) <= 1e-4 * losses["stock"])
