@@ -1,10 +1,12 @@
-"""``python -m bench``: JAX and PyTorch training and inference of a spec'd LeNet, side by side.
+"""``python -m bench``: JAX and PyTorch training and inference of a spec'd LeNet, side by side, in
+two tiers: same math (each framework's own layers in its usual execution mode: a jitted JAX
+step, eager torch) and tuned (each framework's fastest variant: kernels × execution mode).
 
 Every (variant, batch size, width) is measured in its own subprocess (``bench.worker``) so
-thread pools and allocators do not interfere; same spec, batch, dtype (float32) and thread
-count for every variant; data already in memory / on the device; warm-up reported apart; at
-least 5 timed repeats, reported as median, min and max. ``--time-to-accuracy`` runs the real
-training programs on MNIST instead.
+thread pools and allocators do not interfere; same spec, batch, dtype (float32), optimizer and
+thread count for every variant; data already in memory / on the device; warm-up reported
+apart; at least 5 timed repeats, reported as median, min and max; ``--rounds R`` repeats it all
+interleaved. ``--time-to-accuracy`` and ``--startup`` measure the real training programs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,31 +24,29 @@ from typing import Any
 
 import numpy as np
 
+from bench import programs, report
+from bench.worker import KERNELS, MODES
 from lenet_spec.atomic import atomic_write_bytes
-from lenet_train.runlog import read_jsonl
 
-VARIANTS = ("jax-jit", "jax-scan", "torch-eager", "torch-compile")
-PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS for m in modes)
+"""Every variant, ``framework-kernels-mode``."""
+QUICK = ("jax-stock-jit", "jax-fused-jit", "jax-fused-scan", "torch-stock-eager",
+         "torch-fused-eager", "torch-stock-channels-last")
+"""``--quick``: both tiers' candidates, without torch.compile's warm-up."""
+ENV_PREFIXES = ("XLA_", "JAX_", "OMP_", "MKL_", "TORCH", "CUDA_VISIBLE")
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+def _list(kind: type, what: str, ok=lambda v: True):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
 
 
 def _variants(text: str) -> list[str]:
@@ -63,28 +62,38 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--spec", default="lenet5", help="preset name or path to a JSON spec")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 32, 128, 512])
-    p.add_argument("--widths", type=_float_list, default=[1.0],
-                   help="width multipliers of the spec's channels and features")
-    p.add_argument("--variants", type=_variants, default=list(VARIANTS))
+    p.add_argument("--batch-sizes", type=_list(int, "positive integers", lambda v: v > 0),
+                   default=[1, 32, 128, 512])
+    p.add_argument("--widths", type=_list(float, "positive numbers", lambda v: v > 0),
+                   default=[1.0], help="width multipliers of the spec's channels and features")
+    p.add_argument("--variants", type=_variants, default=list(VARIANTS),
+                   help="framework-kernels-mode names, comma-separated")
+    p.add_argument("--kernels", type=_list(str, "stock and/or fused", lambda v: v in KERNELS),
+                   default=list(KERNELS), help="keep only the variants with these kernels")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (at least 5)")
     p.add_argument("--images", type=int, default=12_800,
                    help="images per timed repeat (steps = images / batch, 5 to 2,000)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="threads for every variant (torch.set_num_threads; XLA uses all cores)")
+                   help="threads for torch (torch.set_num_threads; XLA uses all cores)")
     p.add_argument("--quick", action="store_true",
-                   help="batch 128 only and fewer images per repeat (a smoke run, < 2 min)")
-    p.add_argument("--json", type=Path, default=None, help="write {env, results} here")
-    p.add_argument("--plot", type=Path, default=None, help="bar chart of throughput (PNG)")
-    p.add_argument("--time-to-accuracy", type=float, default=None, metavar="ACC",
-                   help="instead: wall time of the real training programs to reach ACC")
-    p.add_argument("--train-args", default="",
-                   help="extra flags for the training programs (with --time-to-accuracy)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+                   help=f"batch 128 only, fewer images, variants {', '.join(QUICK)}: both "
+                        "tiers in a few minutes")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure everything this many times, interleaved (each round in a "
                         "rotated variant order), and report medians over the rounds and the "
                         "ratios of each round: this machine's speed drifts over minutes")
+    p.add_argument("--json", type=Path, default=None, help="write {env, results} here")
+    p.add_argument("--plot", type=Path, default=None, help="bar chart of throughput (PNG)")
+    p.add_argument("--time-to-accuracy", type=float, default=None, metavar="ACC",
+                   help="instead: time of the real training programs to test accuracy ACC")
+    p.add_argument("--seeds", type=int, default=5,
+                   help="with --time-to-accuracy: runs per program (seeds 0 … N-1); of 3 or "
+                        "more the fastest and slowest are dropped, as MLPerf does")
+    p.add_argument("--startup", type=int, default=None, metavar="R",
+                   help="instead: the one-step command of each program R times, and its phases")
+    p.add_argument("--train-args", default="",
+                   help="extra flags for the training programs (--time-to-accuracy, --startup)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     return p
 
 
@@ -103,7 +112,8 @@ def _timed(fn) -> float:
 
 
 def environment() -> dict[str, Any]:
-    """CPU, cores, device and library versions of this machine."""
+    """CPU, cores, library versions, the environment variables that steer XLA, OpenMP, MKL and
+    torch, and the measured GEMM rate."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -118,8 +128,10 @@ def environment() -> dict[str, Any]:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    variables = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-            "platform": platform.platform(), **versions, "gemm_gflops": gemm_gflops()}
+            "platform": platform.platform(), **versions, "env_vars": variables,
+            "gemm_gflops": gemm_gflops()}
 
 
 def measure(config: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -137,201 +149,90 @@ def measure(config: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """The results as a markdown table."""
-    rows = ["| variant | width | batch | train img/s (median [min, max]) | infer img/s | "
-            "batch-1 latency ms | warm-up s | peak RSS MB |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in results:
-        if "error" in r:
-            rows.append(f"| {r['variant']} | {r.get('width', 1):g} | {r['batch_size']} | "
-                        f"failed: {r['error']} | | | | |")
-            continue
-        rows.append(
-            f"| {r['variant']} | {r['width']:g} | {r['batch_size']} | "
-            f"{_fmt(r['train_images_per_sec'])} [{_fmt(r['train_images_per_sec_min'])}, "
-            f"{_fmt(r['train_images_per_sec_max'])}] | {_fmt(r['infer_images_per_sec'])} | "
-            f"{_fmt(r['latency_ms'], 3)} | {_fmt(r['compile_s'], 1)} | {_fmt(r['peak_rss_mb'])} |")
-    return "\n".join(rows)
-
-
-def _best(results: list[dict[str, Any]], width: float, batch: int, framework: str):
-    group = [r for r in results if "error" not in r and r["width"] == width
-             and r["batch_size"] == batch and r["framework"] == framework]
-    return max(group, key=lambda r: r["train_images_per_sec"], default=None)
-
-
-def summary(results: list[dict[str, Any]], env: dict[str, Any],
-            rounds: list[list[dict[str, Any]]] | None = None) -> list[str]:
-    """The headline ratios: best JAX over best torch per (width, batch), and the GEMM bound;
-    with several rounds, also the range of the ratios measured within each round."""
-    lines = []
-    ok = [r for r in results if "error" not in r]
-    for width in sorted({r["width"] for r in ok}):
-        for b in sorted({r["batch_size"] for r in ok}):
-            j, t = _best(ok, width, b, "jax"), _best(ok, width, b, "torch")
-            if not (j and t):
-                continue
-            bound = env["gemm_gflops"] * 1e9 / j["train_flops_per_image"]
-            line = (f"width {width:g}, batch {b}: best JAX ({j['variant']}) "
-                    f"{j['train_images_per_sec']:,.0f} img/s vs best torch ({t['variant']}) "
-                    f"{t['train_images_per_sec']:,.0f} img/s = "
-                    f"{j['train_images_per_sec'] / t['train_images_per_sec']:.2f}×")
-            ratios = [pj["train_images_per_sec"] / pt["train_images_per_sec"]
-                      for rs in rounds or [] for pj, pt in [(_best(rs, width, b, "jax"),
-                                                              _best(rs, width, b, "torch"))]
-                      if pj and pt]
-            if len(ratios) > 1:
-                line += (f" (within each of {len(ratios)} rounds: {min(ratios):.2f}–"
-                         f"{max(ratios):.2f}×, median {float(np.median(ratios)):.2f}×)")
-            lines.append(f"{line}; JAX at {100 * j['train_images_per_sec'] / bound:.0f}% of the "
-                         f"GEMM bound ({bound:,.0f} img/s at {env['gemm_gflops']:.0f} GFLOP/s)")
-    return lines
-
-
-def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> list[dict[str, Any]]:
-    """One result per (width, batch, variant): the round whose training throughput is the
-    median of the rounds', with min and max over every round's repeats and each round's median
-    under ``rounds``."""
-    if len(rounds) == 1:
-        return rounds[0]
-    merged = []
-    key = lambda r: (r["width"], r["batch_size"], variants.index(r["variant"]))  # noqa: E731
-    for first in sorted(rounds[0], key=key):
-        same = [r for rs in rounds for r in rs if key(r) == key(first)]
-        ok = sorted((r for r in same if "error" not in r),
-                    key=lambda r: r["train_images_per_sec"])
-        if not ok:
-            merged.append(same[0])
-            continue
-        result = dict(ok[(len(ok) - 1) // 2])
-        result["train_images_per_sec_min"] = min(r["train_images_per_sec_min"] for r in ok)
-        result["train_images_per_sec_max"] = max(r["train_images_per_sec_max"] for r in ok)
-        result["rounds"] = [r["train_images_per_sec"] for r in same if "error" not in r]
-        merged.append(result)
-    return merged
-
-
-def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Bar chart: training and inference throughput per variant and batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in results if "error" not in r]
-    widths = sorted({r["width"] for r in ok})
-    width = 1.0 if 1.0 in widths else widths[0]
-    ok = [r for r in ok if r["width"] == width]
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in ok)]
-    batches = sorted({r["batch_size"] for r in ok})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, title in ((axes[0], "train_images_per_sec", "training"),
-                           (axes[1], "infer_images_per_sec", "inference")):
-        bar_w = 0.8 / max(len(variants), 1)
-        for k, v in enumerate(variants):
-            values = [next((r[key] for r in ok if r["variant"] == v and r["batch_size"] == b), 0)
-                      for b in batches]
-            ax.bar(np.arange(len(batches)) + k * bar_w, values, bar_w, label=v)
-        ax.set_xticks(np.arange(len(batches)) + bar_w * (len(variants) - 1) / 2)
-        ax.set_xticklabels([str(b) for b in batches])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("images / s (median)")
-        ax.set_yscale("log")
-        ax.set_title(f"{title}, {ok[0]['spec'] if ok else ''}")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:
-        fig.savefig(f.name, dpi=110)
-    os.replace(f.name, path)
-
-
-def time_to_accuracy(target: float, extra: list[str], timeout: float) -> list[dict[str, Any]]:
-    """Wall time of each real training program, from launch (imports, data, compilation
-    included) to the first epoch whose test accuracy reaches ``target``."""
-    results = []
-    for framework, module in PROGRAMS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            workdir = Path(tmp) / "run"
-            cmd = [sys.executable, "-m", module, "--quiet", "--workdir", str(workdir), *extra]
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True)
-            reached, best, epochs = None, 0.0, 0
-            while reached is None and time.perf_counter() - t0 < timeout:
-                records = read_jsonl(workdir / "metrics.jsonl") if (
-                    workdir / "metrics.jsonl").exists() else []
-                epochs = len(records)
-                best = max([best, *(r["test_accuracy"] for r in records)])
-                hit = [r for r in records if r["test_accuracy"] >= target]
-                if hit:
-                    reached = time.perf_counter() - t0
-                    epochs = hit[0]["epoch"] + 1
-                elif proc.poll() is not None:
-                    break
-                time.sleep(0.02)
-            proc.kill()
-            proc.wait()
-        results.append({"framework": framework, "command": " ".join(cmd[1:3] + extra),
-                        "target": target, "seconds": reached, "epochs": epochs,
-                        "best_accuracy": best})
-    return results
+def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
+    """Every (width, batch, variant), ``--rounds`` times interleaved; the merged results."""
+    batches = [128] if args.quick else args.batch_sizes
+    images = 2_560 if args.quick else args.images
+    rounds: list[list[dict[str, Any]]] = []
+    for k in range(args.rounds):
+        order = variants[k % len(variants):] + variants[:k % len(variants)]
+        results = []
+        for width in args.widths:
+            for batch in batches:
+                for variant in order:
+                    framework, kernels, mode = variant.split("-", 2)
+                    config = {"spec": args.spec, "framework": framework, "kernels": kernels,
+                              "mode": mode, "variant": variant, "batch_size": batch,
+                              "width": width, "steps": min(2_000, max(5, images // batch)),
+                              "repeats": args.repeats,
+                              "latency_calls": 50 if args.quick else 200,
+                              "threads": args.threads}
+                    r = measure(config, args.timeout)
+                    results.append(r)
+                    rate = ("failed: " + r["error"]) if "error" in r else (
+                        f"{r['train_images_per_sec']:,.0f} img/s train")
+                    print(f"  round {k + 1}/{args.rounds} {variant:30s} width {width:g} "
+                          f"batch {batch:5d}: {rate}", file=sys.stderr, flush=True)
+        rounds.append(results)
+    return {"results": report.merge_rounds(rounds, variants), "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     if args.repeats < 5:
-        parser().error("--repeats must be at least 5")
-    if args.rounds < 1:
-        parser().error("--rounds must be at least 1")
+        p.error("--repeats must be at least 5")
+    if args.rounds < 1 or args.seeds < 1:
+        p.error("--rounds and --seeds must be at least 1")
     env = environment()
     print(f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, flax {env['flax']}, "
           f"torch {env['torch']}; float32 GEMM {env['gemm_gflops']:.0f} GFLOP/s", flush=True)
+    extra = args.train_args.split()
     if args.time_to_accuracy is not None:
-        results = time_to_accuracy(args.time_to_accuracy, args.train_args.split(), args.timeout)
-        for r in results:
-            took = "not reached" if r["seconds"] is None else f"{r['seconds']:.1f} s"
-            print(f"{r['framework']}: {took} to test accuracy ≥ {r['target']} "
-                  f"({r['epochs']} epochs; best {r['best_accuracy']:.4f})")
-        out = {"env": env, "time_to_accuracy": results}
-    else:
-        batches = [128] if args.quick else args.batch_sizes
-        images = 2_560 if args.quick else args.images
-        rounds: list[list[dict[str, Any]]] = []
-        for k in range(args.rounds):
-            order = args.variants[k % len(args.variants):] + args.variants[:k % len(args.variants)]
-            results = []
-            for width in args.widths:
-                for batch in batches:
-                    for variant in order:
-                        config = {"spec": args.spec, "variant": variant, "batch_size": batch,
-                                  "width": width, "steps": min(2_000, max(5, images // batch)),
-                                  "repeats": args.repeats,
-                                  "latency_calls": 50 if args.quick else 200,
-                                  "threads": args.threads}
-                        r = measure(config, args.timeout)
-                        results.append(r)
-                        rate = ("failed: " + r["error"]) if "error" in r else (
-                            f"{r['train_images_per_sec']:,.0f} img/s train")
-                        print(f"  round {k + 1}/{args.rounds} {variant:14s} width {width:g} "
-                              f"batch {batch:5d}: {rate}", file=sys.stderr, flush=True)
-            rounds.append(results)
-        results = merge_rounds(rounds, args.variants)
-        print(table(results))
-        for line in summary(results, env, rounds):
+        out = {"env": env, "time_to_accuracy": programs.time_to_accuracy(
+            args.time_to_accuracy, args.seeds, extra, args.timeout)}
+        for framework, s in out["time_to_accuracy"]["summary"].items():
+            print(_tta_line(framework, args.time_to_accuracy, s))
+    elif args.startup is not None:
+        out = {"env": env, "startup": programs.startup(args.startup, extra, args.timeout)}
+        for line in _startup_lines(out["startup"]):
             print(line)
-        out = {"env": env, "results": results}
+    else:
+        variants = [v for v in (QUICK if args.quick else args.variants)
+                    if v.split("-")[1] in args.kernels]
+        if not variants:
+            p.error("no variant left with those --kernels")
+        measured = throughput(args, variants)
+        print(report.table(measured["results"]))
+        for line in report.summary(measured["results"], env, measured["rounds"]):
+            print(line)
+        out = {"env": env, "results": measured["results"]}
         if args.plot:
-            plot(results, args.plot)
+            report.plot(measured["results"], args.plot)
     if args.json:
         atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
     return 0
+
+
+def _tta_line(framework: str, target: float, s: dict[str, Any]) -> str:
+    head = f"{framework}: test accuracy ≥ {target} reached in {s['reached']} of {s['runs']} runs"
+    if "seconds" not in s:
+        return head + "; too few to summarise"
+    w, t = s["seconds"], s["train_seconds"]
+    return (f"{head}; seeds {s['kept_seeds']} (fastest and slowest dropped): whole command "
+            f"{w['mean']:.1f} s [{w['min']:.1f}, {w['max']:.1f}], training-only {t['mean']:.1f} s "
+            f"[{t['min']:.1f}, {t['max']:.1f}], accuracy {100 * s['accuracy_mean']:.2f}%")
+
+
+def _startup_lines(s: dict[str, Any]) -> list[str]:
+    med = {k: float(np.median(v)) for k, v in s["whole_s"].items() if v}
+    lines = [f"one-step command, median of {len(s['whole_s']['torch'])}: JAX {med['jax']:.2f} s "
+             f"(first run, empty compilation cache: {med['jax-cold']:.2f} s), torch "
+             f"{med['torch']:.2f} s; JAX / torch {med['jax'] / med['torch']:.2f}; "
+             f"python itself {s['python_s']:.2f} s"]
+    for framework, phases in s["phases_s"].items():
+        lines.append(f"  {framework}: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
+    return lines
 
 
 if __name__ == "__main__":

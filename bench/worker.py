@@ -1,9 +1,10 @@
 """One benchmark measurement in its own process: ``python -m bench.worker '<json config>'``.
 
-Imports only the framework of its variant, builds the spec's model and the training step the
-training program uses (``lenet_jax.train.make_steps`` / the torch loop's step), puts random
-data in memory (on the device), and prints one JSON result line. Clocks stop only after
-``block_until_ready`` / ``torch.cuda.synchronize``; warm-up (compilation) is timed separately.
+Imports only the framework of its variant, builds the spec's model with the variant's kernels,
+runs the training programs' own step (``lenet_jax.train.make_steps`` /
+``lenet_torch.train.make_step``) in the variant's execution mode on random data in memory (on
+the device), and prints one JSON result line. Clocks stop only after ``block_until_ready`` /
+``torch.cuda.synchronize``; warm-up (compilation) is timed separately.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ from lenet_spec.spec import Spec, widen
 POOL = 4096
 """Random training images held in memory; batches are drawn from them by index."""
 
+MODES = {
+    "jax": ("jit", "scan"),
+    "torch": ("eager", "channels-last", "compile", "compile-reduce-overhead",
+              "compile-max-autotune", "compile-step"),
+}
+"""Execution modes. JAX: one jitted step per call, or ``lax.scan`` over the repeat's batches.
+torch: eager; eager with channels_last tensors; ``torch.compile`` of the model in its three
+modes; ``compile-step``: the whole step (forward, backward through compiled autograd, the
+optimizer) as one compiled function."""
+KERNELS = ("stock", "fused")
+
 
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -44,7 +56,7 @@ def _indices(batch: int, steps: int, seed: int = 0) -> np.ndarray:
     return rng.integers(0, POOL, size=(steps, batch)).astype(np.int32)
 
 
-def measure_jax(spec: Spec, variant: str, batch: int, steps: int, repeats: int,
+def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, repeats: int,
                 latency_calls: int) -> dict[str, Any]:
     import jax
     from flax import nnx
@@ -58,21 +70,21 @@ def measure_jax(spec: Spec, variant: str, batch: int, steps: int, repeats: int,
     c, h, w = spec.input_shape
     images = jax.device_put(rng.standard_normal((POOL, h, w, c)).astype(np.float32))
     labels = jax.device_put(rng.integers(0, spec.num_classes, POOL).astype(np.int32))
-    graphdef, params = nnx.split(build(spec, seed=0))
+    graphdef, params = nnx.split(build(spec, seed=0, kernels=kernels))
     tx = make_tx("adam", 1e-3)
     opt_state = tx.init(params)
     train_step, train_steps, _ = make_steps(graphdef, tx, loss_fn("ce"))
     idx = _indices(batch, steps)
     state = [params, opt_state]
 
-    if variant == "jax-jit":
+    if mode == "jit":
         def block() -> None:
             p, o = state
             for i in range(steps):
                 p, o, _, _ = train_step(p, o, images, labels, idx[i])
             jax.block_until_ready(p)
             state[:] = [p, o]
-    else:  # jax-scan: the whole block of steps in one dispatch
+    else:  # scan: the whole block of steps in one dispatch
         def block() -> None:
             p, o, _, _ = train_steps(*state, images, labels, idx)
             jax.block_until_ready(p)
@@ -117,13 +129,14 @@ def measure_jax(spec: Spec, variant: str, batch: int, steps: int, repeats: int,
     }
 
 
-def measure_torch(spec: Spec, variant: str, batch: int, steps: int, repeats: int,
+def measure_torch(spec: Spec, kernels: str, mode: str, batch: int, steps: int, repeats: int,
                   latency_calls: int, threads: int | None) -> dict[str, Any]:
     import torch
 
     from lenet_torch.loss import loss_fn
     from lenet_torch.model import build
     from lenet_torch.optim import make_optimizer
+    from lenet_torch.train import make_step
 
     if threads:
         torch.set_num_threads(threads)
@@ -133,22 +146,27 @@ def measure_torch(spec: Spec, variant: str, batch: int, steps: int, repeats: int
     images = torch.from_numpy(rng.standard_normal((POOL, *spec.input_shape))
                               .astype(np.float32)).to(device)
     labels = torch.from_numpy(rng.integers(0, spec.num_classes, POOL)).to(device)
-    net = build(spec, seed=0).to(device)
-    model = torch.compile(net) if variant == "torch-compile" else net
+    net = build(spec, seed=0, kernels=kernels).to(device)
+    if mode == "channels-last":
+        net = net.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    compile_mode = {"compile": "default", "compile-reduce-overhead": "reduce-overhead",
+                    "compile-max-autotune": "max-autotune", "compile-step": "default"}.get(mode)
+    model = torch.compile(net, mode=compile_mode) if compile_mode else net
     opt = make_optimizer(net, "adam", 1e-3)
-    loss = loss_fn("ce")
+    step = make_step(net if mode == "compile-step" else model, opt, loss_fn("ce"))
+    if mode == "compile-step":
+        torch._dynamo.config.compiled_autograd = True
+        step = torch.compile(step)
     idx = torch.from_numpy(_indices(batch, steps).astype(np.int64)).to(device)
 
     def block() -> None:
         for i in range(steps):
-            x, y = images[idx[i]], labels[idx[i]]
-            opt.zero_grad(set_to_none=True)
-            loss(model(x), y).backward()
-            opt.step()
+            step(images[idx[i]], labels[idx[i]], 1e-3)
         sync()
 
     t0 = time.perf_counter()
-    block()  # compiles (torch-compile) / warms the allocator
+    block()  # compiles (torch.compile modes) / warms the allocator
     compile_s = time.perf_counter() - t0
     block()
     train = _time_blocks(block, repeats)
@@ -190,19 +208,21 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     spec = load_spec(config["spec"])
     if config.get("width", 1) != 1:
         spec = widen(spec, config["width"])
-    variant, batch, steps = config["variant"], config["batch_size"], config["steps"]
+    framework, kernels, mode = config["framework"], config["kernels"], config["mode"]
+    batch, steps = config["batch_size"], config["steps"]
     repeats, latency_calls = config["repeats"], config["latency_calls"]
-    if variant.startswith("jax"):
-        raw = measure_jax(spec, variant, batch, steps, repeats, latency_calls)
+    if framework == "jax":
+        raw = measure_jax(spec, kernels, mode, batch, steps, repeats, latency_calls)
     else:
-        raw = measure_torch(spec, variant, batch, steps, repeats, latency_calls,
+        raw = measure_torch(spec, kernels, mode, batch, steps, repeats, latency_calls,
                             config.get("threads"))
     images = steps * batch
     train = _stats([images / t for t in raw["train_s"]])
     infer = _stats([images / t for t in raw["infer_s"]])
     latency = _stats([1000 * t for t in raw["latency_s"]])
     return {
-        "framework": variant.split("-")[0], "variant": variant, "spec": spec.name,
+        "framework": framework, "kernels": kernels, "mode": mode,
+        "variant": f"{framework}-{kernels}-{mode}", "spec": spec.name,
         "width": config.get("width", 1), "batch_size": batch, "steps_per_repeat": steps,
         "train_images_per_sec": train["median"], "train_images_per_sec_min": train["min"],
         "train_images_per_sec_max": train["max"],

@@ -84,7 +84,7 @@ class JaxBackend(distributed.Processes):
     steps_per_call = 1
 
     def add_flags(self, p) -> None:
-        p.add_argument("--steps-per-call", type=positive_int, default=1, metavar="K",
+        p.add_argument("--steps-per-call", type=positive_int, default=10, metavar="K",
                        help="optimizer steps per dispatch (lax.scan over K batches)")
         p.add_argument("--no-compile-cache", action="store_true",
                        help="compile everything afresh instead of loading what an earlier run "

@@ -78,7 +78,7 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--spec", type=_spec, default="lenet5", metavar="NAME_OR_JSON",
                    help="preset name (python -m lenet_spec list) or path to a JSON spec")
-    p.add_argument("--epochs", type=positive_int, default=8, metavar="N",
+    p.add_argument("--epochs", type=positive_int, default=3, metavar="N",
                    help="passes over the training set")
     p.add_argument("--max-steps", type=positive_int, default=None, metavar="N",
                    help="stop after N optimizer steps in all (default: when the epochs end)")
@@ -91,7 +91,7 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="torch.optim's semantics in both frameworks (adam: L2 weight decay; "
                         "adamw: decoupled)")
-    p.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
+    p.add_argument("--lr", type=_positive_float, default=5e-3, help="peak learning rate")
     p.add_argument("--momentum", type=_non_negative_float, default=0.9,
                    help="SGD's heavy-ball momentum (sgd only)")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
@@ -112,7 +112,8 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a WORKDIR that holds a run (deletes its run files)")
     p.add_argument("--checkpoint-every", type=non_negative_int, default=250, metavar="N",
-                   help="also checkpoint every N optimizer steps (0: only at epoch ends)")
+                   help="also checkpoint every N optimizer steps, at the first call boundary "
+                        "after each multiple (0: only at epoch ends)")
     p.add_argument("--train-size", type=positive_int, default=None, metavar="N",
                    help="train on the first N training images only (quick experiments)")
     p.add_argument("--init-weights", type=Path, default=None, metavar="FILE",

@@ -7,71 +7,118 @@ import json
 import subprocess
 import sys
 
-from bench.__main__ import VARIANTS
+from bench.__main__ import QUICK
 
-FIELDS = ("framework", "variant", "batch_size", "train_images_per_sec", "infer_images_per_sec",
-          "latency_ms", "compile_s", "peak_rss_mb", "repeats")
-ENV = ("cpu", "cores", "python", "jax", "jaxlib", "flax", "optax", "torch", "gemm_gflops")
+FIELDS = ("framework", "kernels", "mode", "variant", "batch_size", "train_images_per_sec",
+          "infer_images_per_sec", "latency_ms", "compile_s", "peak_rss_mb", "threads", "repeats")
+ENV = ("cpu", "cores", "python", "jax", "jaxlib", "flax", "optax", "torch", "gemm_gflops",
+       "env_vars")
 
 
-def test_bench_quick(tmp_path) -> None:
-    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    res = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out),
-                          "--plot", str(png)], capture_output=True, text=True, timeout=600)
+def _bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True,
+                         timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_bench_quick_covers_both_tiers(tmp_path) -> None:
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    res = _bench("--quick", "--json", str(out), "--plot", str(png))
     data = json.loads(out.read_text())
     assert all(data["env"].get(k) is not None for k in ENV), data["env"]
-    assert [r["variant"] for r in data["results"]] == list(VARIANTS)
+    assert [r["variant"] for r in data["results"]] == list(QUICK)
     for r in data["results"]:
         assert "error" not in r, r
         assert all(k in r for k in FIELDS), r
+        assert r["variant"] == f"{r['framework']}-{r['kernels']}-{r['mode']}"
         assert r["batch_size"] == 128 and r["repeats"] >= 5
         assert r["train_images_per_sec_min"] <= r["train_images_per_sec"] \
             <= r["train_images_per_sec_max"]
         assert r["train_images_per_sec"] > 0 and r["latency_ms"] > 0
-    for variant in VARIANTS:
-        assert f"| {variant} | 1 | 128 |" in res.stdout
-    assert "width 1, batch 128: best JAX" in res.stdout
+        framework, kernels, mode = r["variant"].split("-", 2)
+        assert f"| {framework} | {kernels} | {mode} | 1 | 128 |" in res.stdout
+    assert "width 1, batch 128, same-math tier: JAX (stock, jit)" in res.stdout
+    assert "vs torch (stock, eager)" in res.stdout
+    assert "width 1, batch 128, tuned tier: JAX (" in res.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_rejects_bad_flags() -> None:
-    res = subprocess.run([sys.executable, "-m", "bench", "--variants", "jax-pmap"],
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and "unknown variant(s) ['jax-pmap']" in res.stderr
+    for args, message in ((["--variants", "jax-pmap"], "unknown variant(s) ['jax-pmap']"),
+                          (["--kernels", "fast"], "expected stock and/or fused, got 'fast'"),
+                          (["--repeats", "2"], "--repeats must be at least 5")):
+        res = subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
-def test_time_to_accuracy(tmp_path, mnist_dir) -> None:
+def test_time_to_accuracy_mlperf_style(tmp_path, mnist_dir) -> None:
+    """Three seeds per program: the fastest and slowest dropped, mean and range of the rest,
+    whole command and training-only."""
     out = tmp_path / "tta.json"
-    res = subprocess.run([sys.executable, "-m", "bench", "--time-to-accuracy", "0.5",
-                          "--train-args", f"--train-size 2560 --epochs 2 --data-dir {mnist_dir}",
-                          "--json", str(out)], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads(out.read_text())["time_to_accuracy"]
-    assert [r["framework"] for r in results] == ["jax", "torch"]
-    for r in results:  # 2,560 images reach 50% test accuracy in an epoch or two
-        assert r["seconds"] is not None and r["seconds"] > 0, r
+    res = _bench("--time-to-accuracy", "0.5", "--seeds", "3", "--train-args",
+                 f"--train-size 2560 --epochs 2 --data-dir {mnist_dir}", "--json", str(out))
+    tta = json.loads(out.read_text())["time_to_accuracy"]
+    assert [(r["framework"], r["seed"]) for r in tta["runs"]] == [
+        ("jax", 0), ("torch", 0), ("torch", 1), ("jax", 1), ("jax", 2), ("torch", 2)]
+    for r in tta["runs"]:  # 2,560 images reach 50% test accuracy in an epoch or two
+        assert r["seconds"] is not None and 0 < r["train_seconds"] < r["seconds"], r
         assert r["best_accuracy"] >= 0.5 and 1 <= r["epochs"] <= 2
+    for framework, s in tta["summary"].items():
+        assert s["runs"] == s["reached"] == 3 and len(s["kept_seeds"]) == 1
+        kept = [r for r in tta["runs"] if r["framework"] == framework]
+        times = sorted(r["seconds"] for r in kept)
+        assert s["seconds"]["mean"] == times[1]  # the middle of three
+        assert f"{framework}: test accuracy ≥ 0.5 reached in 3 of 3 runs" in res.stdout
+
+
+def test_mlperf_summary_counts_a_missed_target_as_slowest() -> None:
+    from bench.programs import mlperf_summary
+
+    runs = [{"seed": s, "seconds": t, "train_seconds": t and t / 2, "accuracy": 0.99}
+            for s, t in enumerate([5.0, None, 3.0, 4.0, 9.0])]
+    s = mlperf_summary(runs)
+    assert s["reached"] == 4 and s["kept_seeds"] == [3, 0, 4]
+    assert s["seconds"] == {"mean": 6.0, "min": 4.0, "max": 9.0}
+
+
+def test_startup_measures_whole_commands_and_phases(tmp_path, mnist_dir) -> None:
+    out = tmp_path / "startup.json"
+    res = _bench("--startup", "1", "--train-args", f"--data-dir {mnist_dir}", "--json", str(out))
+    s = json.loads(out.read_text())["startup"]
+    assert {k: len(v) for k, v in s["whole_s"].items()} == {"jax-cold": 1, "jax": 1, "torch": 1}
+    for phases in s["phases_s"].values():
+        assert list(phases) == ["imports", "data", "build", "first_step", "evaluate",
+                                "weights_file"]
+        assert all(v > 0 for v in phases.values())
+    assert "one-step command, median of 1: JAX" in res.stdout
 
 
 def test_rounds_merge_to_medians_and_report_each_rounds_ratio() -> None:
     """Interleaved rounds: each (variant, batch) keeps the round with the median throughput,
-    min/max over all rounds, and the summary gives the range of ratios within rounds."""
-    from bench.__main__ import merge_rounds, summary
+    min/max over all rounds, and the summary gives both tiers with the range of ratios within
+    rounds."""
+    from bench.report import merge_rounds, summary
 
     def result(variant: str, rate: float) -> dict:
-        return {"framework": variant.split("-")[0], "variant": variant, "width": 1.0,
-                "batch_size": 128, "train_images_per_sec": rate,
+        framework, kernels, mode = variant.split("-", 2)
+        return {"framework": framework, "kernels": kernels, "mode": mode, "variant": variant,
+                "width": 1.0, "batch_size": 128, "train_images_per_sec": rate,
                 "train_images_per_sec_min": rate - 1, "train_images_per_sec_max": rate + 1,
                 "train_flops_per_image": 2.5e6}
 
-    rounds = [[result("jax-jit", j), result("torch-eager", t)]
-              for j, t in ((20.0, 10.0), (30.0, 10.0), (25.0, 20.0))]
-    merged = merge_rounds(rounds, ["jax-jit", "torch-eager"])
+    names = ["jax-stock-jit", "jax-fused-scan", "torch-stock-eager"]
+    rounds = [[result(n, v) for n, v in zip(names, values, strict=True)]
+              for values in ((10.0, 20.0, 10.0), (12.0, 30.0, 10.0), (11.0, 25.0, 20.0))]
+    merged = merge_rounds(rounds, names)
     assert [(r["variant"], r["train_images_per_sec"]) for r in merged] == \
-        [("jax-jit", 25.0), ("torch-eager", 10.0)]
-    assert merged[0]["rounds"] == [20.0, 30.0, 25.0]
-    assert (merged[0]["train_images_per_sec_min"], merged[0]["train_images_per_sec_max"]) == \
+        [("jax-stock-jit", 11.0), ("jax-fused-scan", 25.0), ("torch-stock-eager", 10.0)]
+    assert merged[1]["rounds"] == [20.0, 30.0, 25.0]
+    assert (merged[1]["train_images_per_sec_min"], merged[1]["train_images_per_sec_max"]) == \
         (19.0, 31.0)
-    (line,) = summary(merged, {"gemm_gflops": 1.0}, rounds)
-    assert "= 2.50×" in line and "within each of 3 rounds: 1.25–3.00×, median 2.00×" in line
+    same, tuned = summary(merged, {"gemm_gflops": 1.0}, rounds)
+    assert "same-math tier: JAX (stock, jit) 11 img/s vs torch (stock, eager) 10 img/s = 1.10×" \
+        in same and "within each of 3 rounds: 0.55–1.20×, median 1.00×" in same
+    assert "tuned tier: JAX (fused, scan) 25 img/s" in tuned and "= 2.50×" in tuned
+    assert "within each of 3 rounds: 1.25–3.00×, median 2.00×" in tuned

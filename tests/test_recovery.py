@@ -163,8 +163,11 @@ def test_jax_resume_with_steps_per_call_is_bit_exact(tmp_path, mnist_dir) -> Non
 def test_diverging_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(
         tmp_path, mnist_dir, framework: str) -> None:
     workdir = tmp_path / "run"
+    # one step per call, so that there is a checkpoint after every step (with K steps per
+    # call, JAX's checkpoints fall on the calls' boundaries)
+    per_call = ["--steps-per-call", "1"] if framework == "jax" else []
     res = _run([*_cmd(framework, workdir, mnist_dir), "--optimizer", "sgd", "--schedule",
-                "constant", "--lr", "1e8", "--checkpoint-every", "1"])
+                "constant", "--lr", "1e8", "--checkpoint-every", "1", *per_call])
     assert res.returncode == 3, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     match = re.search(r"error: the loss is (nan|inf|-inf) at step (\d+); run stopped.*"

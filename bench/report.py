@@ -1,0 +1,144 @@
+"""What ``python -m bench`` prints and draws: the table, the two tiers' headline ratios, the
+merge of interleaved rounds, and the chart."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SAME_MATH = {"jax": "jax-stock-jit", "torch": "torch-stock-eager"}
+"""The same-math tier: the frameworks' own layers, each in its usual execution mode."""
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The results as a markdown table."""
+    rows = ["| framework | kernels | mode | width | batch | train img/s (median [min, max]) | "
+            "infer img/s | batch-1 latency ms | warm-up s | threads | peak RSS MB |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        head = f"| {r['framework']} | {r['kernels']} | {r['mode']} | {r.get('width', 1):g} | " \
+               f"{r['batch_size']} |"
+        if "error" in r:
+            rows.append(f"{head} failed: {r['error']} | | | | | |")
+            continue
+        rows.append(
+            f"{head} {_fmt(r['train_images_per_sec'])} [{_fmt(r['train_images_per_sec_min'])}, "
+            f"{_fmt(r['train_images_per_sec_max'])}] | {_fmt(r['infer_images_per_sec'])} | "
+            f"{_fmt(r['latency_ms'], 3)} | {_fmt(r['compile_s'], 1)} | {r['threads']} | "
+            f"{_fmt(r['peak_rss_mb'])} |")
+    return "\n".join(rows)
+
+
+def _pick(results: list[dict[str, Any]], width: float, batch: int, framework: str,
+          variant: str | None = None):
+    """The fastest result of ``framework`` (or its ``variant``) at (width, batch)."""
+    group = [r for r in results if "error" not in r and r["width"] == width
+             and r["batch_size"] == batch and r["framework"] == framework
+             and (variant is None or r["variant"] == variant)]
+    return max(group, key=lambda r: r["train_images_per_sec"], default=None)
+
+
+def _tier_line(name: str, results, rounds, width: float, batch: int, same_math: bool,
+               env: dict[str, Any]) -> str | None:
+    def pair(rs):
+        return tuple(_pick(rs, width, batch, fw, SAME_MATH[fw] if same_math else None)
+                     for fw in ("jax", "torch"))
+
+    j, t = pair(results)
+    if not (j and t):
+        return None
+    line = (f"{name}: JAX ({j['kernels']}, {j['mode']}) {j['train_images_per_sec']:,.0f} img/s "
+            f"vs torch ({t['kernels']}, {t['mode']}) {t['train_images_per_sec']:,.0f} img/s = "
+            f"{j['train_images_per_sec'] / t['train_images_per_sec']:.2f}×")
+    ratios = [pj["train_images_per_sec"] / pt["train_images_per_sec"]
+              for rs in rounds or [] for pj, pt in [pair(rs)] if pj and pt]
+    if len(ratios) > 1:
+        line += (f" (within each of {len(ratios)} rounds: {min(ratios):.2f}–{max(ratios):.2f}×, "
+                 f"median {float(np.median(ratios)):.2f}×)")
+    bound = env["gemm_gflops"] * 1e9 / j["train_flops_per_image"]
+    return (f"{line}; JAX at {100 * j['train_images_per_sec'] / bound:.0f}% of the GEMM bound "
+            f"({bound:,.0f} img/s at {env['gemm_gflops']:.0f} GFLOP/s)")
+
+
+def summary(results: list[dict[str, Any]], env: dict[str, Any],
+            rounds: list[list[dict[str, Any]]] | None = None) -> list[str]:
+    """The headline per (width, batch): the same-math tier (stock kernels, jit vs eager) and the
+    tuned tier (each framework's fastest variant), with the range of the ratios measured within
+    each round when there are several."""
+    lines = []
+    ok = [r for r in results if "error" not in r]
+    for width in sorted({r["width"] for r in ok}):
+        for b in sorted({r["batch_size"] for r in ok}):
+            for name, same in (("same-math tier", True), ("tuned tier", False)):
+                line = _tier_line(name, ok, rounds, width, b, same, env)
+                if line:
+                    lines.append(f"width {width:g}, batch {b}, {line}")
+    return lines
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> list[dict[str, Any]]:
+    """One result per (width, batch, variant): the round whose training throughput is the
+    median of the rounds', with min and max over every round's repeats and each round's median
+    under ``rounds``."""
+    if len(rounds) == 1:
+        return rounds[0]
+    merged = []
+    key = lambda r: (r["width"], r["batch_size"], variants.index(r["variant"]))  # noqa: E731
+    for first in sorted(rounds[0], key=key):
+        same = [r for rs in rounds for r in rs if key(r) == key(first)]
+        ok = sorted((r for r in same if "error" not in r),
+                    key=lambda r: r["train_images_per_sec"])
+        if not ok:
+            merged.append(same[0])
+            continue
+        result = dict(ok[(len(ok) - 1) // 2])
+        result["train_images_per_sec_min"] = min(r["train_images_per_sec_min"] for r in ok)
+        result["train_images_per_sec_max"] = max(r["train_images_per_sec_max"] for r in ok)
+        result["rounds"] = [r["train_images_per_sec"] for r in same if "error" not in r]
+        merged.append(result)
+    return merged
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Bar chart: training and inference throughput per variant and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    widths = sorted({r["width"] for r in ok})
+    width = 1.0 if 1.0 in widths else widths[0]
+    ok = [r for r in ok if r["width"] == width]
+    variants = list(dict.fromkeys(r["variant"] for r in ok))
+    batches = sorted({r["batch_size"] for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(variants), 2)))
+    for ax, key, title in ((axes[0], "train_images_per_sec", "training"),
+                           (axes[1], "infer_images_per_sec", "inference")):
+        bar_w = 0.8 / max(len(variants), 1)
+        for k, v in enumerate(variants):
+            values = [next((r[key] for r in ok if r["variant"] == v and r["batch_size"] == b), 0)
+                      for b in batches]
+            ax.bar(np.arange(len(batches)) + k * bar_w, values, bar_w, label=v, color=colors[k])
+        ax.set_xticks(np.arange(len(batches)) + bar_w * (len(variants) - 1) / 2)
+        ax.set_xticklabels([str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images / s (median)")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}, {ok[0]['spec'] if ok else ''}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:
+        fig.savefig(f.name, dpi=110)
+    os.replace(f.name, path)
