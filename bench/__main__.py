@@ -33,6 +33,8 @@ VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS
 QUICK = ("jax-stock-jit", "jax-fused-jit", "jax-fused-scan", "torch-stock-eager",
          "torch-fused-eager", "torch-stock-channels-last")
 """``--quick``: both tiers' candidates, without torch.compile's warm-up."""
+SPECS = ("lenet5", "lenet5_bn")
+"""The specs measured by default: the tutorial's LeNet-5, and with batch norm and dropout."""
 ENV_PREFIXES = ("XLA_", "JAX_", "OMP_", "MKL_", "TORCH", "CUDA_VISIBLE")
 
 
@@ -61,7 +63,9 @@ def _variants(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--spec", default="lenet5", help="preset name or path to a JSON spec")
+    p.add_argument("--spec", type=_list(str, "preset names or JSON spec paths"),
+                   default=list(SPECS), metavar="SPECS",
+                   help="preset names or paths to JSON specs, comma-separated")
     p.add_argument("--batch-sizes", type=_list(int, "positive integers", lambda v: v > 0),
                    default=[1, 32, 128, 512])
     p.add_argument("--widths", type=_list(float, "positive numbers", lambda v: v > 0),
@@ -77,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
                    help="threads for torch (torch.set_num_threads; XLA uses all cores)")
     p.add_argument("--quick", action="store_true",
                    help=f"batch 128 only, fewer images, variants {', '.join(QUICK)}: both "
-                        "tiers in a few minutes")
+                        "tiers in a few minutes per spec")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure everything this many times, interleaved (each round in a "
                         "rotated variant order), and report medians over the rounds and the "
@@ -157,22 +161,24 @@ def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
     for k in range(args.rounds):
         order = variants[k % len(variants):] + variants[:k % len(variants)]
         results = []
-        for width in args.widths:
-            for batch in batches:
-                for variant in order:
-                    framework, kernels, mode = variant.split("-", 2)
-                    config = {"spec": args.spec, "framework": framework, "kernels": kernels,
-                              "mode": mode, "variant": variant, "batch_size": batch,
-                              "width": width, "steps": min(2_000, max(5, images // batch)),
-                              "repeats": args.repeats,
-                              "latency_calls": 50 if args.quick else 200,
-                              "threads": args.threads}
-                    r = measure(config, args.timeout)
-                    results.append(r)
-                    rate = ("failed: " + r["error"]) if "error" in r else (
-                        f"{r['train_images_per_sec']:,.0f} img/s train")
-                    print(f"  round {k + 1}/{args.rounds} {variant:30s} width {width:g} "
-                          f"batch {batch:5d}: {rate}", file=sys.stderr, flush=True)
+        for spec in args.spec:
+            for width in args.widths:
+                for batch in batches:
+                    for variant in order:
+                        framework, kernels, mode = variant.split("-", 2)
+                        config = {"spec": spec, "framework": framework, "kernels": kernels,
+                                  "mode": mode, "variant": variant, "batch_size": batch,
+                                  "width": width, "steps": min(2_000, max(5, images // batch)),
+                                  "repeats": args.repeats,
+                                  "latency_calls": 50 if args.quick else 200,
+                                  "threads": args.threads}
+                        r = measure(config, args.timeout)
+                        results.append(r)
+                        rate = ("failed: " + r["error"]) if "error" in r else (
+                            f"{r['train_images_per_sec']:,.0f} img/s train")
+                        print(f"  round {k + 1}/{args.rounds} {spec} {variant:30s} width "
+                              f"{width:g} batch {batch:5d}: {rate}", file=sys.stderr,
+                              flush=True)
         rounds.append(results)
     return {"results": report.merge_rounds(rounds, variants), "rounds": rounds}
 

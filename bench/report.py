@@ -20,12 +20,12 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table."""
-    rows = ["| framework | kernels | mode | width | batch | train img/s (median [min, max]) | "
-            "infer img/s | batch-1 latency ms | warm-up s | threads | peak RSS MB |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| spec | framework | kernels | mode | width | batch | train img/s (median [min, max]) "
+            "| infer img/s | batch-1 latency ms | warm-up s | threads | peak RSS MB |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        head = f"| {r['framework']} | {r['kernels']} | {r['mode']} | {r.get('width', 1):g} | " \
-               f"{r['batch_size']} |"
+        head = f"| {r['spec']} | {r['framework']} | {r['kernels']} | {r['mode']} | " \
+               f"{r.get('width', 1):g} | {r['batch_size']} |"
         if "error" in r:
             rows.append(f"{head} failed: {r['error']} | | | | | |")
             continue
@@ -37,19 +37,19 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def _pick(results: list[dict[str, Any]], width: float, batch: int, framework: str,
+def _pick(results: list[dict[str, Any]], spec: str, width: float, batch: int, framework: str,
           variant: str | None = None):
-    """The fastest result of ``framework`` (or its ``variant``) at (width, batch)."""
-    group = [r for r in results if "error" not in r and r["width"] == width
+    """The fastest result of ``framework`` (or its ``variant``) at (spec, width, batch)."""
+    group = [r for r in results if "error" not in r and r["spec"] == spec and r["width"] == width
              and r["batch_size"] == batch and r["framework"] == framework
              and (variant is None or r["variant"] == variant)]
     return max(group, key=lambda r: r["train_images_per_sec"], default=None)
 
 
-def _tier_line(name: str, results, rounds, width: float, batch: int, same_math: bool,
-               env: dict[str, Any]) -> str | None:
+def _tier_line(name: str, results, rounds, spec: str, width: float, batch: int,
+               same_math: bool, env: dict[str, Any]) -> str | None:
     def pair(rs):
-        return tuple(_pick(rs, width, batch, fw, SAME_MATH[fw] if same_math else None)
+        return tuple(_pick(rs, spec, width, batch, fw, SAME_MATH[fw] if same_math else None)
                      for fw in ("jax", "torch"))
 
     j, t = pair(results)
@@ -70,28 +70,31 @@ def _tier_line(name: str, results, rounds, width: float, batch: int, same_math: 
 
 def summary(results: list[dict[str, Any]], env: dict[str, Any],
             rounds: list[list[dict[str, Any]]] | None = None) -> list[str]:
-    """The headline per (width, batch): the same-math tier (stock kernels, jit vs eager) and the
-    tuned tier (each framework's fastest variant), with the range of the ratios measured within
-    each round when there are several."""
+    """The headline per (spec, width, batch): the same-math tier (stock kernels, jit vs eager)
+    and the tuned tier (each framework's fastest variant), with the range of the ratios measured
+    within each round when there are several."""
     lines = []
     ok = [r for r in results if "error" not in r]
-    for width in sorted({r["width"] for r in ok}):
-        for b in sorted({r["batch_size"] for r in ok}):
-            for name, same in (("same-math tier", True), ("tuned tier", False)):
-                line = _tier_line(name, ok, rounds, width, b, same, env)
-                if line:
-                    lines.append(f"width {width:g}, batch {b}, {line}")
+    for spec in dict.fromkeys(r["spec"] for r in ok):
+        for width in sorted({r["width"] for r in ok}):
+            for b in sorted({r["batch_size"] for r in ok}):
+                for name, same in (("same-math tier", True), ("tuned tier", False)):
+                    line = _tier_line(name, ok, rounds, spec, width, b, same, env)
+                    if line:
+                        lines.append(f"{spec}, width {width:g}, batch {b}, {line}")
     return lines
 
 
 def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> list[dict[str, Any]]:
-    """One result per (width, batch, variant): the round whose training throughput is the
+    """One result per (spec, width, batch, variant): the round whose training throughput is the
     median of the rounds', with min and max over every round's repeats and each round's median
     under ``rounds``."""
     if len(rounds) == 1:
         return rounds[0]
     merged = []
-    key = lambda r: (r["width"], r["batch_size"], variants.index(r["variant"]))  # noqa: E731
+    specs = list(dict.fromkeys(r["spec"] for r in rounds[0]))
+    key = lambda r: (specs.index(r["spec"]), r["width"], r["batch_size"],  # noqa: E731
+                     variants.index(r["variant"]))
     for first in sorted(rounds[0], key=key):
         same = [r for rs in rounds for r in rs if key(r) == key(first)]
         ok = sorted((r for r in same if "error" not in r),
@@ -108,7 +111,8 @@ def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> lis
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
-    """Bar chart: training and inference throughput per variant and batch size."""
+    """Bar chart: training and inference throughput per variant and batch size, one row of
+    two panels per spec."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,25 +122,29 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     widths = sorted({r["width"] for r in ok})
     width = 1.0 if 1.0 in widths else widths[0]
     ok = [r for r in ok if r["width"] == width]
+    specs = list(dict.fromkeys(r["spec"] for r in ok))
     variants = list(dict.fromkeys(r["variant"] for r in ok))
     batches = sorted({r["batch_size"] for r in ok})
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(len(specs), 2, figsize=(13, 5 * len(specs)), squeeze=False)
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(variants), 2)))
-    for ax, key, title in ((axes[0], "train_images_per_sec", "training"),
-                           (axes[1], "infer_images_per_sec", "inference")):
-        bar_w = 0.8 / max(len(variants), 1)
-        for k, v in enumerate(variants):
-            values = [next((r[key] for r in ok if r["variant"] == v and r["batch_size"] == b), 0)
-                      for b in batches]
-            ax.bar(np.arange(len(batches)) + k * bar_w, values, bar_w, label=v, color=colors[k])
-        ax.set_xticks(np.arange(len(batches)) + bar_w * (len(variants) - 1) / 2)
-        ax.set_xticklabels([str(b) for b in batches])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("images / s (median)")
-        ax.set_yscale("log")
-        ax.set_title(f"{title}, {ok[0]['spec'] if ok else ''}")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
+    bar_w = 0.8 / max(len(variants), 1)
+    for row, spec in zip(axes, specs, strict=True):
+        mine = [r for r in ok if r["spec"] == spec]
+        for ax, key, title in ((row[0], "train_images_per_sec", "training"),
+                               (row[1], "infer_images_per_sec", "inference")):
+            for k, v in enumerate(variants):
+                values = [next((r[key] for r in mine if r["variant"] == v
+                                and r["batch_size"] == b), 0) for b in batches]
+                ax.bar(np.arange(len(batches)) + k * bar_w, values, bar_w, label=v,
+                       color=colors[k])
+            ax.set_xticks(np.arange(len(batches)) + bar_w * (len(variants) - 1) / 2)
+            ax.set_xticklabels([str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("images / s (median)")
+            ax.set_yscale("log")
+            ax.set_title(f"{title}, {spec}")
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:

@@ -64,31 +64,32 @@ def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, rep
     from lenet_jax.loss import loss_fn
     from lenet_jax.model import build
     from lenet_jax.optim import make_tx
-    from lenet_jax.train import make_steps
+    from lenet_jax.train import make_steps, split_for_training
 
     rng = np.random.default_rng(0)
     c, h, w = spec.input_shape
     images = jax.device_put(rng.standard_normal((POOL, h, w, c)).astype(np.float32))
     labels = jax.device_put(rng.integers(0, spec.num_classes, POOL).astype(np.int32))
-    graphdef, params = nnx.split(build(spec, seed=0, kernels=kernels))
+    graphdef, eval_graphdef, params, stats, rest = split_for_training(
+        build(spec, seed=0, kernels=kernels))
     tx = make_tx("adam", 1e-3)
-    opt_state = tx.init(params)
-    train_step, train_steps, _ = make_steps(graphdef, tx, loss_fn("ce"))
+    train_step, train_steps, _ = make_steps(graphdef, eval_graphdef, tx, loss_fn("ce"))
     idx = _indices(batch, steps)
-    state = [params, opt_state]
+    carry = [(params, stats, tx.init(params))]
+    first = np.int32(0)
 
     if mode == "jit":
         def block() -> None:
-            p, o = state
+            state = carry[0]
             for i in range(steps):
-                p, o, _, _ = train_step(p, o, images, labels, idx[i])
-            jax.block_until_ready(p)
-            state[:] = [p, o]
+                state, _, _ = train_step(state, rest, images, labels, idx[i], first)
+            jax.block_until_ready(state)
+            carry[0] = state
     else:  # scan: the whole block of steps in one dispatch
         def block() -> None:
-            p, o, _, _ = train_steps(*state, images, labels, idx)
-            jax.block_until_ready(p)
-            state[:] = [p, o]
+            state, _, _ = train_steps(carry[0], rest, images, labels, idx, first)
+            jax.block_until_ready(state)
+            carry[0] = state
 
     t0 = time.perf_counter()
     block()  # compiles
@@ -97,27 +98,28 @@ def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, rep
     train = _time_blocks(block, repeats)
 
     @jax.jit
-    def predict(params, x):
-        return nnx.merge(graphdef, params)(x)
+    def predict(params, stats, x):
+        return nnx.merge(eval_graphdef, params, stats, rest)(x)
 
+    params, stats, _ = carry[0]
     x = images[:batch]
     t0 = time.perf_counter()
-    jax.block_until_ready(predict(state[0], x))
+    jax.block_until_ready(predict(params, stats, x))
     compile_s += time.perf_counter() - t0
 
     def infer_block() -> None:
         for _ in range(steps):
-            out = predict(state[0], x)
+            out = predict(params, stats, x)
         jax.block_until_ready(out)
 
     infer_block()
     infer = _time_blocks(infer_block, repeats)
     one = images[:1]
-    jax.block_until_ready(predict(state[0], one))
+    jax.block_until_ready(predict(params, stats, one))
     latency = []
     for _ in range(latency_calls):
         t0 = time.perf_counter()
-        jax.block_until_ready(predict(state[0], one))
+        jax.block_until_ready(predict(params, stats, one))
         latency.append(time.perf_counter() - t0)
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
@@ -222,7 +224,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     latency = _stats([1000 * t for t in raw["latency_s"]])
     return {
         "framework": framework, "kernels": kernels, "mode": mode,
-        "variant": f"{framework}-{kernels}-{mode}", "spec": spec.name,
+        "variant": f"{framework}-{kernels}-{mode}", "spec": config["spec"],
+        "network": spec.name,
         "width": config.get("width", 1), "batch_size": batch, "steps_per_repeat": steps,
         "train_images_per_sec": train["median"], "train_images_per_sec_min": train["min"],
         "train_images_per_sec_max": train["max"],

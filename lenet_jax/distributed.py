@@ -99,6 +99,20 @@ def shardings(batch_size: int) -> tuple[NamedSharding, dict[int, NamedSharding]]
                                       2: NamedSharding(mesh, P(None, "batch"))}
 
 
+def replicate(tree, sharding: NamedSharding):
+    """``tree`` placed on ``sharding``'s devices (every process must pass the same values).
+    Random keys travel as their key data: ``device_put`` refuses key arrays for devices of
+    other processes."""
+    def put(leaf):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(leaf), sharding),
+                                            impl=jax.random.key_impl(leaf))
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(put, tree)
+
+
 class Processes:
     """The backend's part in joining, polling and leaving the run's other processes."""
 

@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lenet_spec.spec import AvgPool, Conv, MaxPool, ReLU, Sigmoid, Tanh
+from lenet_spec.spec import ACTIVATION_TYPES, AvgPool, Conv, MaxPool, is_monotone
 
 KERNELS = ("auto", "stock", "fused")
-MONOTONE = {ReLU: jax.nn.relu, Tanh: jnp.tanh, Sigmoid: jax.nn.sigmoid}
-"""Activations that commute with a max-pool (non-decreasing), so they can follow it."""
 
 
 def resolve(kernels: str) -> str:
@@ -38,37 +36,54 @@ def resolve(kernels: str) -> str:
     return kernels
 
 
-def forward(net: Any, x: jax.Array) -> jax.Array:
+def forward(net: Any, x: jax.Array, rngs: Any = None) -> jax.Array:
     """``net``'s logits for NHWC ``x``, fused where a formulation applies, else by ``net``'s own
-    layers."""
+    layers (dropout drawing from ``rngs``)."""
     layers, i = net.spec.layers, 0
     while i < len(layers):
         span = conv_pool_span(layers, i)
         layer = layers[i]
         if span:  # conv [+ activation] + max-pool, computed together
+            module, act = getattr(net, layer.name), layers[i + 1] if span == 3 else None
+            x = conv_max_pool(x, module.kernel[...], _bias(module), layer.padding,
+                              layers[i + span - 1].kernel_size,
+                              act and (lambda y, act=act: net.apply_layer(act, y)))
+        elif plain_conv(layer) and getattr(net, layer.name).in_features == 1:
             module = getattr(net, layer.name)
-            x = conv_max_pool(x, module.kernel[...], module.bias[...], layer.padding,
-                              layers[i + span - 1].kernel_size, MONOTONE.get(type(layers[i + 1])))
-        elif isinstance(layer, Conv) and getattr(net, layer.name).in_features == 1:
-            module = getattr(net, layer.name)
-            x = conv_one_channel(x, module.kernel[...], module.bias[...], layer.stride,
+            x = conv_one_channel(x, module.kernel[...], _bias(module), layer.stride,
                                  layer.padding)
         elif isinstance(layer, (MaxPool, AvgPool)) and layer.stride == layer.kernel_size:
             x = pool(x, layer.kernel_size, "max" if isinstance(layer, MaxPool) else "mean")
         else:
-            x = net.apply_layer(layer, x)
+            x = net.apply_layer(layer, x, rngs)
         i += span or 1
     return x
 
 
+def _bias(module: Any) -> jax.Array:
+    """A conv's bias, or zeros (which add nothing) when it has none."""
+    if module.bias is None:
+        return jnp.zeros(module.out_features, module.kernel[...].dtype)
+    return module.bias[...]
+
+
+def plain_conv(layer: object) -> bool:
+    """A conv the fused formulations compute: no dilation, one group (bias or not)."""
+    return isinstance(layer, Conv) and layer.dilation == (1, 1) and layer.groups == 1
+
+
 def conv_pool_span(layers: tuple, i: int) -> int:
     """How many layers from ``i`` :func:`conv_max_pool` computes at once: 3 for conv, monotone
-    activation, max-pool; 2 for conv, max-pool; 0 if the layers differ, the conv is strided,
-    or the pool's windows overlap."""
+    activation, max-pool; 2 for conv, max-pool; 0 if anything else stands between them
+    (batch_norm, dropout, a non-monotone activation such as gelu), the conv is strided, dilated
+    or grouped, or the pool's windows overlap."""
     conv = layers[i]
-    if not isinstance(conv, Conv) or conv.stride != (1, 1):
+    if not plain_conv(conv) or conv.stride != (1, 1):
         return 0
-    span = 3 if i + 1 < len(layers) and type(layers[i + 1]) in MONOTONE else 2
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    if isinstance(nxt, ACTIVATION_TYPES) and not is_monotone(nxt):
+        return 0
+    span = 3 if isinstance(nxt, ACTIVATION_TYPES) else 2
     last = layers[i + span - 1] if i + span - 1 < len(layers) else None
     if not isinstance(last, MaxPool) or last.kernel_size != last.stride:
         return 0

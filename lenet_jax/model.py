@@ -1,8 +1,10 @@
 """The Flax NNX port: ``build(spec) -> LeNet``, an ``nnx.Module`` that owns its parameters.
 
-Parameterised layers are submodules named as in the spec (``net.conv1``); activations,
-pooling and flatten are applied functionally in ``__call__``. Input NHWC float32, output
-logits (N, classes).
+Parameterised layers are submodules named as in the spec (``net.conv1``, ``net.bn1``);
+activations, dropout, pooling and flatten are applied functionally in ``__call__``. Input NHWC
+float32, output logits (N, classes). ``net.train()`` (the default) / ``net.eval()`` switch
+batch_norm between batch and running statistics and dropout on and off, as in Flax; dropout
+draws from ``rngs`` given to the call, else from the model's own stream.
 
 ``kernels="stock"`` computes every layer with Flax's own layers (``nnx.Conv``, ``nnx.max_pool``,
 …), the line-by-line translation of the torch port; ``"fused"`` computes it with the tuned
@@ -12,7 +14,8 @@ Layouts differ from torch's in exactly one place, the conversion in ``get_weight
 ``set_weights``: conv kernels are HWIO here and OIHW canonically, linear kernels are
 (in, out) here and (out, in) canonically, and because this model flattens NHWC activations in
 H, W, C order, the rows of the first linear layer after a flatten are permuted from the
-canonical C, H, W order.
+canonical C, H, W order. batch_norm follows torch's conventions, the canonical ones
+(:class:`CanonicalBatchNorm`).
 """
 
 from __future__ import annotations
@@ -28,11 +31,38 @@ from flax import nnx
 
 from lenet_jax import kernels as fused
 from lenet_spec import Spec, check_weights, load_spec
-from lenet_spec.spec import AvgPool, Conv, Flatten, LayerInfo, Linear, MaxPool, ReLU, Sigmoid, Tanh
+from lenet_spec.spec import (
+    ELU,
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Dropout2d,
+    Flatten,
+    LayerInfo,
+    LeakyReLU,
+    Linear,
+    MaxPool,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Tanh,
+)
 
 INITS = ("torch", "lecun_normal")
-ACTIVATIONS = {ReLU: jax.nn.relu, Tanh: jnp.tanh, Sigmoid: jax.nn.sigmoid}
-"""The spec's activation layers."""
+ACTIVATIONS = {
+    ReLU: lambda layer, x: jax.nn.relu(x),
+    Tanh: lambda layer, x: jnp.tanh(x),
+    Sigmoid: lambda layer, x: jax.nn.sigmoid(x),
+    GELU: lambda layer, x: jax.nn.gelu(x, approximate=layer.approximate == "tanh"),
+    # at exactly 0 torch's slope is the negative one, jax.nn.leaky_relu's is 1
+    LeakyReLU: lambda layer, x: jnp.where(x > 0, x, layer.negative_slope * x),
+    ELU: lambda layer, x: jax.nn.elu(x, layer.alpha),
+    SiLU: lambda layer, x: jax.nn.silu(x),
+}
+"""The spec's activation layers, with the spec's (torch's) defaults: GELU is exact (erf)
+unless the spec asks for the tanh approximation, which is Flax's and JAX's default."""
 
 
 def _uniform(bound: float) -> nnx.Initializer:
@@ -57,6 +87,73 @@ def initializers(fan_in: int, init: str = "torch") -> tuple[nnx.Initializer, nnx
     raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
 
 
+class CanonicalBatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` with torch's conventions, the canonical ones: ``momentum`` given as
+    torch's (Flax's is 1 − it); the batch variance computed in two passes (Flax's default
+    E[x²] − E[x]² loses precision when the mean is large); the running variance updated with
+    the unbiased batch variance (× n/(n−1), n = values per channel) while the batch is
+    normalised with the biased one; the training batches counted (``num_batches_tracked``);
+    and, in training, one value per channel refused, as torch refuses it (Flax would divide by
+    a zero variance)."""
+
+    def __init__(self, num_features: int, layer: BatchNorm, *, rngs: nnx.Rngs) -> None:
+        super().__init__(num_features, momentum=1 - layer.momentum, epsilon=layer.eps,
+                         use_bias=layer.affine, use_scale=layer.affine, use_fast_variance=False,
+                         rngs=rngs)
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        running = self.use_running_average if use_running_average is None \
+            else use_running_average
+        if running:
+            return super().__call__(x, use_running_average=True)
+        axes = tuple(range(x.ndim - 1))
+        n = math.prod(x.shape[a] for a in axes)
+        if n < 2:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {tuple(x.shape)}")
+        y, mean, var = normalise(x, self.epsilon)
+        m = self.momentum
+        self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+        self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var * (n / (n - 1)))
+        self.num_batches_tracked[...] += 1
+        if self.scale is not None:
+            y = y * self.scale[...] + self.bias[...]
+        return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def normalise(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x̂, mean, variance) of ``x`` per channel (the last axis) over all other axes: the
+    biased variance in two passes around a corrected mean. Its gradient is torch's closed form
+    dx = (dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) / σ rather than autodiff's chain through the two
+    passes: on 40 random batches its dx matched torch's to a median 5.5e-8 of the largest
+    element (autodiff's: 1.0e-7)."""
+    return _normalise(x, eps)[0]
+
+
+def _normalise(x: jax.Array, eps: float):
+    axes = tuple(range(x.ndim - 1))
+    rough = x.mean(axes)
+    mean = rough + (x - rough).mean(axes)  # corrects float32's rounding of a large mean
+    var = jnp.square(x - mean).mean(axes)
+    invstd = jax.lax.rsqrt(var + eps)
+    xhat = (x - mean) * invstd
+    return (xhat, mean, var), (xhat, invstd, x - mean)
+
+
+def _normalise_bwd(eps: float, saved, cotangents):
+    xhat, invstd, centred = saved
+    dxhat, dmean, dvar = cotangents
+    axes = tuple(range(xhat.ndim - 1))
+    n = math.prod(xhat.shape[a] for a in axes)
+    dx = invstd * (dxhat - dxhat.mean(axes) - xhat * (dxhat * xhat).mean(axes))
+    return (dx + dmean / n + dvar * 2 * centred / n,)
+
+
+normalise.defvjp(_normalise, _normalise_bwd)
+
+
 class LeNet(nnx.Module):
     """A network built from a :class:`~lenet_spec.Spec`."""
 
@@ -64,35 +161,45 @@ class LeNet(nnx.Module):
                  rngs: nnx.Rngs) -> None:
         self.spec = spec
         self.kernels = fused.resolve(kernels)
+        self.deterministic = False  # dropout off when true: net.eval() sets it, net.train() not
         for info in spec.infos:
-            layer = info.layer
-            if not info.params:
+            layer, channels = info.layer, info.in_shape[0]
+            if isinstance(layer, BatchNorm):
+                setattr(self, layer.name, CanonicalBatchNorm(channels, layer, rngs=rngs))
+                continue
+            if not isinstance(layer, (Conv, Linear)):
                 continue
             kernel_init, bias_init = initializers(info.fan_in, init)
             if isinstance(layer, Conv):
                 (ph, pw) = layer.padding
-                module = nnx.Conv(info.in_shape[0], layer.out_channels, layer.kernel_size,
+                module = nnx.Conv(channels, layer.out_channels, layer.kernel_size,
                                   strides=layer.stride, padding=((ph, ph), (pw, pw)),
-                                  kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                                  kernel_dilation=layer.dilation, feature_group_count=layer.groups,
+                                  use_bias=layer.bias, kernel_init=kernel_init,
+                                  bias_init=bias_init, rngs=rngs)
             else:
-                module = nnx.Linear(info.in_shape[0], layer.out_features,
+                module = nnx.Linear(channels, layer.out_features, use_bias=layer.bias,
                                     kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
             setattr(self, layer.name, module)
+        if any(isinstance(layer, (Dropout, Dropout2d)) for layer in spec.layers):
+            self.rngs = rngs  # the stream dropout draws from when a call brings none
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         check_input(self.spec, x)
         if self.kernels == "fused":
-            return fused.forward(self, x)
+            return fused.forward(self, x, rngs)
         for layer in self.spec.layers:
-            x = self.apply_layer(layer, x)
+            x = self.apply_layer(layer, x, rngs)
         return x
 
-    def apply_layer(self, layer: object, x: jax.Array) -> jax.Array:
+    def apply_layer(self, layer: object, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """One layer of the spec applied to ``x`` by Flax's own layers."""
-        if isinstance(layer, (Conv, Linear)):
+        if isinstance(layer, (Conv, Linear, BatchNorm)):
             return getattr(self, layer.name)(x)
         if type(layer) in ACTIVATIONS:
-            return ACTIVATIONS[type(layer)](x)
+            return ACTIVATIONS[type(layer)](layer, x)
+        if isinstance(layer, (Dropout, Dropout2d)):
+            return self.dropout(layer, x, rngs)
         if isinstance(layer, MaxPool):
             return nnx.max_pool(x, layer.kernel_size, layer.stride)
         if isinstance(layer, AvgPool):
@@ -100,6 +207,23 @@ class LeNet(nnx.Module):
         if isinstance(layer, Flatten):
             return x.reshape(x.shape[0], -1)
         raise TypeError(f"unknown layer {layer!r}")
+
+    def dropout(self, layer: Dropout | Dropout2d, x: jax.Array,
+                rngs: nnx.Rngs | None = None) -> jax.Array:
+        """In training, each element (dropout) or each channel of each image (dropout2d) kept
+        with probability 1 − p and scaled by 1 / (1 − p), as ``nnx.Dropout`` does; the identity
+        in evaluation."""
+        if self.deterministic or layer.p == 0:
+            return x
+        shape = x.shape if isinstance(layer, Dropout) else (x.shape[0], 1, 1, x.shape[3])
+        keep = keep_mask((rngs or self.rngs).dropout(), layer.p, shape)
+        return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / (1 - layer.p),
+                              jnp.zeros_like(x))
+
+
+def keep_mask(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
+    """Which elements dropout keeps: each independently with probability 1 − p."""
+    return jax.random.bernoulli(key, 1 - p, shape)
 
 
 def check_input(spec: Spec, x: jax.Array) -> None:
@@ -131,12 +255,12 @@ def _constructor(spec: Spec, init: str, kernels: str):
     return nnx.jit(lambda key: LeNet(spec, init=init, kernels=kernels, rngs=nnx.Rngs(key)))
 
 
-def layer_outputs(net: LeNet, x: jax.Array) -> list[jax.Array]:
-    """The output of every layer of the spec, in order, for input ``x``."""
+def layer_outputs(net: LeNet, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+    """The output of every layer of the spec, in order, for input ``x`` (in the net's mode)."""
     check_input(net.spec, x)
     outputs = []
     for layer in net.spec.layers:
-        x = net.apply_layer(layer, x)
+        x = net.apply_layer(layer, x, rngs)
         outputs.append(x)
     return outputs
 
@@ -150,6 +274,11 @@ def layer_param_counts(net: LeNet) -> dict[str, int]:
         for info in net.spec.infos
         if info.params
     }
+
+
+BN_NAMES = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var",
+            "num_batches_tracked": "num_batches_tracked"}
+"""Canonical (torch's) names of a batch_norm's tensors -> the JAX module's attributes."""
 
 
 def _to_canonical(info: LayerInfo, kernel: np.ndarray) -> np.ndarray:
@@ -172,14 +301,19 @@ def _from_canonical(info: LayerInfo, weight: np.ndarray) -> np.ndarray:
 
 
 def get_weights(net: LeNet) -> dict[str, np.ndarray]:
-    """The canonical weights: torch's names and layouts."""
+    """The canonical weights, parameters and buffers: torch's names, layouts and dtypes."""
     weights = {}
     for info in net.spec.infos:
-        if info.params:
-            module = getattr(net, info.label)
+        module = getattr(net, info.label, None) if info.params or info.buffers else None
+        if isinstance(info.layer, BatchNorm):
+            for name in (*info.params, *info.buffers):
+                value = np.array(getattr(module, BN_NAMES[name.rsplit(".", 1)[1]])[...])
+                weights[name] = value.astype(np.int64) if value.dtype.kind == "i" else value
+        elif module is not None:
             kernel = np.asarray(module.kernel[...])
             weights[f"{info.label}.weight"] = np.ascontiguousarray(_to_canonical(info, kernel))
-            weights[f"{info.label}.bias"] = np.array(module.bias[...])
+            if module.bias is not None:
+                weights[f"{info.label}.bias"] = np.array(module.bias[...])
     return weights
 
 
@@ -187,8 +321,14 @@ def set_weights(net: LeNet, weights: Mapping[str, np.ndarray]) -> None:
     """Load canonical ``weights``; a mismatch names the first tensor and both shapes."""
     check_weights(net.spec, weights)
     for info in net.spec.infos:
-        if info.params:
-            module = getattr(net, info.label)
+        module = getattr(net, info.label, None) if info.params or info.buffers else None
+        if isinstance(info.layer, BatchNorm):
+            for name in (*info.params, *info.buffers):
+                target = getattr(module, BN_NAMES[name.rsplit(".", 1)[1]])
+                target[...] = jnp.asarray(np.asarray(weights[name]), dtype=target[...].dtype)
+        elif module is not None:
             weight = np.asarray(weights[f"{info.label}.weight"], dtype=np.float32)
             module.kernel[...] = jnp.asarray(_from_canonical(info, weight))
-            module.bias[...] = jnp.asarray(np.asarray(weights[f"{info.label}.bias"], np.float32))
+            if module.bias is not None:
+                module.bias[...] = jnp.asarray(np.asarray(weights[f"{info.label}.bias"],
+                                                          np.float32))

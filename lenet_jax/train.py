@@ -32,37 +32,65 @@ from lenet_train.run import Run, State
 EVAL_BATCH = 1000
 
 
-def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss):
-    """The jitted train step, its ``lax.scan`` over several batches, and the eval step."""
+DROPOUT_STREAM = 1
+"""Dropout's keys are ``fold_in(fold_in(key(seed), DROPOUT_STREAM), step)``: a function of the
+seed and the step alone, so a resumed run draws the same masks, and (JAX's random bits being
+partitionable) any device layout draws the same mask for each example of the global batch."""
 
-    def loss_and_logits(params, x, y):
-        logits = nnx.merge(graphdef, params)(x)
-        return loss(logits, y), logits
 
-    def step(params, opt_state, images, labels, idx):
+def split_for_training(net: nnx.Module):
+    """(train graph, eval graph, parameters, batch statistics, the rest) of ``net``: the
+    parameters are differentiated, the statistics threaded through each step, and the two
+    graph definitions differ only in ``train()`` / ``eval()`` mode."""
+    net.eval()
+    eval_graphdef = nnx.graphdef(net)
+    net.train()
+    graphdef, params, stats, rest = nnx.split(net, nnx.Param, nnx.BatchStat, ...)
+    return graphdef, eval_graphdef, params, stats, rest
+
+
+def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, loss, seed: int = 0):
+    """The jitted train step on one batch, its ``lax.scan`` over several, and the eval step.
+
+    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
+    to (the new state, loss, correct count); the state is donated."""
+    dropout_base = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+
+    def loss_and_aux(params, stats, rest, x, y, step):
+        # copy: fresh Variables of this trace level, which batch_norm may update
+        model = nnx.merge(graphdef, params, stats, rest, copy=True)
+        logits = model(x, rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step)))
+        return loss(logits, y), (logits, nnx.state(model, nnx.BatchStat))
+
+    def step(state, rest, images, labels, idx, i):
+        params, stats, opt_state = state
         x, y = images[idx], labels[idx]
-        (value, logits), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params, x, y)
+        (value, (logits, stats)), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
+            params, stats, rest, x, y, i)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, value, jnp.sum(jnp.argmax(logits, -1) == y)
+        return (params, stats, opt_state), value, jnp.sum(jnp.argmax(logits, -1) == y)
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, images, labels, idx):
-        return step(params, opt_state, images, labels, idx)
+    @partial(jax.jit, donate_argnums=(0,))
+    def train_step(state, rest, images, labels, idx, i):
+        return step(state, rest, images, labels, idx, i)
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def train_steps(params, opt_state, images, labels, idxs):
-        def body(carry, idx):
-            params, opt_state, value, correct = step(*carry, images, labels, idx)
-            return (params, opt_state), (value, correct)
+    @partial(jax.jit, donate_argnums=(0,))
+    def train_steps(state, rest, images, labels, idxs, first):
+        def body(state, k_idx):
+            k, idx = k_idx
+            state, value, correct = step(state, rest, images, labels, idx, first + k)
+            return state, (value, correct)
 
-        (params, opt_state), (values, corrects) = jax.lax.scan(body, (params, opt_state), idxs)
-        return params, opt_state, values, jnp.sum(corrects)
+        state, (values, corrects) = jax.lax.scan(
+            body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs))
+        return state, values, jnp.sum(corrects)
 
     @jax.jit
-    def eval_step(params, x, y):
-        value, logits = loss_and_logits(params, x, y)
-        return value * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
+    def eval_step(params, stats, rest, x, y):
+        logits = nnx.merge(eval_graphdef, params, stats, rest)(x)
+        return loss(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
 
     return train_step, train_steps, eval_step
 
@@ -113,7 +141,7 @@ class JaxBackend(distributed.Processes):
         lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
         schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
         tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
-        self.graphdef, params = nnx.split(net)
+        self.graphdef, eval_graphdef, params, stats, rest = split_for_training(net)
         opt_state = tx.init(params)
         if restore:
             try:
@@ -121,9 +149,10 @@ class JaxBackend(distributed.Processes):
             except ValueError as e:
                 raise StateError(str(e)) from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
-            self.graphdef, tx, loss_fn(args.loss))
+            self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed)
         replicated, self.split = distributed.shardings(args.batch_size)
-        self.params, self.opt_state = jax.device_put((params, opt_state), replicated)
+        self.train_state, self.rest = distributed.replicate(((params, stats, opt_state), rest),
+                                                            replicated)
         # NCHW -> NHWC once; the data then stays on the devices for the whole run
         self.train_x, self.test_x = (jax.device_put(x.transpose(0, 2, 3, 1), replicated)
                                      for x in (run.train_x, run.test_x))
@@ -140,8 +169,8 @@ class JaxBackend(distributed.Processes):
         else:
             idx = jax.device_put(self.order[first], self.split[1])
             run_steps = self.train_step
-        self.params, self.opt_state, values, correct = run_steps(
-            self.params, self.opt_state, self.train_x, self.train_y, idx)
+        self.train_state, values, correct = run_steps(self.train_state, self.rest, self.train_x,
+                                                self.train_y, idx, np.int32(step))
         return values, correct
 
     def fetch(self, pending) -> tuple[np.ndarray, int]:
@@ -150,14 +179,16 @@ class JaxBackend(distributed.Processes):
 
     def evaluate(self) -> tuple[float, float]:
         x, y = self.test_x, self.test_y
-        sums = [self.eval_step(self.params, x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH])
-                for i in range(0, len(x), EVAL_BATCH)]
+        params, stats, _ = self.train_state
+        sums = [self.eval_step(params, stats, self.rest, x[i : i + EVAL_BATCH],
+                               y[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
         total_loss, correct = (float(sum(s[k] for s in sums)) for k in (0, 1))
         return total_loss / len(x), correct / len(x)
 
     def state(self) -> State:
-        return State(get_weights(nnx.merge(self.graphdef, self.params)),
-                     optimizer_tensors(self.opt_state))
+        params, stats, opt_state = self.train_state
+        return State(get_weights(nnx.merge(self.graphdef, params, stats, self.rest)),
+                     optimizer_tensors(opt_state))
 
 
 def main(argv: list[str] | None = None) -> int:

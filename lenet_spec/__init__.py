@@ -2,14 +2,21 @@
 
 from lenet_spec.presets import PRESETS
 from lenet_spec.spec import (
+    ELU,
+    GELU,
     AvgPool,
+    BatchNorm,
     Conv,
+    Dropout,
+    Dropout2d,
     Flatten,
     LayerInfo,
+    LeakyReLU,
     Linear,
     MaxPool,
     ReLU,
     Sigmoid,
+    SiLU,
     Spec,
     SpecError,
     Tanh,
@@ -19,7 +26,8 @@ from lenet_spec.spec import (
 from lenet_spec.weights import WeightsError, check_weights, load_weights, save_weights
 
 __all__ = [
-    "PRESETS", "AvgPool", "Conv", "Flatten", "LayerInfo", "Linear", "MaxPool", "ReLU",
-    "Sigmoid", "Spec", "SpecError", "Tanh", "WeightsError", "check_weights", "load_spec",
-    "load_weights", "parse_spec_json", "save_weights",
+    "ELU", "GELU", "PRESETS", "AvgPool", "BatchNorm", "Conv", "Dropout", "Dropout2d", "Flatten",
+    "LayerInfo", "LeakyReLU", "Linear", "MaxPool", "ReLU", "SiLU", "Sigmoid", "Spec",
+    "SpecError", "Tanh", "WeightsError", "check_weights", "load_spec", "load_weights",
+    "parse_spec_json", "save_weights",
 ]

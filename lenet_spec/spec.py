@@ -14,151 +14,46 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any
 
-Shape = tuple[int, ...]
-Pair = tuple[int, int]
-
+from lenet_spec.layers import (  # noqa: F401  (re-exported: the spec's vocabulary)
+    ACTIVATION_TYPES,
+    ELEMENTWISE,
+    ELU,
+    GELU,
+    LAYER_TYPES,
+    PARAMETERISED,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Dropout2d,
+    Flatten,
+    Layer,
+    LeakyReLU,
+    Linear,
+    MaxPool,
+    Pair,
+    ReLU,
+    Shape,
+    Sigmoid,
+    SiLU,
+    SpecError,
+    Tanh,
+    _positive_int,
+    fmt_shape,
+    infer,
+    is_monotone,
+    kind,
+)
 
 MAX_PARAMS = 2**31
 
 
-class SpecError(ValueError):
-    """A spec that cannot describe a network; the message names the layer and the problem."""
-
-
-def _pair(value: Any, what: str, *, minimum: int = 1) -> Pair:
-    """An int or an [h, w] pair of ints, each at least ``minimum``, as an (h, w) tuple."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise SpecError(f"{what} must be an int or an [h, w] pair, got {list(value)!r}")
-        pair = tuple(value)
-    else:
-        pair = (value, value)
-    for v in pair:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise SpecError(f"{what} must be an int or an [h, w] pair of ints, got {value!r}")
-        if v < minimum:
-            raise SpecError(f"{what} must be at least {minimum}, got {value!r}")
-    return pair  # type: ignore[return-value]
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{what} must be a positive int, got {value!r}")
-    if value < 1:
-        raise SpecError(f"{what} must be positive, got {value!r}")
-    return value
-
-
-def _fmt_pair(p: Pair) -> str:
-    return f"{p[0]}×{p[1]}"
-
-
-def _fmt_shape(s: Shape) -> str:
-    return "×".join(str(d) for d in s)
-
-
-# --------------------------------------------------------------------------- layer kinds
-
-
-@dataclass(frozen=True)
-class Conv:
-    """2-D convolution with bias: ``out_channels`` filters of ``kernel_size``."""
-
-    out_channels: int
-    kernel_size: Pair
-    stride: Pair = (1, 1)
-    padding: Pair = (0, 0)
-    name: str | None = None
-    type: ClassVar[str] = "conv"
-    prefix: ClassVar[str] = "conv"
-
-    def __post_init__(self) -> None:
-        where = f"{self.name}: " if self.name else ""
-        _positive_int(self.out_channels, f"{where}out_channels")
-        object.__setattr__(self, "kernel_size", _pair(self.kernel_size, f"{where}kernel_size"))
-        object.__setattr__(self, "stride", _pair(self.stride, f"{where}stride"))
-        object.__setattr__(self, "padding", _pair(self.padding, f"{where}padding", minimum=0))
-
-
-@dataclass(frozen=True)
-class _Pool:
-    kernel_size: Pair
-    stride: Pair | None = None
-
-    def __post_init__(self) -> None:
-        k = _pair(self.kernel_size, "kernel_size")
-        object.__setattr__(self, "kernel_size", k)
-        s = k if self.stride is None else _pair(self.stride, "stride")
-        object.__setattr__(self, "stride", s)
-
-
-@dataclass(frozen=True)
-class MaxPool(_Pool):
-    """Max pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``."""
-
-    type: ClassVar[str] = "max_pool"
-
-
-@dataclass(frozen=True)
-class AvgPool(_Pool):
-    """Average pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``."""
-
-    type: ClassVar[str] = "avg_pool"
-
-
-@dataclass(frozen=True)
-class ReLU:
-    """max(x, 0)."""
-
-    type: ClassVar[str] = "relu"
-
-
-@dataclass(frozen=True)
-class Tanh:
-    """tanh(x)."""
-
-    type: ClassVar[str] = "tanh"
-
-
-@dataclass(frozen=True)
-class Sigmoid:
-    """1 / (1 + exp(-x))."""
-
-    type: ClassVar[str] = "sigmoid"
-
-
-@dataclass(frozen=True)
-class Flatten:
-    """(C, H, W) -> (C·H·W,), in C, H, W order (torch's order)."""
-
-    type: ClassVar[str] = "flatten"
-
-
-@dataclass(frozen=True)
-class Linear:
-    """Fully connected layer with bias: y = x Wᵀ + b."""
-
-    out_features: int
-    name: str | None = None
-    type: ClassVar[str] = "linear"
-    prefix: ClassVar[str] = "fc"
-
-    def __post_init__(self) -> None:
-        where = f"{self.name}: " if self.name else ""
-        _positive_int(self.out_features, f"{where}out_features")
-
-
-Layer = Union[Conv, MaxPool, AvgPool, ReLU, Tanh, Sigmoid, Flatten, Linear]  # noqa: UP007
-LAYER_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (Conv, MaxPool, AvgPool, ReLU, Tanh, Sigmoid, Flatten, Linear)
-}
-ACTIVATIONS = ("relu", "tanh", "sigmoid")
-PARAMETERISED = (Conv, Linear)
-
-
 # --------------------------------------------------------------------------- inference
+
+COUNTERS = ("num_batches_tracked",)
+"""Buffers that count (int64 canonically); every other tensor of the state is float."""
 
 
 @dataclass(frozen=True)
@@ -175,66 +70,48 @@ class LayerInfo:
     flattened_from: Shape | None = None
     """For a linear layer fed (through element-wise layers only) by a flatten: the (C, H, W)
     it was flattened from. Ports whose layout is not C, H, W permute this layer's inputs."""
+    buffers: dict[str, Shape] = field(default_factory=dict)
+    """State that is not learned (batch_norm's running statistics and batch count), in torch's
+    ``state_dict`` names and order."""
 
     @property
     def param_count(self) -> int:
         return sum(math.prod(s) for s in self.params.values())
 
     @property
+    def buffer_count(self) -> int:
+        return sum(math.prod(s) for s in self.buffers.values())
+
+    @property
     def fan_in(self) -> int:
-        """Inputs feeding one output unit of a conv or linear layer (I·kH·kW or in)."""
+        """Inputs feeding one output unit of a conv or linear layer (I/groups·kH·kW or in)."""
         return math.prod(self.params[f"{self.label}.weight"][1:])
 
     @property
     def kind(self) -> str:
-        layer = self.layer
-        if isinstance(layer, Conv):
-            extra = f" {_fmt_pair(layer.kernel_size)}"
-            if layer.stride != (1, 1):
-                extra += f" s{_fmt_pair(layer.stride)}"
-            if layer.padding != (0, 0):
-                extra += f" p{_fmt_pair(layer.padding)}"
-            return "conv" + extra
-        if isinstance(layer, (MaxPool, AvgPool)):
-            extra = f" {_fmt_pair(layer.kernel_size)}"
-            if layer.stride != layer.kernel_size:
-                extra += f" s{_fmt_pair(layer.stride)}"
-            return layer.type + extra
-        return layer.type
+        return kind(self.layer)
 
 
-def _infer(layer: Layer, shape: Shape, where: str) -> tuple[Shape, int]:
-    """Output shape and MACs of ``layer`` on an input of ``shape``."""
-    if isinstance(layer, (Conv, MaxPool, AvgPool)):
-        if len(shape) != 3:
-            raise SpecError(
-                f"{where}: needs a spatial C×H×W input but gets a flat vector of {shape[0]} "
-                f"(remove the flatten before it, or move it after this layer)"
-            )
-        c, h, w = shape
-        (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
-        ph, pw = layer.padding if isinstance(layer, Conv) else (0, 0)
-        if h + 2 * ph < kh or w + 2 * pw < kw:
-            padded = f" (padded {h + 2 * ph}×{w + 2 * pw})" if (ph, pw) != (0, 0) else ""
-            raise SpecError(
-                f"{where}: input {_fmt_shape(shape)}{padded} is smaller than kernel {kh}×{kw}"
-            )
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        if isinstance(layer, Conv):
-            out = (layer.out_channels, ho, wo)
-            return out, layer.out_channels * ho * wo * c * kh * kw
-        return (c, ho, wo), 0
-    if isinstance(layer, Flatten):
-        if len(shape) != 3:
-            raise SpecError(f"{where}: input is already flat ({shape[0]} features)")
-        return (math.prod(shape),), 0
-    if isinstance(layer, Linear):
-        if len(shape) != 1:
-            raise SpecError(
-                f"{where}: linear on a spatial {_fmt_shape(shape)} tensor; add a flatten before it"
-            )
-        return (layer.out_features,), shape[0] * layer.out_features
-    return shape, 0  # element-wise activation
+def _layer_state(layer: Layer, shape: Shape) -> tuple[dict[str, Shape], dict[str, Shape]]:
+    """Canonical parameter and buffer names and shapes of ``layer`` on an input of ``shape``."""
+    params: dict[str, Shape] = {}
+    buffers: dict[str, Shape] = {}
+    if isinstance(layer, Conv):
+        params[f"{layer.name}.weight"] = (layer.out_channels, shape[0] // layer.groups,
+                                          *layer.kernel_size)
+        if layer.bias:
+            params[f"{layer.name}.bias"] = (layer.out_channels,)
+    elif isinstance(layer, Linear):
+        params[f"{layer.name}.weight"] = (layer.out_features, shape[0])
+        if layer.bias:
+            params[f"{layer.name}.bias"] = (layer.out_features,)
+    elif isinstance(layer, BatchNorm):
+        if layer.affine:
+            params = {f"{layer.name}.weight": (shape[0],), f"{layer.name}.bias": (shape[0],)}
+        buffers = {f"{layer.name}.running_mean": (shape[0],),
+                   f"{layer.name}.running_var": (shape[0],),
+                   f"{layer.name}.num_batches_tracked": ()}
+    return params, buffers
 
 
 # --------------------------------------------------------------------------- the spec
@@ -291,34 +168,36 @@ class Spec:
 
     @cached_property
     def infos(self) -> tuple[LayerInfo, ...]:
-        """Per layer: label, input and output shapes, canonical parameters, MACs."""
+        """Per layer: label, input and output shapes, canonical parameters and buffers, MACs."""
         infos: list[LayerInfo] = []
         shape: Shape = self.input_shape
         flattened_from: Shape | None = None
+        source = "the network input"  # what a batch_norm here would normalise
         for i, layer in enumerate(self.layers):
             label = getattr(layer, "name", None) or layer.type
             where = getattr(layer, "name", None) or f"layer {i} ({layer.type})"
-            out, macs = _infer(layer, shape, where)
-            params: dict[str, Shape] = {}
+            out, macs = infer(layer, shape, where)
+            if isinstance(layer, BatchNorm) and source in ("the network input", "a flatten"):
+                raise SpecError(
+                    f"{where}: batch_norm normalises a conv's channels or a linear layer's "
+                    f"features; here it would normalise {source} (put it after the conv or "
+                    "linear layer whose outputs it should normalise)")
+            params, buffers = _layer_state(layer, shape)
             feeds_from = None
-            if isinstance(layer, Conv):
-                params = {
-                    f"{layer.name}.weight": (layer.out_channels, shape[0], *layer.kernel_size),
-                    f"{layer.name}.bias": (layer.out_channels,),
-                }
-            elif isinstance(layer, Linear):
-                params = {
-                    f"{layer.name}.weight": (layer.out_features, shape[0]),
-                    f"{layer.name}.bias": (layer.out_features,),
-                }
+            if isinstance(layer, Linear):
                 feeds_from, flattened_from = flattened_from, None
             elif isinstance(layer, Flatten):
                 flattened_from = shape
-            infos.append(LayerInfo(i, layer, label, shape, out, params, macs, feeds_from))
+            if isinstance(layer, (Conv, Linear)):
+                source = layer.type
+            elif isinstance(layer, Flatten):
+                source = "a flatten"
+            infos.append(LayerInfo(i, layer, label, shape, out, params, macs, feeds_from,
+                                   buffers))
             shape = out
         if len(shape) != 1:
             raise SpecError(
-                f"{self.name}: the network ends in a {_fmt_shape(shape)} tensor; "
+                f"{self.name}: the network ends in a {fmt_shape(shape)} tensor; "
                 "it must end flat (N, classes): add a flatten and a linear layer"
             )
         if not any(isinstance(layer, Linear) for layer in self.layers):
@@ -337,8 +216,23 @@ class Spec:
 
     @property
     def param_shapes(self) -> dict[str, Shape]:
-        """Canonical parameter names and shapes, in layer order (torch's ``state_dict``)."""
+        """Canonical parameter names and shapes, in layer order (torch's ``parameters()``)."""
         return {k: v for info in self.infos for k, v in info.params.items()}
+
+    @property
+    def buffer_shapes(self) -> dict[str, Shape]:
+        """Canonical buffer names and shapes, in layer order (torch's ``buffers()``)."""
+        return {k: v for info in self.infos for k, v in info.buffers.items()}
+
+    @property
+    def state_shapes(self) -> dict[str, Shape]:
+        """Parameters and buffers together, in torch's ``state_dict`` names and order: what a
+        weights file and ``get_weights`` hold."""
+        return {k: v for info in self.infos for k, v in {**info.params, **info.buffers}.items()}
+
+    @property
+    def buffer_count(self) -> int:
+        return sum(info.buffer_count for info in self.infos)
 
     @property
     def param_count(self) -> int:
@@ -354,22 +248,25 @@ class Spec:
         return {info.label: info.param_count for info in self.infos if info.params}
 
     def summary(self) -> str:
-        """One table: layer, kind, output shape, parameters, MACs, and totals."""
-        rows = [("layer", "kind", "output shape", "params", "MACs")]
-        rows.append(("input", "", _fmt_shape(self.input_shape), "", ""))
+        """One table: layer, kind, output shape, parameters, buffers (when the spec has any),
+        MACs, and totals."""
+        buffers = self.buffer_count > 0
+        rows = [("layer", "kind", "output shape", "params", *(("buffers",) if buffers else ()),
+                 "MACs")]
+        rows.append(("input", "", fmt_shape(self.input_shape), "", *(("",) if buffers else ()),
+                     ""))
         for info in self.infos:
-            rows.append(
-                (
-                    info.label,
-                    info.kind,
-                    _fmt_shape(info.out_shape),
-                    f"{info.param_count:,}" if info.params else "",
-                    f"{info.macs:,}" if info.macs else "",
-                )
-            )
-        total = ("total", "", "", f"{self.param_count:,}", f"{self.macs:,}")
-        widths = [max(len(r[i]) for r in [*rows, total]) for i in range(5)]
-        align = ["<", "<", "<", ">", ">"]
+            rows.append((
+                info.label, info.kind, fmt_shape(info.out_shape),
+                f"{info.param_count:,}" if info.params else "",
+                *((f"{info.buffer_count:,}" if info.buffers else "",) if buffers else ()),
+                f"{info.macs:,}" if info.macs else "",
+            ))
+        total = ("total", "", "", f"{self.param_count:,}",
+                 *((f"{self.buffer_count:,}",) if buffers else ()), f"{self.macs:,}")
+        ncol = len(total)
+        widths = [max(len(r[i]) for r in [*rows, total]) for i in range(ncol)]
+        align = ["<", "<", "<", *([">"] * (ncol - 3))]
 
         def line(r: tuple[str, ...]) -> str:
             cells = zip(r, align, widths, strict=True)
@@ -377,9 +274,10 @@ class Spec:
 
         rule = "-" * len(line(tuple("x" * w for w in widths)))
         size_kib = self.param_count * 4 / 1024
-        out = [f"{self.name}: input {_fmt_shape(self.input_shape)} -> {self.num_classes} classes"]
+        out = [f"{self.name}: input {fmt_shape(self.input_shape)} -> {self.num_classes} classes"]
         out += [rule, line(rows[0]), rule, *(line(r) for r in rows[1:]), rule, line(total), rule]
-        out.append(f"{self.param_count:,} parameters ({size_kib:,.1f} KiB float32), "
+        held = f" and {self.buffer_count:,} buffer values" if buffers else ""
+        out.append(f"{self.param_count:,} parameters ({size_kib:,.1f} KiB float32){held}, "
                    f"{self.macs:,} MACs per image")
         return "\n".join(out)
 
@@ -416,19 +314,21 @@ class Spec:
 
 
 def _layer_to_dict(layer: Layer) -> dict[str, Any]:
+    """A layer's JSON object: its type, its name if it has one, and every other field that is
+    not at its default (pairs of equal values as one int)."""
     d: dict[str, Any] = {"type": layer.type}
     for f in dataclasses.fields(layer):
         v = getattr(layer, f.name)
+        default = f.default
+        if f.name == "stride" and isinstance(layer, (MaxPool, AvgPool)):
+            default = layer.kernel_size
+        if f.name != "name" and default is not dataclasses.MISSING and v == default:
+            continue
+        if f.name == "name" and v is None:
+            continue
         if isinstance(v, tuple):
             v = v[0] if v[0] == v[1] else list(v)
         d[f.name] = v
-    if isinstance(layer, (MaxPool, AvgPool)) and layer.stride == layer.kernel_size:
-        del d["stride"]
-    if isinstance(layer, Conv):
-        if layer.stride == (1, 1):
-            del d["stride"]
-        if layer.padding == (0, 0):
-            del d["padding"]
     return d
 
 
@@ -466,8 +366,9 @@ def widen(spec: Spec, factor: float) -> Spec:
     layers = []
     for i, layer in enumerate(spec.layers):
         if isinstance(layer, Conv):
-            layer = dataclasses.replace(layer, out_channels=max(1, round(layer.out_channels
-                                                                         * factor)))
+            g = layer.groups  # channels stay multiples of the groups
+            layer = dataclasses.replace(layer, out_channels=g * max(1, round(
+                layer.out_channels * factor / g)))
         elif isinstance(layer, Linear) and i != last:
             layer = dataclasses.replace(layer, out_features=max(1, round(layer.out_features
                                                                          * factor)))

@@ -1,5 +1,5 @@
-"""Canonical weights: names and layouts of torch's ``state_dict``, in safetensors files
-that carry their spec.
+"""Canonical weights: names and layouts of torch's ``state_dict`` (parameters and buffers), in
+safetensors files that carry their spec.
 
 A weights file is plain safetensors (no pickle, nothing executed on load); its metadata holds
 ``{"format": "lenet-weights", "spec": <the spec's JSON>}``.
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.spec import Spec, SpecError
+from lenet_spec.spec import COUNTERS, Spec, SpecError
 
 FORMAT = "lenet-weights"
 
@@ -24,21 +24,28 @@ class WeightsError(ValueError):
 
 
 def check_weights(spec: Spec, weights: Mapping[str, np.ndarray]) -> None:
-    """Raise :class:`WeightsError` unless ``weights`` has exactly the spec's canonical tensors.
+    """Raise :class:`WeightsError` unless ``weights`` has exactly the spec's canonical tensors,
+    parameters and buffers (floats; batch counts integers).
 
-    The message names the first mismatched tensor and both shapes.
+    The message names the first mismatched tensor and both shapes, or the missing buffer.
     """
-    expected = spec.param_shapes
+    expected = spec.state_shapes
+    buffers = spec.buffer_shapes
     for name, shape in expected.items():
         if name not in weights:
-            raise WeightsError(f"{spec.name}: missing tensor {name!r} of shape {shape}")
+            what = "buffer" if name in buffers else "tensor"
+            raise WeightsError(f"{spec.name}: missing {what} {name!r} of shape {shape}")
         got = tuple(np.shape(weights[name]))
         if got != shape:
             raise WeightsError(
                 f"{spec.name}: tensor {name!r} has shape {got}, the spec expects {shape}"
             )
         dtype = np.asarray(weights[name]).dtype
-        if not np.issubdtype(dtype, np.floating):
+        counter = name.rsplit(".", 1)[-1] in COUNTERS
+        if counter and not np.issubdtype(dtype, np.integer):
+            raise WeightsError(f"{spec.name}: tensor {name!r} has dtype {dtype}, expected an "
+                               "integer count")
+        if not counter and not np.issubdtype(dtype, np.floating):
             raise WeightsError(f"{spec.name}: tensor {name!r} has dtype {dtype}, expected float")
     extra = [k for k in weights if k not in expected]
     if extra:
@@ -46,6 +53,11 @@ def check_weights(spec: Spec, weights: Mapping[str, np.ndarray]) -> None:
             f"{spec.name}: unexpected tensor {extra[0]!r} of shape "
             f"{tuple(np.shape(weights[extra[0]]))}; the spec has {', '.join(expected)}"
         )
+
+
+def canonical_dtype(name: str) -> np.dtype:
+    """The dtype a canonical tensor is stored in: int64 for batch counts, else float32."""
+    return np.dtype(np.int64 if name.rsplit(".", 1)[-1] in COUNTERS else np.float32)
 
 
 _DTYPES = {np.dtype(k): v for k, v in (
@@ -104,9 +116,10 @@ def read_lenet_file(path: str | Path, fmt: str, key: str, kind: str,
 
 
 def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec) -> None:
-    """Write canonical float32 ``weights`` and ``spec`` to a safetensors file, atomically."""
+    """Write canonical ``weights`` (parameters float32, buffers as :func:`canonical_dtype`) and
+    ``spec`` to a safetensors file, atomically."""
     check_weights(spec, weights)
-    tensors = {k: np.asarray(weights[k], dtype=np.float32) for k in spec.param_shapes}
+    tensors = {k: np.asarray(weights[k], dtype=canonical_dtype(k)) for k in spec.state_shapes}
     write_safetensors(path, tensors, {"format": FORMAT, "spec": json.dumps(spec.to_dict())})
 
 
@@ -123,6 +136,6 @@ def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], Spec]:
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
     for k, v in weights.items():
-        if v.dtype != np.float32:
-            raise WeightsError(f"{path}: tensor {k!r} is {v.dtype}, expected float32")
-    return {k: weights[k] for k in spec.param_shapes}, spec
+        if v.dtype != canonical_dtype(k):
+            raise WeightsError(f"{path}: tensor {k!r} is {v.dtype}, expected {canonical_dtype(k)}")
+    return {k: weights[k] for k in spec.state_shapes}, spec

@@ -88,10 +88,79 @@ def shard(batch_size: int, layout: Layout) -> slice:
 
 
 def wrap(net: torch.nn.Module, layout: Layout, device: torch.device) -> torch.nn.Module:
-    """``net`` in DistributedDataParallel when the run has several ranks, else ``net``."""
+    """``net`` in DistributedDataParallel when the run has several ranks, its batch_norm layers
+    then normalising with the global batch's statistics (torch's SyncBatchNorm on GPUs,
+    :class:`GlobalBatchNorm` on CPUs, which SyncBatchNorm refuses); else ``net``."""
     if not layout.distributed:
         return net
+    for name, child in list(net.named_children()):
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            sync = torch.nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm
+            replacement = sync(child.num_features, child.eps, child.momentum, child.affine,
+                               device=device)
+            # the same tensors, not copies: an optimizer made before the wrap keeps them
+            for key, tensor in [*child.named_parameters(recurse=False),
+                                *child.named_buffers(recurse=False)]:
+                setattr(replacement, key, tensor)
+            setattr(net, name, replacement)
     return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch normalisation over the global batch of all ranks, on CPU: in training the
+    per-channel sums are all-reduced (the mean, then the squared deviations from it), the
+    running statistics updated with the global mean and unbiased variance, and the backward
+    pass all-reduces Σdy and Σdy·x̂; in evaluation it is torch's BatchNorm."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (2, 4):
+            raise ValueError(f"expected 2D or 4D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        y, mean, var, n = _GlobalNorm.apply(x, self.weight, self.bias, self.eps)
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * (n / (n - 1)))
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class _GlobalNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        axes = (0,) if x.dim() == 2 else (0, 2, 3)  # all but the channel axis
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        total = x.sum(axes)
+        dist.all_reduce(total)
+        mean = total / n
+        squares = torch.square(x - mean.reshape(shape)).sum(axes)
+        dist.all_reduce(squares)
+        var = squares / n
+        invstd = torch.rsqrt(var + eps)
+        xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
+        y = xhat if weight is None else xhat * weight.reshape(shape) + bias.reshape(shape)
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.n, ctx.axes, ctx.shape = n, axes, shape
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var, n
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dn):
+        xhat, invstd, weight = ctx.saved_tensors
+        axes, shape, n = ctx.axes, ctx.shape, ctx.n
+        local = torch.stack([dy.sum(axes), (dy * xhat).sum(axes)])
+        sums = local.clone()
+        dist.all_reduce(sums)
+        scale = invstd if weight is None else invstd * weight
+        dx = (scale.reshape(shape) / n) * (n * dy - sums[0].reshape(shape)
+                                           - xhat * sums[1].reshape(shape))
+        if weight is None:
+            return dx, None, None, None
+        # the parameters' gradients stay this rank's own: DDP averages them over the ranks
+        return dx, local[1], local[0], None
 
 
 class Processes:

@@ -20,11 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lenet_spec.spec import AvgPool, Conv, MaxPool, ReLU, Sigmoid, Tanh
+from lenet_spec.spec import ACTIVATION_TYPES, AvgPool, Conv, MaxPool, is_monotone
 
 KERNELS = ("auto", "stock", "fused")
-MONOTONE = {ReLU: F.relu, Tanh: torch.tanh, Sigmoid: torch.sigmoid}
-"""Activations that commute with a max-pool (non-decreasing), so they can follow it."""
 
 Pair = tuple[int, int]
 
@@ -45,10 +43,11 @@ def forward(net: Any, x: torch.Tensor) -> torch.Tensor:
         span = conv_pool_span(layers, i)
         layer = layers[i]
         if span:  # conv [+ activation] + max-pool, computed together
-            conv = getattr(net, layer.name)
+            conv, act = getattr(net, layer.name), layers[i + 1] if span == 3 else None
             x = conv_max_pool(x, conv.weight, conv.bias, layer.padding,
-                              layers[i + span - 1].kernel_size, MONOTONE.get(type(layers[i + 1])))
-        elif isinstance(layer, Conv) and getattr(net, layer.name).in_channels == 1:
+                              layers[i + span - 1].kernel_size,
+                              act and (lambda y, act=act: net.apply_layer(act, y)))
+        elif plain_conv(layer) and getattr(net, layer.name).in_channels == 1:
             conv = getattr(net, layer.name)
             x = conv_one_channel(x, conv.weight, conv.bias, layer.stride, layer.padding)
         elif isinstance(layer, (MaxPool, AvgPool)) and layer.stride == layer.kernel_size:
@@ -59,14 +58,23 @@ def forward(net: Any, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def plain_conv(layer: object) -> bool:
+    """A conv the fused formulations compute: no dilation, one group (bias or not)."""
+    return isinstance(layer, Conv) and layer.dilation == (1, 1) and layer.groups == 1
+
+
 def conv_pool_span(layers: tuple, i: int) -> int:
     """How many layers from ``i`` :func:`conv_max_pool` computes at once: 3 for conv, monotone
-    activation, max-pool; 2 for conv, max-pool; 0 if the layers differ, the conv is strided,
-    or the pool's windows overlap."""
+    activation, max-pool; 2 for conv, max-pool; 0 if anything else stands between them
+    (batch_norm, dropout, a non-monotone activation such as gelu), the conv is strided, dilated
+    or grouped, or the pool's windows overlap."""
     conv = layers[i]
-    if not isinstance(conv, Conv) or conv.stride != (1, 1):
+    if not plain_conv(conv) or conv.stride != (1, 1):
         return 0
-    span = 3 if i + 1 < len(layers) and type(layers[i + 1]) in MONOTONE else 2
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    if isinstance(nxt, ACTIVATION_TYPES) and not is_monotone(nxt):
+        return 0
+    span = 3 if isinstance(nxt, ACTIVATION_TYPES) else 2
     last = layers[i + span - 1] if i + span - 1 < len(layers) else None
     if not isinstance(last, MaxPool) or last.kernel_size != last.stride:
         return 0
@@ -84,7 +92,7 @@ def pool(x: torch.Tensor, window: Pair, reduce: str) -> torch.Tensor:
     return x.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, kh * kw).max(dim=4).values
 
 
-def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: Pair,
+def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Pair,
                   pool: Pair, activation=None) -> torch.Tensor:
     """max-pool(activation(conv(x) + bias)) for an NCHW ``x``, an OIHW ``weight`` of stride 1
     and non-overlapping ``pool`` windows, as one matrix product.
@@ -111,7 +119,8 @@ def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad
     patches = torch.cat([x[:, p : p + ho, r : r + wo] for p in range(kp) for r in range(kq)],
                         dim=-1)
     y = (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
-    y = y.max(dim=3).values + bias
+    y = y.max(dim=3).values
+    y = y + bias if bias is not None else y
     y = activation(y) if activation else y
     return y.permute(0, 3, 1, 2)
 
@@ -138,14 +147,16 @@ def _windows(x: torch.Tensor, kernel: Pair, stride: Pair, out: Pair) -> list[tor
             for i in range(kh) for j in range(kw)]
 
 
-def conv_one_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: Pair,
-                     padding: Pair) -> torch.Tensor:
+def conv_one_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     stride: Pair, padding: Pair) -> torch.Tensor:
     """The convolution of a one-channel NCHW ``x`` with an OIHW ``weight``: what ``nn.Conv2d``
     computes, to float32 rounding."""
     (ph, pw), (kh, kw) = padding, weight.shape[2:]
     if ph or pw:
         x = F.pad(x, (pw, pw, ph, ph))
     out = ((x.shape[2] - kh) // stride[0] + 1, (x.shape[3] - kw) // stride[1] + 1)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])  # adds nothing; its gradient is not used
     return _ShiftAndAdd.apply(x, weight, bias, stride, out)
 
 

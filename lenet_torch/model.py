@@ -18,11 +18,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from lenet_spec import Spec, check_weights, load_spec
-from lenet_spec.spec import AvgPool, Conv, Flatten, Linear, MaxPool, ReLU, Sigmoid, Tanh
+from lenet_spec.spec import (
+    ELU,
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Dropout2d,
+    Flatten,
+    LeakyReLU,
+    Linear,
+    MaxPool,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Tanh,
+)
+from lenet_spec.weights import canonical_dtype
 from lenet_torch import kernels as fused
 
-ACTIVATIONS = {ReLU: F.relu, Tanh: torch.tanh, Sigmoid: torch.sigmoid}
-"""The spec's activation layers."""
+ACTIVATIONS = {
+    ReLU: lambda layer, x: F.relu(x),
+    Tanh: lambda layer, x: torch.tanh(x),
+    Sigmoid: lambda layer, x: torch.sigmoid(x),
+    GELU: lambda layer, x: F.gelu(x, approximate=layer.approximate),
+    LeakyReLU: lambda layer, x: F.leaky_relu(x, layer.negative_slope),
+    ELU: lambda layer, x: F.elu(x, layer.alpha),
+    SiLU: lambda layer, x: F.silu(x),
+}
+"""The spec's activation layers, with torch's defaults (GELU: exact, erf)."""
 
 INITS = ("torch", "lecun_normal")
 
@@ -38,13 +63,20 @@ class LeNet(nn.Module):
         self.spec = spec
         self.kernels = fused.resolve(kernels)
         for info in spec.infos:
-            layer = info.layer
+            layer, channels = info.layer, info.in_shape[0]
             if isinstance(layer, Conv):
-                conv = nn.Conv2d(info.in_shape[0], layer.out_channels, layer.kernel_size,
-                                 stride=layer.stride, padding=layer.padding)
-                setattr(self, layer.name, conv)
+                module = nn.Conv2d(channels, layer.out_channels, layer.kernel_size,
+                                   stride=layer.stride, padding=layer.padding,
+                                   dilation=layer.dilation, groups=layer.groups, bias=layer.bias)
             elif isinstance(layer, Linear):
-                setattr(self, layer.name, nn.Linear(info.in_shape[0], layer.out_features))
+                module = nn.Linear(channels, layer.out_features, bias=layer.bias)
+            elif isinstance(layer, BatchNorm):
+                norm = nn.BatchNorm2d if len(info.in_shape) == 3 else nn.BatchNorm1d
+                module = norm(channels, eps=layer.eps, momentum=layer.momentum,
+                              affine=layer.affine)
+            else:
+                continue
+            setattr(self, layer.name, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self.spec, x)
@@ -56,10 +88,14 @@ class LeNet(nn.Module):
 
     def apply_layer(self, layer: object, x: torch.Tensor) -> torch.Tensor:
         """One layer of the spec applied to ``x`` by torch's own layers."""
-        if isinstance(layer, (Conv, Linear)):
+        if isinstance(layer, (Conv, Linear, BatchNorm)):
             return getattr(self, layer.name)(x)
         if type(layer) in ACTIVATIONS:
-            return ACTIVATIONS[type(layer)](x)
+            return ACTIVATIONS[type(layer)](layer, x)
+        if isinstance(layer, Dropout):
+            return F.dropout(x, layer.p, self.training)
+        if isinstance(layer, Dropout2d):
+            return F.dropout2d(x, layer.p, self.training)
         if isinstance(layer, MaxPool):
             return F.max_pool2d(x, layer.kernel_size, layer.stride)
         if isinstance(layer, AvgPool):
@@ -86,7 +122,8 @@ def init_weights(net: LeNet, seed: int = 0, init: str = "torch") -> None:
 
     ``"torch"``: PyTorch's default, weights and biases U(-1/√fan_in, 1/√fan_in).
     ``"lecun_normal"``: weights N(0, 1/fan_in) truncated at ±2σ (variance preserved), zero
-    biases, as ``jax.nn.initializers.lecun_normal``.
+    biases, as ``jax.nn.initializers.lecun_normal``. batch_norm: scale 1, shift 0, running
+    mean 0, variance 1, either way.
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
@@ -95,15 +132,19 @@ def init_weights(net: LeNet, seed: int = 0, init: str = "torch") -> None:
         for info in net.spec.infos:
             if not info.params:
                 continue
+            if isinstance(info.layer, BatchNorm):
+                continue  # scale 1, shift 0: torch's default, the same in both ports
             module = getattr(net, info.label)
             if init == "torch":
                 bound = 1 / math.sqrt(info.fan_in)
                 nn.init.uniform_(module.weight, -bound, bound, generator=g)
-                nn.init.uniform_(module.bias, -bound, bound, generator=g)
+                if module.bias is not None:
+                    nn.init.uniform_(module.bias, -bound, bound, generator=g)
             else:
                 std = 1 / math.sqrt(info.fan_in) / _TRUNC_STD
                 nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std, generator=g)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
 
 def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "auto") -> LeNet:
@@ -125,20 +166,20 @@ def layer_outputs(net: LeNet, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def layer_param_counts(net: LeNet) -> dict[str, int]:
-    """Parameters of each parameterised layer, counted by torch."""
-    return {
-        name: sum(p.numel() for p in module.parameters())
-        for name, module in net.named_children()
-    }
+    """Parameters of each layer that has any, counted by torch."""
+    counts = {name: sum(p.numel() for p in module.parameters())
+              for name, module in net.named_children()}
+    return {name: n for name, n in counts.items() if n}
 
 
 def get_weights(net: LeNet) -> dict[str, np.ndarray]:
-    """The canonical weights (torch's ``state_dict`` is already canonical)."""
+    """The canonical weights, parameters and buffers (torch's ``state_dict`` is already
+    canonical)."""
     return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
 
 
 def set_weights(net: LeNet, weights: Mapping[str, np.ndarray]) -> None:
     """Load canonical ``weights``; a mismatch names the first tensor and both shapes."""
     check_weights(net.spec, weights)
-    state = {k: torch.tensor(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}
+    state = {k: torch.tensor(np.asarray(v, dtype=canonical_dtype(k))) for k, v in weights.items()}
     net.load_state_dict(state)

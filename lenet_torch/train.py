@@ -77,6 +77,8 @@ class TorchBackend(distributed.Processes):
             try:
                 load_optimizer_tensors(self.opt, restore.optimizer, restore.meta["param_groups"])
                 torch.set_rng_state(torch.from_numpy(restore.rng["torch_cpu"].copy()))
+                if device.type == "cuda":  # dropout draws from the device's generator there
+                    torch.cuda.set_rng_state(torch.from_numpy(restore.rng["torch_cuda"].copy()))
             except (KeyError, ValueError, RuntimeError) as e:
                 raise StateError(str(e)) from None
         self.mine = distributed.shard(args.batch_size, self.layout)
@@ -117,8 +119,10 @@ class TorchBackend(distributed.Processes):
 
     def state(self) -> State:
         tensors, groups = optimizer_tensors(self.opt)
-        return State(get_weights(self.net), tensors, {"torch_cpu": torch.get_rng_state().numpy()},
-                     {"param_groups": groups})
+        rng = {"torch_cpu": torch.get_rng_state().numpy()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state().numpy()
+        return State(get_weights(self.net), tensors, rng, {"param_groups": groups})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,9 +7,9 @@ import json
 import subprocess
 import sys
 
-from bench.__main__ import QUICK
+from bench.__main__ import QUICK, SPECS
 
-FIELDS = ("framework", "kernels", "mode", "variant", "batch_size", "train_images_per_sec",
+FIELDS = ("spec", "framework", "kernels", "mode", "variant", "batch_size", "train_images_per_sec",
           "infer_images_per_sec", "latency_ms", "compile_s", "peak_rss_mb", "threads", "repeats")
 ENV = ("cpu", "cores", "python", "jax", "jaxlib", "flax", "optax", "torch", "gemm_gflops",
        "env_vars")
@@ -27,7 +27,9 @@ def test_bench_quick_covers_both_tiers(tmp_path) -> None:
     res = _bench("--quick", "--json", str(out), "--plot", str(png))
     data = json.loads(out.read_text())
     assert all(data["env"].get(k) is not None for k in ENV), data["env"]
-    assert [r["variant"] for r in data["results"]] == list(QUICK)
+    assert [(r["spec"], r["variant"]) for r in data["results"]] == [
+        (spec, v) for spec in SPECS for v in QUICK]
+    assert "lenet5_bn" in SPECS
     for r in data["results"]:
         assert "error" not in r, r
         assert all(k in r for k in FIELDS), r
@@ -37,10 +39,11 @@ def test_bench_quick_covers_both_tiers(tmp_path) -> None:
             <= r["train_images_per_sec_max"]
         assert r["train_images_per_sec"] > 0 and r["latency_ms"] > 0
         framework, kernels, mode = r["variant"].split("-", 2)
-        assert f"| {framework} | {kernels} | {mode} | 1 | 128 |" in res.stdout
-    assert "width 1, batch 128, same-math tier: JAX (stock, jit)" in res.stdout
+        assert f"| {r['spec']} | {framework} | {kernels} | {mode} | 1 | 128 |" in res.stdout
+    for spec in SPECS:
+        assert f"\n{spec}, width 1, batch 128, same-math tier: JAX (stock, jit)" in res.stdout
+        assert f"\n{spec}, width 1, batch 128, tuned tier: JAX (" in res.stdout
     assert "vs torch (stock, eager)" in res.stdout
-    assert "width 1, batch 128, tuned tier: JAX (" in res.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -103,8 +106,8 @@ def test_rounds_merge_to_medians_and_report_each_rounds_ratio() -> None:
 
     def result(variant: str, rate: float) -> dict:
         framework, kernels, mode = variant.split("-", 2)
-        return {"framework": framework, "kernels": kernels, "mode": mode, "variant": variant,
-                "width": 1.0, "batch_size": 128, "train_images_per_sec": rate,
+        return {"spec": "lenet5", "framework": framework, "kernels": kernels, "mode": mode,
+                "variant": variant, "width": 1.0, "batch_size": 128, "train_images_per_sec": rate,
                 "train_images_per_sec_min": rate - 1, "train_images_per_sec_max": rate + 1,
                 "train_flops_per_image": 2.5e6}
 

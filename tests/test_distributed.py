@@ -6,6 +6,16 @@ number of devices or processes, so after 30 SGD steps the parameters, per-step l
 metric agree with one process within 1e-5 (float32 all-reduces sum in another order; measured
 ≤ 6e-7). SGD, because Adam amplifies that order where its second moment is tiny (8e-5 in the
 parameters after 30 steps on 8 simulated devices).
+
+lenet5_bn too: its BatchNorm statistics are the global batch's in every layout (JAX: the mean
+of a sharded batch is global; torch: SyncBatchNorm, on CPU our GlobalBatchNorm). JAX's dropout
+masks are drawn for the global batch from (seed, step), so the JAX runs keep lenet5_bn's dropout;
+torch ranks draw their own slice's masks, so torch's run has dropout at p = 0. torch's
+convolutions round each image differently with another batch size or thread count (oneDNN's
+blocking), and batch_norm puts many ReLU inputs near zero, where such rounding sends a gradient
+across the kink: one process on 1 and on 2 threads ended 1e-3 apart after these 30 steps. So
+torch's lenet5_bn reference is one process on 2 threads, which splits each batch as two ranks
+do (measured: 4.8e-7 from the two ranks).
 """
 
 from __future__ import annotations
@@ -20,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import without_dropout
 
-from lenet_spec import load_weights
+from lenet_spec import PRESETS, load_weights
 from lenet_train.runlog import read_jsonl
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
@@ -95,18 +106,40 @@ def _wait_for(path: Path, procs: list[subprocess.Popen]) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, mnist_dir) -> dict[str, Path]:
-    """The 30 SGD steps of SHORT in one process on one device, per framework."""
-    runs = {}
-    for framework in PROGRAMS:
-        workdir = tmp_path_factory.mktemp(f"one-{framework}")
-        res = subprocess.run(_cmd(framework, mnist_dir, workdir, *SHORT),
+class OneProcess(dict):
+    """The 30 SGD steps of SHORT in one process on one device, per framework (and spec
+    arguments), run when first asked for."""
+
+    def __init__(self, root: Path, mnist_dir: str) -> None:
+        super().__init__()
+        self.root, self.mnist_dir = root, mnist_dir
+
+    def __missing__(self, key: str | tuple[str, ...]) -> Path:
+        framework, *extra = (key,) if isinstance(key, str) else key
+        workdir = self.root / f"{framework}-{len(self)}"
+        res = subprocess.run(_cmd(framework, self.mnist_dir, workdir, *SHORT, *extra),
                              capture_output=True, text=True, timeout=600,
                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"))
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[framework] = workdir
-    return runs
+        self[key] = workdir
+        return workdir
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, mnist_dir) -> OneProcess:
+    return OneProcess(tmp_path_factory.mktemp("one"), mnist_dir)
+
+
+@pytest.fixture(scope="module")
+def bn_specs(tmp_path_factory) -> dict[str, tuple[str, ...]]:
+    """Each framework's ``--spec`` arguments for lenet5_bn (see the module's docstring)."""
+    path = tmp_path_factory.mktemp("spec") / "lenet5_bn_no_dropout.json"
+    path.write_text(without_dropout(PRESETS["lenet5_bn"]).to_json())
+    return {"jax": ("--spec", "lenet5_bn"), "torch": ("--spec", str(path))}
+
+
+REFERENCE_THREADS = {"jax": (), "torch": ("--threads", "2")}
+"""Extra flags of the one-process reference for lenet5_bn (see the module's docstring)."""
 
 
 def test_jax_on_8_simulated_devices_matches_1(tmp_path, mnist_dir, one_process) -> None:
@@ -116,6 +149,16 @@ def test_jax_on_8_simulated_devices_matches_1(tmp_path, mnist_dir, one_process) 
                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_training(tmp_path / "d8", one_process["jax"])
+
+
+def test_jax_batch_norm_and_dropout_on_8_simulated_devices_match_1(tmp_path, mnist_dir,
+                                                                  one_process, bn_specs) -> None:
+    spec = bn_specs["jax"]
+    res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "d8", *SHORT, *spec),
+                         capture_output=True, text=True, timeout=600,
+                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_training(tmp_path / "d8", one_process[("jax", *spec)])
 
 
 def test_jax_batch_must_split_over_the_devices(tmp_path, mnist_dir) -> None:
@@ -138,6 +181,18 @@ def test_two_processes_match_one_and_only_process_0_writes(tmp_path, mnist_dir, 
         assert rc == 0, err[-3000:]
     assert not workdirs[1].exists()
     _assert_same_training(workdirs[0], one_process[framework])
+
+
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_two_processes_match_one_with_batch_norm(tmp_path, mnist_dir, one_process, bn_specs,
+                                                 framework: str) -> None:
+    spec = bn_specs[framework]
+    workdirs = (tmp_path / "p0", tmp_path / "p1")
+    results = [_finish(p) for p in _start_pair(framework, mnist_dir, workdirs, *SHORT, *spec)]
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    _assert_same_training(workdirs[0],
+                          one_process[(framework, *spec, *REFERENCE_THREADS[framework])])
 
 
 def test_torchrun_launches_the_same_training(tmp_path, mnist_dir, one_process) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 import lenet_jax
 import lenet_torch
 from lenet_jax import model as jax_model
-from lenet_spec import PRESETS, Spec, WeightsError
+from lenet_spec import PRESETS, BatchNorm, Spec, WeightsError
 from lenet_torch import model as torch_model
 
 PORTS = {"torch": (lenet_torch, torch_model), "jax": (lenet_jax, jax_model)}
@@ -35,6 +36,16 @@ def _shape_checks(spec: Spec) -> None:
     assert torch_model.layer_param_counts(t) == counts
     assert jax_model.layer_param_counts(j) == counts
     assert sum(p.numel() for p in t.parameters()) == spec.param_count
+    # parameters and buffers: names, order, shapes, counts
+    assert [k for k, _ in t.named_parameters()] == list(spec.param_shapes)
+    assert [k for k, _ in t.named_buffers()] == list(spec.buffer_shapes)
+    for weights in (lenet_torch.get_weights(t), lenet_jax.get_weights(j)):
+        assert {k: v.shape for k, v in weights.items()} == spec.state_shapes
+        assert list(weights) == list(spec.state_shapes)
+    from flax import nnx
+
+    assert sum(v.size for v in jax.tree.leaves(nnx.state(j, nnx.BatchStat))) == \
+        spec.buffer_count
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -128,14 +139,23 @@ def test_default_init_std(port: str, name: str) -> None:
     for info in spec.infos:
         if not info.params:
             continue
+        if isinstance(info.layer, BatchNorm):  # scale 1, shift 0 in both ports, as torch's
+            built = pkg.get_weights(pkg.build(spec, 0))
+            assert np.all(built[f"{info.label}.weight"] == 1)
+            assert np.all(built[f"{info.label}.bias"] == 0)
+            assert np.all(built[f"{info.label}.running_var"] == 1)
+            continue
         wname = f"{info.label}.weight"
         fan_in = math.prod(spec.param_shapes[wname][1:])
         w = _pooled_weights(pkg, spec, wname, "torch", 2_000)
         expected = 1 / math.sqrt(3 * fan_in)
         assert abs(w.std() / expected - 1) < 0.05, (info.label, w.std(), expected)
         assert np.abs(w).max() <= 1 / math.sqrt(fan_in)
-        b = pkg.get_weights(pkg.build(spec, 0))[f"{info.label}.bias"]
-        assert np.abs(b).max() <= 1 / math.sqrt(fan_in) and np.abs(b).max() > 0
+        if info.layer.bias:
+            b = pkg.get_weights(pkg.build(spec, 0))[f"{info.label}.bias"]
+            assert np.abs(b).max() <= 1 / math.sqrt(fan_in) and np.abs(b).max() > 0
+        else:
+            assert f"{info.label}.bias" not in pkg.get_weights(pkg.build(spec, 0))
 
 
 @pytest.mark.parametrize("port", PORTS)
@@ -146,7 +166,7 @@ def test_lecun_normal_init(port: str) -> None:
     pkg, _ = PORTS[port]
     spec = PRESETS["lenet5"]
     for info in spec.infos:
-        if info.params:
+        if info.params and not isinstance(info.layer, BatchNorm):
             wname = f"{info.label}.weight"
             fan_in = math.prod(spec.param_shapes[wname][1:])
             w = _pooled_weights(pkg, spec, wname, "lecun_normal", 2_000)

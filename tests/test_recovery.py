@@ -3,6 +3,7 @@
 A short run (2,560 training images, batch 128: 20 steps an epoch, 3 epochs, a checkpoint every
 7 steps) is killed with SIGKILL at several points and resumed until it finishes; it must end
 with the same weights file, byte for byte, and the same metrics as a run never interrupted.
+lenet5_bn's run does so too: its BatchNorm statistics and dropout randomness are restored.
 """
 
 from __future__ import annotations
@@ -72,27 +73,40 @@ def _same_run(a: Path, b: Path) -> None:
     assert (a / "steps.jsonl").read_text() == (b / "steps.jsonl").read_text()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, mnist_dir) -> dict[str, Path]:
-    """Each framework's run, never interrupted."""
-    root = tmp_path_factory.mktemp("reference")
-    runs = {}
-    for framework in PROGRAMS:
-        res = _run(_cmd(framework, root / framework, mnist_dir))
+class References(dict):
+    """Each framework's run of a spec, never interrupted, made when first asked for."""
+
+    def __init__(self, root: Path, mnist_dir: str) -> None:
+        super().__init__()
+        self.root, self.mnist_dir = root, mnist_dir
+
+    def __getitem__(self, key: str | tuple[str, str]) -> Path:
+        return super().__getitem__(key if isinstance(key, tuple) else (key, "lenet5"))
+
+    def __missing__(self, key: tuple[str, str]) -> Path:
+        framework, spec = key
+        workdir = self.root / f"{framework}-{spec}"
+        res = _run(_cmd(framework, workdir, self.mnist_dir, "--spec", spec))
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[framework] = root / framework
-    return runs
+        self[key] = workdir
+        return workdir
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, mnist_dir) -> References:
+    return References(tmp_path_factory.mktemp("reference"), mnist_dir)
+
+
+@pytest.mark.parametrize("spec", ["lenet5", "lenet5_bn"])
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, mnist_dir, reference,
-                                                           framework: str) -> None:
+                                                           framework: str, spec: str) -> None:
     workdir = tmp_path / "run"
     metrics = workdir / "metrics.jsonl"
     resumed_from = []
 
     def start(*extra: str) -> subprocess.Popen:
-        return subprocess.Popen(_cmd(framework, workdir, mnist_dir, *extra),
+        return subprocess.Popen(_cmd(framework, workdir, mnist_dir, "--spec", spec, *extra),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def resume() -> subprocess.Popen:
@@ -115,7 +129,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, mnist_dir,
     final = resume()
     assert final.wait(timeout=600) == 0, final.stderr.read()[-3000:]
     assert any(m["done"] > 0 for m in resumed_from), resumed_from  # resumed mid-epoch at least once
-    _same_run(reference[framework], workdir)
+    _same_run(reference[framework, spec], workdir)
 
 
 @pytest.mark.parametrize("framework", PROGRAMS)

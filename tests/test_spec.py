@@ -11,10 +11,13 @@ from conftest import specs
 from hypothesis import given
 
 from lenet_spec import (
+    GELU,
     PRESETS,
     AvgPool,
+    BatchNorm,
     Conv,
     Flatten,
+    LeakyReLU,
     Linear,
     MaxPool,
     ReLU,
@@ -28,6 +31,7 @@ PRESET_COUNTS = {
     "lenet5_3x3": 81_194,
     "lenet5_classic": 61_706,
     "cifar10_cnn": 145_578,
+    "lenet5_bn": 61_728,
 }
 
 
@@ -69,6 +73,44 @@ def test_classic_is_tanh_avg_pool() -> None:
     kinds = [layer.type for layer in PRESETS["lenet5_classic"].layers]
     assert "tanh" in kinds and "avg_pool" in kinds
     assert "relu" not in kinds and "max_pool" not in kinds
+
+
+def test_lenet5_bn_parameters_and_buffers() -> None:
+    """lenet5 + bn1 (2·6) + bn2 (2·16) parameters; buffers apart (running mean and variance per
+    channel, one batch count each), named as torch's state_dict names them."""
+    spec = PRESETS["lenet5_bn"]
+    assert spec.param_count == 61_706 - 6 - 16 + 12 + 32  # bias-free convs, bn1, bn2
+    assert spec.buffer_count == (6 + 6 + 1) + (16 + 16 + 1)
+    assert spec.buffer_shapes == {
+        "bn1.running_mean": (6,), "bn1.running_var": (6,), "bn1.num_batches_tracked": (),
+        "bn2.running_mean": (16,), "bn2.running_var": (16,), "bn2.num_batches_tracked": ()}
+    assert list(spec.state_shapes)[:6] == [
+        "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+        "bn1.num_batches_tracked"]
+    assert [i.layer.type for i in spec.infos].count("dropout") == 2
+    text = spec.summary()
+    assert "buffers" in text and "61,728 parameters (241.1 KiB float32) and 46 buffer values" \
+        in text
+    assert "buffers" not in PRESETS["lenet5"].summary()
+
+
+def test_conv_options_shapes_counts_and_macs() -> None:
+    spec = Spec("opts", (4, 12, 12), (
+        Conv(8, 3, dilation=2, groups=2, bias=False), BatchNorm(affine=False), LeakyReLU(0.2),
+        Flatten(), Linear(5, bias=False), GELU("tanh"), Linear(2)))
+    conv = spec.infos[0]
+    assert conv.out_shape == (8, 8, 8)  # 12 − 2·(3 − 1)
+    assert conv.params == {"conv1.weight": (8, 2, 3, 3)}  # in_channels / groups, no bias
+    assert conv.fan_in == 2 * 9
+    assert conv.macs == 8 * 8 * 8 * 2 * 9
+    assert spec.infos[1].params == {} and spec.infos[1].macs == 8 * 8 * 8
+    assert spec.param_shapes["fc1.weight"] == (5, 512) and "fc1.bias" not in spec.param_shapes
+    kinds = [i.kind for i in spec.infos]
+    assert kinds[:3] == ["conv 3×3 d2×2 g2 no bias", "batch_norm no affine", "leaky_relu 0.2"]
+    assert Spec.from_dict(spec.to_dict()) == spec
+    assert spec.to_dict()["layers"][0] == {"type": "conv", "out_channels": 8, "kernel_size": 3,
+                                           "dilation": 2, "groups": 2, "bias": False,
+                                           "name": "conv1"}
 
 
 def test_summary_table() -> None:
@@ -193,9 +235,71 @@ BAD = {
     "zero input size": (_spec(BASE, (1, 0, 32)), "input_shape [1, 0, 32]: each size must be"),
     "two-dim input": (_spec(BASE, (32, 32)), "input_shape must be [C, H, W]"),
     "unknown layer type": (
-        _spec([{"type": "dropout", "p": 0.5}, *BASE]),
-        "layer 0: unknown type 'dropout'; expected one of conv, max_pool",
+        _spec([{"type": "softmax"}, *BASE]),
+        "layer 0: unknown type 'softmax'; expected one of conv, max_pool",
     ),
+    "dropout p of 1": (_spec([{"type": "dropout", "p": 1.0}, *BASE]),
+                       "layer 0 (dropout): p must be in [0, 1), got 1.0"),
+    "negative dropout p": (_spec([{"type": "dropout2d", "p": -0.1}, *BASE]),
+                           "layer 0 (dropout2d): p must be in [0, 1), got -0.1"),
+    "dropout2d on a flat vector": (
+        _spec([{"type": "flatten"}, {"type": "dropout2d"}, {"type": "linear", "out_features": 2}]),
+        "layer 1 (dropout2d): needs a spatial C×H×W input but gets a flat vector of 1024",
+    ),
+    "momentum 0": (
+        _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3},
+               {"type": "batch_norm", "momentum": 0}, *BASE]),
+        "layer 1 (batch_norm): momentum must be in (0, 1], got 0",
+    ),
+    "momentum above 1": (
+        _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3},
+               {"type": "batch_norm", "name": "norm", "momentum": 1.5}, *BASE]),
+        "norm: momentum must be in (0, 1], got 1.5",
+    ),
+    "eps 0": (
+        _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3},
+               {"type": "batch_norm", "eps": 0.0}, *BASE]),
+        "eps must be greater than 0, got 0.0",
+    ),
+    "affine not a flag": (
+        _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3},
+               {"type": "batch_norm", "affine": "yes"}, *BASE]),
+        "affine must be true or false, got 'yes'",
+    ),
+    "batch_norm on the input": (
+        _spec([{"type": "batch_norm"}, *BASE]),
+        "bn1: batch_norm normalises a conv's channels or a linear layer's features; here it "
+        "would normalise the network input",
+    ),
+    "batch_norm after flatten": (
+        _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3}, {"type": "flatten"},
+               {"type": "batch_norm"}, {"type": "linear", "out_features": 10}]),
+        "bn1: batch_norm normalises a conv's channels or a linear layer's features; here it "
+        "would normalise a flatten",
+    ),
+    "groups not dividing the input": (
+        _spec([{"type": "conv", "out_channels": 4, "kernel_size": 3},
+               {"type": "conv", "out_channels": 6, "kernel_size": 3, "groups": 3}, *BASE]),
+        "conv2: groups 3 does not divide the input's 4 channels",
+    ),
+    "groups not dividing the output": (
+        _spec([{"type": "conv", "out_channels": 5, "kernel_size": 3, "groups": 2}, *BASE],
+              (2, 8, 8)),
+        "layer 0 (conv): groups 2 does not divide out_channels 5",
+    ),
+    "dilated kernel larger than the padded input": (
+        _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3, "dilation": 3,
+                "padding": 1}, *BASE], (1, 4, 4)),
+        "conv1: input 1×4×4 (padded 6×6) is smaller than kernel 7×7 (dilated 3×3)",
+    ),
+    "bias not a flag": (
+        _spec([{"type": "flatten"}, {"type": "linear", "out_features": 3, "bias": 0}]),
+        "bias must be true or false, got 0",
+    ),
+    "gelu approximation": (_spec([{"type": "gelu", "approximate": "erf"}, *BASE]),
+                           "approximate must be 'none' or 'tanh', got 'erf'"),
+    "leaky slope": (_spec([{"type": "leaky_relu", "negative_slope": "0.1"}, *BASE]),
+                    "negative_slope must be a finite number, got '0.1'"),
     "missing type": (_spec([{"out_channels": 2}, *BASE]), "layer 0: missing 'type'"),
     "unknown key": (
         _spec([{"type": "conv", "out_channels": 2, "kernal_size": 3}, *BASE]),

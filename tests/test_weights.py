@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import jax_logits, random_batch, torch_logits
+from conftest import busy_batch_norms, jax_logits, random_batch, torch_logits
 
 import lenet_jax
 import lenet_torch
@@ -19,16 +19,21 @@ PORTS = {"torch": lenet_torch, "jax": lenet_jax}
 @pytest.mark.parametrize("source", PORTS)
 @pytest.mark.parametrize("name", PRESETS)
 def test_round_trip_bit_exact_and_across_frameworks(tmp_path, source: str, name: str) -> None:
+    """Parameters and buffers (batch_norm's running statistics, made non-trivial, and batch
+    counts, int64) through a file into both ports, bit for bit; the same logits in eval mode."""
     spec = PRESETS[name]
+    donor = lenet_torch.build(spec, seed=3)
+    busy_batch_norms(donor, 3)
     net = PORTS[source].build(spec, seed=3)
+    PORTS[source].set_weights(net, lenet_torch.get_weights(donor))
     weights = PORTS[source].get_weights(net)
     path = tmp_path / "w.safetensors"
     save_weights(path, weights, spec)
     loaded, loaded_spec = load_weights(path)
     assert loaded_spec == spec
-    assert list(loaded) == list(spec.param_shapes)
+    assert list(loaded) == list(spec.state_shapes)
     for k in weights:
-        assert loaded[k].dtype == np.float32
+        assert loaded[k].dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32)
         assert loaded[k].tobytes() == weights[k].tobytes()
     # into the other framework (and back into the same one): same weights, same logits
     t = lenet_torch.build(loaded_spec, seed=99)
@@ -38,8 +43,27 @@ def test_round_trip_bit_exact_and_across_frameworks(tmp_path, source: str, name:
     for k in weights:
         assert lenet_torch.get_weights(t)[k].tobytes() == weights[k].tobytes()
         assert lenet_jax.get_weights(j)[k].tobytes() == weights[k].tobytes()
+    t.eval()
+    j.eval()
     x, _ = random_batch(spec, 4)
     assert np.abs(torch_logits(t, x) - jax_logits(j, x)).max() <= 1e-5
+
+
+def test_a_missing_buffer_is_named(tmp_path) -> None:
+    spec = PRESETS["lenet5_bn"]
+    weights = lenet_torch.get_weights(lenet_torch.build(spec))
+    del weights["bn2.running_var"]
+    for port in PORTS.values():
+        with pytest.raises(WeightsError, match=r"lenet5_bn: missing buffer 'bn2.running_var' of "
+                                               r"shape \(16,\)"):
+            port.set_weights(port.build(spec), weights)
+    with pytest.raises(WeightsError, match="missing buffer 'bn2.running_var'"):
+        save_weights(tmp_path / "w.safetensors", weights, spec)
+    weights["bn2.running_var"] = np.ones(16, np.float32)
+    weights["bn2.num_batches_tracked"] = np.float32(3)
+    with pytest.raises(WeightsError, match="'bn2.num_batches_tracked' has dtype float32, "
+                                           "expected an integer count"):
+        save_weights(tmp_path / "w.safetensors", weights, spec)
 
 
 def test_file_holds_spec_and_no_pickle(tmp_path) -> None:

@@ -1,0 +1,373 @@
+"""The layer kinds a spec is made of, each validated on construction, and what one layer does to
+a shape: its output shape and its multiply-accumulates.
+
+Parameterised and stateful layers (conv, linear, batch_norm) carry a ``name``; the spec numbers
+unnamed ones per kind (``conv1``, ``fc1``, ``bn1``, …). Everything else is applied by position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+Shape = tuple[int, ...]
+Pair = tuple[int, int]
+
+
+class SpecError(ValueError):
+    """A spec that cannot describe a network; the message names the layer and the problem."""
+
+
+def _pair(value: Any, what: str, *, minimum: int = 1) -> Pair:
+    """An int or an [h, w] pair of ints, each at least ``minimum``, as an (h, w) tuple."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise SpecError(f"{what} must be an int or an [h, w] pair, got {list(value)!r}")
+        pair = tuple(value)
+    else:
+        pair = (value, value)
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise SpecError(f"{what} must be an int or an [h, w] pair of ints, got {value!r}")
+        if v < minimum:
+            raise SpecError(f"{what} must be at least {minimum}, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{what} must be a positive int, got {value!r}")
+    if value < 1:
+        raise SpecError(f"{what} must be positive, got {value!r}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpecError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def _where(layer: Any) -> str:
+    return f"{layer.name}: " if getattr(layer, "name", None) else ""
+
+
+def fmt_pair(p: Pair) -> str:
+    return f"{p[0]}×{p[1]}"
+
+
+def fmt_shape(s: Shape) -> str:
+    return "×".join(str(d) for d in s)
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+@dataclass(frozen=True)
+class Conv:
+    """2-D convolution: ``out_channels`` filters of ``kernel_size``, ``stride``, zero
+    ``padding``, ``dilation`` between kernel taps, ``groups`` (each filter sees
+    in_channels / groups of the input), and a bias unless ``bias`` is false."""
+
+    out_channels: int
+    kernel_size: Pair
+    stride: Pair = (1, 1)
+    padding: Pair = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    name: str | None = None
+    type: ClassVar[str] = "conv"
+    prefix: ClassVar[str] = "conv"
+
+    def __post_init__(self) -> None:
+        where = _where(self)
+        _positive_int(self.out_channels, f"{where}out_channels")
+        object.__setattr__(self, "kernel_size", _pair(self.kernel_size, f"{where}kernel_size"))
+        object.__setattr__(self, "stride", _pair(self.stride, f"{where}stride"))
+        object.__setattr__(self, "padding", _pair(self.padding, f"{where}padding", minimum=0))
+        object.__setattr__(self, "dilation", _pair(self.dilation, f"{where}dilation"))
+        _positive_int(self.groups, f"{where}groups")
+        _flag(self.bias, f"{where}bias")
+        if self.out_channels % self.groups:
+            raise SpecError(f"{where}groups {self.groups} does not divide out_channels "
+                            f"{self.out_channels}")
+
+    @property
+    def span(self) -> Pair:
+        """The height and width the kernel covers, dilation included."""
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation,
+                                                     strict=True))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Pool:
+    kernel_size: Pair
+    stride: Pair | None = None
+
+    def __post_init__(self) -> None:
+        k = _pair(self.kernel_size, "kernel_size")
+        object.__setattr__(self, "kernel_size", k)
+        s = k if self.stride is None else _pair(self.stride, "stride")
+        object.__setattr__(self, "stride", s)
+
+
+@dataclass(frozen=True)
+class MaxPool(_Pool):
+    """Max pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``."""
+
+    type: ClassVar[str] = "max_pool"
+
+
+@dataclass(frozen=True)
+class AvgPool(_Pool):
+    """Average pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``."""
+
+    type: ClassVar[str] = "avg_pool"
+
+
+@dataclass(frozen=True)
+class ReLU:
+    """max(x, 0)."""
+
+    type: ClassVar[str] = "relu"
+
+
+@dataclass(frozen=True)
+class Tanh:
+    """tanh(x)."""
+
+    type: ClassVar[str] = "tanh"
+
+
+@dataclass(frozen=True)
+class Sigmoid:
+    """1 / (1 + exp(-x))."""
+
+    type: ClassVar[str] = "sigmoid"
+
+
+@dataclass(frozen=True)
+class GELU:
+    """x·Φ(x), Φ the standard normal CDF (``approximate="none"``, torch's default: erf), or
+    its tanh approximation (``"tanh"``, Flax's default)."""
+
+    approximate: str = "none"
+    type: ClassVar[str] = "gelu"
+
+    def __post_init__(self) -> None:
+        if self.approximate not in ("none", "tanh"):
+            raise SpecError(f"approximate must be 'none' or 'tanh', got {self.approximate!r}")
+
+
+@dataclass(frozen=True)
+class LeakyReLU:
+    """x for x ≥ 0, ``negative_slope``·x below."""
+
+    negative_slope: float = 0.01
+    type: ClassVar[str] = "leaky_relu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "negative_slope",
+                           _number(self.negative_slope, "negative_slope"))
+
+
+@dataclass(frozen=True)
+class ELU:
+    """x for x > 0, ``alpha``·(exp(x) − 1) below."""
+
+    alpha: float = 1.0
+    type: ClassVar[str] = "elu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", _number(self.alpha, "alpha"))
+
+
+@dataclass(frozen=True)
+class SiLU:
+    """x·sigmoid(x) (swish)."""
+
+    type: ClassVar[str] = "silu"
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """(C, H, W) -> (C·H·W,), in C, H, W order (torch's order)."""
+
+    type: ClassVar[str] = "flatten"
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Fully connected layer: y = x Wᵀ (+ b unless ``bias`` is false)."""
+
+    out_features: int
+    bias: bool = True
+    name: str | None = None
+    type: ClassVar[str] = "linear"
+    prefix: ClassVar[str] = "fc"
+
+    def __post_init__(self) -> None:
+        _positive_int(self.out_features, f"{_where(self)}out_features")
+        _flag(self.bias, f"{_where(self)}bias")
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """Batch normalisation of a conv's channels (statistics over N, H, W) or a linear layer's
+    features (over N), torch's conventions: running statistics updated as
+    ``(1 − momentum)·running + momentum·batch``, the unbiased batch variance stored, ``eps``
+    added to the variance; a learned scale and shift unless ``affine`` is false."""
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+    affine: bool = True
+    name: str | None = None
+    type: ClassVar[str] = "batch_norm"
+    prefix: ClassVar[str] = "bn"
+
+    def __post_init__(self) -> None:
+        where = _where(self)
+        momentum = _number(self.momentum, f"{where}momentum")
+        if not 0 < momentum <= 1:
+            raise SpecError(f"{where}momentum must be in (0, 1], got {self.momentum!r}")
+        eps = _number(self.eps, f"{where}eps")
+        if eps <= 0:
+            raise SpecError(f"{where}eps must be greater than 0, got {self.eps!r}")
+        _flag(self.affine, f"{where}affine")
+        object.__setattr__(self, "momentum", momentum)
+        object.__setattr__(self, "eps", eps)
+
+
+@dataclass(frozen=True)
+class _Dropout:
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        p = _number(self.p, "p")
+        if not 0 <= p < 1:
+            raise SpecError(f"p must be in [0, 1), got {self.p!r}")
+        object.__setattr__(self, "p", p)
+
+
+@dataclass(frozen=True)
+class Dropout(_Dropout):
+    """In training, each element zeroed with probability ``p``, survivors scaled by
+    1 / (1 − p); the identity in evaluation."""
+
+    type: ClassVar[str] = "dropout"
+
+
+@dataclass(frozen=True)
+class Dropout2d(_Dropout):
+    """As dropout, but whole channels of a C×H×W map at once."""
+
+    type: ClassVar[str] = "dropout2d"
+
+
+Layer = Union[Conv, MaxPool, AvgPool, ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU,  # noqa: UP007
+              SiLU, Flatten, Linear, BatchNorm, Dropout, Dropout2d]
+LAYER_TYPES: dict[str, type] = {
+    cls.type: cls for cls in (Conv, MaxPool, AvgPool, ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU,
+                              SiLU, Flatten, Linear, BatchNorm, Dropout, Dropout2d)
+}
+ACTIVATION_TYPES = (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU)
+PARAMETERISED = (Conv, Linear, BatchNorm)
+"""The named layers: those with parameters or buffers."""
+ELEMENTWISE = (*ACTIVATION_TYPES, Dropout, Dropout2d)
+"""Layers that keep a tensor's shape and the order of its elements' meaning."""
+
+
+def is_monotone(layer: Layer) -> bool:
+    """Whether an activation is non-decreasing, so that it commutes with a max-pool."""
+    if isinstance(layer, (ReLU, Tanh, Sigmoid)):
+        return True
+    if isinstance(layer, LeakyReLU):
+        return layer.negative_slope >= 0
+    if isinstance(layer, ELU):
+        return layer.alpha >= 0
+    return False
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def infer(layer: Layer, shape: Shape, where: str) -> tuple[Shape, int]:
+    """Output shape and MACs (per image) of ``layer`` on an input of ``shape``."""
+    if isinstance(layer, (Conv, MaxPool, AvgPool, Dropout2d)) and len(shape) != 3:
+        raise SpecError(
+            f"{where}: needs a spatial C×H×W input but gets a flat vector of {shape[0]} "
+            f"(remove the flatten before it, or move it after this layer"
+            + ("; on a flat vector use dropout" if isinstance(layer, Dropout2d) else "") + ")"
+        )
+    if isinstance(layer, (Conv, MaxPool, AvgPool)):
+        c, h, w = shape
+        span = layer.span if isinstance(layer, Conv) else layer.kernel_size
+        (kh, kw), (sh, sw) = span, layer.stride
+        ph, pw = layer.padding if isinstance(layer, Conv) else (0, 0)
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            padded = f" (padded {h + 2 * ph}×{w + 2 * pw})" if (ph, pw) != (0, 0) else ""
+            dilated = (f" (dilated {fmt_pair(layer.kernel_size)})"
+                       if isinstance(layer, Conv) and layer.dilation != (1, 1) else "")
+            raise SpecError(f"{where}: input {fmt_shape(shape)}{padded} is smaller than kernel "
+                            f"{kh}×{kw}{dilated}")
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        if not isinstance(layer, Conv):
+            return (c, ho, wo), 0
+        if c % layer.groups:
+            raise SpecError(f"{where}: groups {layer.groups} does not divide the input's "
+                            f"{c} channels")
+        taps = (c // layer.groups) * math.prod(layer.kernel_size)
+        return (layer.out_channels, ho, wo), layer.out_channels * ho * wo * taps
+    if isinstance(layer, Flatten):
+        if len(shape) != 3:
+            raise SpecError(f"{where}: input is already flat ({shape[0]} features)")
+        return (math.prod(shape),), 0
+    if isinstance(layer, Linear):
+        if len(shape) != 1:
+            raise SpecError(
+                f"{where}: linear on a spatial {fmt_shape(shape)} tensor; add a flatten before it"
+            )
+        return (layer.out_features,), shape[0] * layer.out_features
+    if isinstance(layer, BatchNorm):
+        return shape, math.prod(shape)  # one multiply-add per element: x·a + b
+    return shape, 0  # element-wise: activations, dropout
+
+
+def kind(layer: Layer) -> str:
+    """The layer's kind for the summary table: its type and any setting off its default."""
+    extra = ""
+    if isinstance(layer, Conv):
+        extra = f" {fmt_pair(layer.kernel_size)}"
+        for tag, value, default in (("s", layer.stride, (1, 1)), ("p", layer.padding, (0, 0)),
+                                    ("d", layer.dilation, (1, 1))):
+            if value != default:
+                extra += f" {tag}{fmt_pair(value)}"
+        if layer.groups != 1:
+            extra += f" g{layer.groups}"
+        if not layer.bias:
+            extra += " no bias"
+    elif isinstance(layer, (MaxPool, AvgPool)):
+        extra = f" {fmt_pair(layer.kernel_size)}"
+        if layer.stride != layer.kernel_size:
+            extra += f" s{fmt_pair(layer.stride)}"
+    elif isinstance(layer, Linear) and not layer.bias:
+        extra = " no bias"
+    elif isinstance(layer, (Dropout, Dropout2d)):
+        extra = f" p{layer.p:g}"
+    elif isinstance(layer, GELU) and layer.approximate != "none":
+        extra = f" {layer.approximate}"
+    elif isinstance(layer, LeakyReLU):
+        extra = f" {layer.negative_slope:g}"
+    elif isinstance(layer, ELU) and layer.alpha != 1.0:
+        extra = f" α{layer.alpha:g}"
+    elif isinstance(layer, BatchNorm):
+        extra = "" if layer.affine else " no affine"
+    return layer.type + extra
