@@ -371,3 +371,26 @@ def kind(layer: Layer) -> str:
     elif isinstance(layer, BatchNorm):
         extra = "" if layer.affine else " no affine"
     return layer.type + extra
+
+
+def plain_conv(layer: object) -> bool:
+    """A conv the fused formulations compute: no dilation, one group (bias or not)."""
+    return isinstance(layer, Conv) and layer.dilation == (1, 1) and layer.groups == 1
+
+
+def conv_pool_span(layers: tuple, i: int) -> int:
+    """How many layers from ``i`` each port's fused ``conv_max_pool`` (``kernels.py``) computes
+    at once: 3 for conv, monotone activation, max-pool; 2 for conv, max-pool; 0 if anything
+    else stands between them (batch_norm, dropout, a non-monotone activation such as gelu), the
+    conv is strided, dilated or grouped, or the pool's windows overlap."""
+    conv = layers[i]
+    if not plain_conv(conv) or conv.stride != (1, 1):
+        return 0
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    if isinstance(nxt, ACTIVATION_TYPES) and not is_monotone(nxt):
+        return 0
+    span = 3 if isinstance(nxt, ACTIVATION_TYPES) else 2
+    last = layers[i + span - 1] if i + span - 1 < len(layers) else None
+    if not isinstance(last, MaxPool) or last.kernel_size != last.stride:
+        return 0
+    return span
