@@ -1,0 +1,380 @@
+"""``lenet_torch.to_spec`` and ``python -m lenet_torch.port``: torch modules written in the
+tutorial's styles become specs whose Flax models give the modules' logits; what a spec cannot
+hold is one clear error."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections import OrderedDict
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lenet_jax
+import lenet_torch
+from lenet_spec import BatchNorm, Conv, Dropout, Dropout2d, Flatten, Linear, load_weights
+from lenet_torch.port import PortError, main, port, to_spec
+
+LOGIT_TOL = 1e-5  # max |Δ| of logits, as tests/test_parity.py
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch "Neural Networks" tutorial's Net, as written there (fx cannot trace the
+    loop over x.size(): torch.export reads it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(-1, self.num_flat_features(x))
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+    def num_flat_features(self, x: torch.Tensor) -> int:
+        size = x.size()[1:]
+        num_features = 1
+        for s in size:
+            num_features *= s
+        return num_features
+
+
+class SizeViewNet(nn.Module):
+    """3×3 kernels, methods and torch.* functions, flattening by x.view(x.size()[0], -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2)
+        self.fc = nn.Linear(16 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = F.avg_pool2d(x.tanh(), 2)
+        x = F.leaky_relu(self.conv2(x), 0.2)
+        x = x.view(x.size()[0], -1)
+        return self.fc(x)
+
+
+def ordered_sequential() -> nn.Sequential:
+    """A Sequential built from an OrderedDict, with a nested unnamed Sequential head."""
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 6, 5)), ("act1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(6, 16, 5)), ("act2", nn.ReLU()), ("pool2", nn.MaxPool2d(2, 2)),
+        ("flatten", nn.Flatten()),
+        ("head", nn.Sequential(nn.Linear(400, 120), nn.SiLU(), nn.Linear(120, 10))),
+    ]))
+
+
+class NormNet(nn.Module):
+    """Batch norm after the convs and the first linear layer, dropout2d and dropout as modules
+    and functions, torch.flatten; trained a little so the running statistics are not 0 and 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 5, bias=False), nn.BatchNorm2d(8, momentum=0.2), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2), nn.Dropout2d(0.1),
+            nn.Conv2d(8, 16, 5, bias=False), nn.BatchNorm2d(16), nn.GELU(approximate="tanh"),
+            nn.MaxPool2d(2),
+        )
+        self.fc1 = nn.Linear(16 * 5 * 5, 64)
+        self.bn = nn.BatchNorm1d(64, eps=1e-3)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.features(x), 1)
+        x = self.drop(F.elu(self.bn(self.fc1(x))))
+        return self.fc2(F.dropout(x, 0.1, self.training))
+
+
+def trained(module: nn.Module, shape: tuple[int, int, int]) -> nn.Module:
+    """``module`` after 3 SGD steps on random data (moves the weights and batch statistics)."""
+    torch.manual_seed(0)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    module.train()
+    for _ in range(3):
+        loss = module(torch.randn(8, *shape)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return module
+
+
+def flax_logits(spec, weights, x: torch.Tensor) -> np.ndarray:
+    net = lenet_jax.build(spec)
+    lenet_jax.set_weights(net, weights)
+    net.eval()
+    return np.asarray(net(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
+
+
+CASES = {
+    "tutorial": (TutorialNet, (1, 32, 32), "torch.export"),
+    "size_view": (SizeViewNet, (3, 32, 32), "torch.fx"),
+    "ordered_sequential": (ordered_sequential, (1, 32, 32), "torch.fx"),
+    "norm": (NormNet, (3, 32, 32), "torch.fx"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_to_flax(case: str) -> None:
+    """Each style goes to a spec and weights whose Flax model gives the module's logits."""
+    make, shape, tracer = CASES[case]
+    torch.manual_seed(1)
+    module = trained(make(), shape)
+    module.train()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    result = port(module, shape)
+    assert result.tracer == tracer
+    assert module.training  # left as it was found
+    for k, v in module.state_dict().items():  # and its state untouched
+        assert torch.equal(v, state[k]), k
+    spec, weights = result.spec, result.weights
+    assert spec.param_count == sum(p.numel() for p in module.parameters())
+    x = torch.randn(6, *shape)
+    module.eval()
+    with torch.no_grad():
+        want = module(x).numpy()
+    assert np.abs(flax_logits(spec, weights, x) - want).max() <= LOGIT_TOL
+
+
+def test_names_and_layers_come_from_the_module() -> None:
+    spec, weights = to_spec(ordered_sequential(), (1, 32, 32))
+    named = [getattr(layer, "name", None) for layer in spec.layers]
+    assert [n for n in named if n] == ["conv1", "conv2", "head_0", "head_2"]
+    assert list(weights) == list(spec.state_shapes)
+    module = NormNet()
+    spec, weights = to_spec(module, (3, 32, 32), name="norm_net")
+    assert spec.name == "norm_net"
+    kinds = [type(layer) for layer in spec.layers]
+    assert kinds.count(BatchNorm) == 3 and kinds.count(Dropout) == 2
+    assert kinds.count(Dropout2d) == 1 and kinds.count(Flatten) == 1
+    bn0 = spec.layers[1]
+    assert (bn0.name, bn0.momentum) == ("features_1", 0.2)
+    assert [layer.eps for layer in spec.layers if isinstance(layer, BatchNorm)] == [
+        1e-5, 1e-5, 1e-3]
+    conv = spec.layers[0]
+    assert isinstance(conv, Conv) and not conv.bias and conv.name == "features_0"
+    np.testing.assert_array_equal(weights["bn.running_var"],
+                                  module.bn.running_var.numpy())
+    assert weights["bn.num_batches_tracked"].dtype == np.int64
+    unnamed = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 30 * 30, 3))
+    spec, _ = to_spec(unnamed, (1, 32, 32))
+    assert [spec.layers[0].name, spec.layers[2].name] == ["conv_0", "fc_2"]
+
+
+def test_functional_dropout_follows_the_training_flag() -> None:
+    class Net(nn.Module):
+        def __init__(self, training: object) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 8), nn.Linear(8, 2)
+            self.flag = training
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.flatten(x, 1)
+            training = self.training if self.flag == "module" else self.flag
+            return self.fc2(F.dropout(self.fc1(x), 0.25, training))
+
+    spec, _ = to_spec(Net("module"), (3, 2, 2))
+    assert Dropout(0.25) in spec.layers
+    spec, _ = to_spec(Net(False), (3, 2, 2))  # never drops: the identity
+    assert not any(isinstance(layer, Dropout) for layer in spec.layers)
+    with pytest.raises(PortError, match="drops in evaluation too"):
+        to_spec(Net(True), (3, 2, 2))
+
+
+class Sq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[no-untyped-def]
+        return g
+
+
+class Bad(nn.Module):
+    """LeNet-like, with one thing a spec cannot hold, chosen by ``what``."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = (nn.ConvTranspose2d(4, 4, 3, padding=1) if what == "deconv"
+                      else nn.Conv2d(4, 4, 3, padding=1))
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(x)
+        if self.what == "residual":
+            y = y + self.conv2(y)
+        elif self.what == "custom_autograd":
+            y = Sq.apply(self.conv2(y))
+        elif self.what == "slice":
+            y = self.conv2(y)
+            y[:, :2] *= 2
+        elif self.what == "shared":
+            y = self.conv1.forward(F.relu(self.conv2(y))[:, :1])
+        elif self.what == "half_flatten":
+            return self.fc(y.reshape(-1, 4 * 8 * 8 // 2).reshape(y.shape[0], -1))
+        elif self.what == "pool_padding":
+            y = F.max_pool2d(self.conv2(y), 3, 1, 1)
+        elif self.what == "batch_in_forward":
+            return self.fc(self.conv2(y).view(3, -1))
+        elif self.what == "tuple":
+            return self.fc(self.conv2(y).flatten(1)), y
+        else:
+            y = self.conv2(y)
+        return self.fc(y.flatten(1))
+
+
+@pytest.mark.parametrize("what, message", [
+    ("residual", r"node add \(operator.add\) at test_port.py:\d+: y = y \+ self.conv2\(y\)"
+                 r".*takes two tensors of the network.*residual or a branch"),
+    ("deconv", r"conv2 \(ConvTranspose2d\).*ConvTranspose2d is not supported; supported: "
+               r"nn.Conv2d"),
+    ("custom_autograd", r"\(operator.mul\).*x \* x.*operator.mul is not supported"),
+    ("slice", r"indexing or slicing"),
+    ("shared", r"indexing or slicing"),
+    ("half_flatten", r"reshapes \(3, 4, 8, 8\) to \(6, 128\).*flattening"),
+    ("pool_padding", r"pooling with padding 1"),
+    ("batch_in_forward", r"batch size written into forward"),
+    ("tuple", r"forward returns .*not the output of its last layer"),
+])
+def test_what_a_spec_cannot_hold_is_one_clear_error(what: str, message: str) -> None:
+    with pytest.raises(PortError, match=message) as caught:
+        to_spec(Bad(what), (1, 8, 8))
+    assert "\n" not in str(caught.value)
+
+
+def test_weight_sharing_and_other_refusals() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.fc(x.flatten(1)))
+
+    with pytest.raises(PortError, match="fc is applied a second time"):
+        to_spec(Shared(), (1, 2, 2))
+    no_stats = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, track_running_stats=False),
+                             nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    with pytest.raises(PortError, match="1 \\(BatchNorm2d\\).*track_running_stats=False"):
+        to_spec(no_stats, (1, 6, 6))
+    cumulative = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=None),
+                               nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
+    with pytest.raises(PortError, match="momentum=None"):
+        to_spec(cumulative, (1, 6, 6))
+    with pytest.raises(PortError, match="running it on a batch of shape \\(3, 1, 5, 5\\) failed"):
+        to_spec(TutorialNet(), (1, 5, 5))
+    with pytest.raises(PortError, match="input_shape must be"):
+        to_spec(TutorialNet(), (32, 32))
+
+
+NET_FILE = """
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class Deconv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(1, 1, 2)
+
+    def forward(self, x):
+        return self.up(x)
+
+
+class NeedsArgs(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+"""
+
+
+class Payload:
+    """An object a weights_only load refuses to build."""
+
+
+def test_command_line(tmp_path, capsys) -> None:
+    source = tmp_path / "net.py"
+    source.write_text(textwrap.dedent(NET_FILE))
+    torch.manual_seed(3)
+    state = {k: v + 0.01 for k, v in TutorialNet().state_dict().items()}
+    torch.save(state, tmp_path / "net.pt")
+    out, weights = tmp_path / "out" / "net.json", tmp_path / "net.safetensors"
+    assert main([f"{source}:Net", "--input-shape", "1,32,32", "--state-dict",
+                 str(tmp_path / "net.pt"), "-o", str(out), "--weights", str(weights)]) == 0
+    printed = capsys.readouterr().out
+    assert "61,706 parameters" in printed and "via torch.fx" in printed
+    spec_json = json.loads(out.read_text())
+    assert spec_json["name"] == "Net" and spec_json["input_shape"] == [1, 32, 32]
+    loaded, spec = load_weights(weights)
+    assert spec.to_dict() == spec_json
+    for k, v in state.items():
+        np.testing.assert_array_equal(loaded[k], v.numpy())
+    assert isinstance(spec.layers[-1], Linear)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{dir}/nope.py:Net"], "nope.py: no such file"),
+    (["{dir}/net.py"], "expected FILE.py:CLASS"),
+    (["{dir}/net.py:Missing"], "has no 'Missing'; the nn.Module classes it defines: Deconv, "
+                               "NeedsArgs, Net"),
+    (["{dir}/net.py:NeedsArgs"], "NeedsArgs\\(\\) failed.*no arguments"),
+    (["{dir}/net.py:Deconv"], "up \\(ConvTranspose2d\\).*not supported"),
+    (["{dir}/net.py:Net", "--state-dict", "{dir}/other.pt"], "other.pt: does not fit Net: "
+                                                             "Error.*Missing key"),
+    (["{dir}/net.py:Net", "--state-dict", "{dir}/pickle.pt"], "pickle.pt: not a state dict "
+                                                              "torch.load reads with "
+                                                              "weights_only=True"),
+    (["{dir}/net.py:Net", "--state-dict", "{dir}/nested.pt"], "nested.pt: holds a dict with "
+                                                              "keys \\['model'\\], not a state"),
+])
+def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) -> None:
+    (tmp_path / "net.py").write_text(textwrap.dedent(NET_FILE))
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    torch.save({"model": TutorialNet().state_dict()}, tmp_path / "nested.pt")
+    torch.save({"conv1.weight": Payload()}, tmp_path / "pickle.pt")
+    argv = [a.format(dir=tmp_path) for a in args] + ["--input-shape", "1,32,32",
+                                                      "-o", str(tmp_path / "s.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_lazy_exports() -> None:
+    assert lenet_torch.to_spec is to_spec
+    with pytest.raises(AttributeError):
+        lenet_torch.nothing  # noqa: B018
