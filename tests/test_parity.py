@@ -35,19 +35,17 @@ import lenet_jax
 import lenet_torch
 from lenet_jax.loss import loss_fn as jax_loss_fn
 from lenet_jax.optim import make_optimizer as jax_optimizer
+from lenet_parity.battery import (  # the tolerances, one copy for the tests and the CLI
+    GRAD_FLOOR,
+    GRAD_TOL,
+    LOGIT_TOL,
+    STATS_TOL,
+    TRAJ_LOSS_TOL,
+    TRAJ_PARAM_TOL,
+)
 from lenet_spec import PRESETS, Flatten, Linear, MaxPool, ReLU, Spec
 from lenet_torch.loss import loss_fn as torch_loss_fn
 from lenet_torch.optim import make_optimizer as torch_optimizer
-
-LOGIT_TOL = 1e-5  # max |Δ| of logits
-GRAD_TOL = 1e-5  # max |Δ| per parameter, relative to that gradient's max |g|
-# A gradient that is a cancelling batch mean (a bias of a 2-class head, say) can be ~1e-3 while
-# its per-example terms are O(1); float32 resolves such a sum only to ~2^-23 ≈ 1.2e-7 absolute.
-# Hypothesis found one (|Δ| 1.7e-8 on |g| 1.5e-3), so random specs add this absolute floor.
-GRAD_FLOOR = 1.2e-7
-TRAJ_LOSS_TOL = 1e-4  # relative, per step
-TRAJ_PARAM_TOL = 1e-4  # max |Δ| of every parameter after 20 steps
-STATS_TOL = 1e-5  # batch_norm's running statistics, relative to each tensor's max |value|
 
 
 def _logit_parity(spec: Spec, kernels: tuple[str, str], seed: int = 0) -> None:

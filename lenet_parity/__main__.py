@@ -1,0 +1,120 @@
+"""``python -m lenet_parity SPEC_OR_FILE``: the parity battery on one spec — every layer's
+output, every gradient, an SGD trajectory and batch_norm statistics, torch port against JAX
+port — as a table; exit status 0 when all are within the tests' tolerances, 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lenet_spec import Spec, SpecError, WeightsError, check_weights, load_spec, load_weights
+from lenet_spec.weights import canonical_dtype
+
+KERNELS = ("auto", "stock", "fused")
+
+
+class UsageError(ValueError):
+    """A file or flag that cannot be used; the message names it."""
+
+
+def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
+    """Canonical weights from a lenet weights file (safetensors, with its spec) or a torch
+    state dict (``.pt`` / ``.pth``, read with ``weights_only=True``; no spec)."""
+    if path.suffix in (".pt", ".pth"):
+        import torch
+
+        if not path.is_file():
+            raise UsageError(f"{path}: no such state dict file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"{path}: not a state dict torch.load reads with weights_only=True "
+                             f"({type(e).__name__})") from None
+        if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor)
+                                                for v in state.values())):
+            raise UsageError(f"{path}: not a state dict (names to tensors)")
+        return {k: v.detach().numpy().astype(canonical_dtype(k)) for k, v in state.items()}, None
+    try:
+        weights, spec = load_weights(path)
+    except WeightsError as e:
+        raise UsageError(str(e)) from None
+    return weights, spec
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lenet_parity", description=__doc__)
+    parser.add_argument("spec", metavar="SPEC_OR_FILE",
+                        help="a preset, a JSON spec, or a weights file (its spec, and the "
+                             "weights for both sides)")
+    parser.add_argument("--torch-weights", type=Path, metavar="F",
+                        help="the torch side's weights: a weights file or a state dict (.pt)")
+    parser.add_argument("--jax-weights", type=Path, metavar="F",
+                        help="the JAX side's weights: a weights file or a state dict (.pt)")
+    parser.add_argument("--steps", type=_count, default=20,
+                        help="SGD steps of the trajectory (0: none) (default: 20)")
+    parser.add_argument("--batch", type=_positive, default=16, help="batch size (default: 16)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="batches, and the weights when none are given (default: 0)")
+    parser.add_argument("--single-step", action="store_true",
+                        help="feed every layer the torch port's input (and output gradient), "
+                             "so that each row measures its layer alone")
+    parser.add_argument("--torch-kernels", choices=KERNELS, default="auto")
+    parser.add_argument("--jax-kernels", choices=KERNELS, default="auto")
+    args = parser.parse_args(argv)
+    try:
+        base: dict[str, np.ndarray] | None = None
+        path = Path(args.spec)
+        if path.suffix == ".safetensors" or (path.is_file() and path.suffix in (".pt", ".pth")):
+            base, spec = _read_weights(path)
+            if spec is None:
+                raise UsageError(f"{path}: a state dict holds no spec; give the spec first and "
+                                 "the state dict as --torch-weights")
+        else:
+            spec = load_spec(args.spec)
+        sides = {}
+        for side, file in (("torch", args.torch_weights), ("jax", args.jax_weights)):
+            if file is None:
+                sides[side] = base
+                continue
+            weights, own = _read_weights(file)
+            if own is not None and own != spec:
+                raise UsageError(f"{file}: holds weights of spec {own.name!r}, which differs "
+                                 f"from {spec.name!r}")
+            try:
+                check_weights(spec, weights)
+            except WeightsError as e:
+                raise UsageError(f"{file}: {e}") from None
+            sides[side] = weights
+    except (SpecError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from lenet_parity.check import check
+
+    report = check(spec, sides["torch"], sides["jax"], steps=args.steps, batch=args.batch,
+                   seed=args.seed, single_step=args.single_step,
+                   kernels=(args.torch_kernels, args.jax_kernels),
+                   progress=lambda what: print(f"  {what}…", file=sys.stderr, end="\r"))
+    print(" " * 40, file=sys.stderr, end="\r")
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

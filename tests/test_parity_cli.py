@@ -1,0 +1,122 @@
+"""``python -m lenet_parity``: the parity battery on a user's spec, its table, its verdict and
+exit status, and where it points when a port is wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lenet_jax.model
+import lenet_torch
+from lenet_parity import check
+from lenet_parity.__main__ import main
+from lenet_parity.check import FORWARD, GRADIENTS, STATISTICS, TRAJECTORY
+from lenet_spec import GELU, PRESETS, Conv, Flatten, Linear, MaxPool, ReLU, Spec, save_weights
+
+
+def test_presets_pass_with_every_section() -> None:
+    """lenet5_bn, both modes: every row within its bound, and every section present."""
+    for single in (False, True):
+        report = check(PRESETS["lenet5_bn"], steps=3, batch=8, single_step=single)
+        assert report.ok, report.table()
+        sections = {row.section for row in report.rows}
+        assert sections == {FORWARD, GRADIENTS, TRAJECTORY, STATISTICS}
+        names = [row.name for row in report.rows if row.section == FORWARD]
+        assert names[:2] == ["conv1", "bn1"] and names[-1] == "logits (whole network)"
+        assert report.verdict().startswith("parity: ok (forward: 17 checks")
+
+
+def _perturbed(spec: Spec, name: str, by: float) -> tuple[dict, dict]:
+    weights = lenet_torch.get_weights(lenet_torch.build(spec))
+    other = {k: v.copy() for k, v in weights.items()}
+    other[name] = other[name] + by
+    return weights, other
+
+
+def test_weights_that_differ_diverge_at_their_layer() -> None:
+    """conv2's weights 1e-3 apart: the first divergence is conv2; without --single-step every
+    later layer diverges too, with it only conv2 does (its input is torch's)."""
+    spec = PRESETS["lenet5"]
+    a, b = _perturbed(spec, "conv2.weight", 1e-3)
+    report = check(spec, a, b, steps=0, batch=4)
+    assert not report.ok
+    assert report.verdict().startswith(
+        "parity: first divergence at conv2 (forward, evaluation mode: conv2 max |Δ|")
+    bad = [row.layer for row in report.rows if row.section == FORWARD and not row.ok]
+    assert bad[0] == "conv2" and "fc3" in bad and "logits" in bad
+    single = check(spec, a, b, steps=0, batch=4, single_step=True)
+    bad = [row.layer for row in single.rows if row.section == FORWARD and not row.ok]
+    assert bad == ["conv2", "logits"]
+    assert single.notes[1].endswith("the two sides differ by up to 0.001 (conv2.weight)")
+
+
+def test_a_wrong_layer_in_a_port_is_found(monkeypatch) -> None:
+    """A JAX port whose exact GELU is the tanh approximation (Flax's default, a real porting
+    pitfall): --single-step points at the gelu alone, forward and backward."""
+    spec = Spec("gelu_net", (1, 8, 8), (Conv(4, 3), GELU(), MaxPool(2), Flatten(), Linear(5),
+                                        ReLU(), Linear(3)))
+    assert check(spec, steps=0, batch=8, single_step=True).ok
+    import jax
+
+    monkeypatch.setitem(lenet_jax.model.ACTIVATIONS, GELU,
+                        lambda layer, x: jax.nn.gelu(x, approximate=True))
+    report = check(spec, steps=0, batch=8, single_step=True, kernels=("stock", "stock"))
+    assert report.verdict().startswith("parity: first divergence at gelu (1) (forward")
+    bad = {(row.section, row.layer) for row in report.rows if not row.ok}
+    assert bad <= {(FORWARD, "gelu (1)"), (FORWARD, "logits"), (GRADIENTS, "gelu (1)")}
+    assert (GRADIENTS, "gelu (1)") in bad
+
+
+def test_command_line(tmp_path, capsys) -> None:
+    spec = PRESETS["lenet5"]
+    a, b = _perturbed(spec, "fc2.bias", 1e-3)
+    save_weights(tmp_path / "a.safetensors", a, spec)
+    save_weights(tmp_path / "b.safetensors", b, spec)
+    torch.save({k: torch.from_numpy(v) for k, v in a.items()}, tmp_path / "a.pt")
+    assert main(["lenet5", "--steps", "2", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith("parity: ok (forward: 13 checks")
+    assert "SGD trajectory" in out and "DIVERGES" not in out
+    assert main([str(tmp_path / "a.safetensors"), "--jax-weights", str(tmp_path / "b.safetensors"),
+                 "--steps", "0", "--batch", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "fc2 " in out and "DIVERGES" in out
+    assert out.rstrip().splitlines()[-1].startswith("parity: first divergence at fc2 (forward")
+    assert main(["lenet5", "--torch-weights", str(tmp_path / "a.pt"), "--jax-weights",
+                 str(tmp_path / "a.safetensors"), "--steps", "1", "--batch", "4"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope.json"], "nope.json: no such spec file"),
+    (["{dir}/a.pt"], "a.pt: a state dict holds no spec"),
+    (["lenet5_3x3", "--torch-weights", "{dir}/a.safetensors"],
+     "a.safetensors: holds weights of spec 'lenet5', which differs from 'lenet5_3x3'"),
+    (["lenet5_3x3", "--jax-weights", "{dir}/a.pt"],
+     "a.pt: lenet5_3x3: tensor 'conv1.weight' has shape \\(6, 1, 5, 5\\), the spec expects "
+     "\\(6, 1, 3, 3\\)"),
+    (["lenet5", "--jax-weights", "{dir}/junk.pt"], "junk.pt: not a state dict torch.load"),
+    (["lenet5", "--jax-weights", "{dir}/missing.safetensors"], "no such weights file"),
+])
+def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) -> None:
+    spec = PRESETS["lenet5"]
+    weights = lenet_torch.get_weights(lenet_torch.build(spec))
+    save_weights(tmp_path / "a.safetensors", weights, spec)
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path / "a.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    assert main([a.format(dir=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert __import__("re").search(message, err), err
+
+
+def test_layouts_round_trip() -> None:
+    """The JAX port's flat H·W·C activations and NHWC maps go to torch's layout and back."""
+    from lenet_parity.check import to_jax_layout, to_torch_layout
+
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    assert np.array_equal(to_torch_layout(to_jax_layout(x, None), None), x)
+    flat = x.reshape(2, -1)
+    assert np.array_equal(to_jax_layout(flat, (3, 4, 5)), x.transpose(0, 2, 3, 1).reshape(2, -1))
+    assert np.array_equal(to_torch_layout(to_jax_layout(flat, (3, 4, 5)), (3, 4, 5)), flat)
