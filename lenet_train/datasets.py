@@ -392,12 +392,20 @@ def extract_cifar_archive(archive: Path, dest: Path) -> None:
     write_manifest(dest, {n: _sha256(d) for n, d in found.items()}, source)
 
 
-def write_manifest(folder: Path, digests: dict[str, str], source: str) -> None:
+def _stamp(path: Path) -> str:
+    """The archive's path, size and modification time: extracted once until it changes."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def write_manifest(folder: Path, digests: dict[str, str], source: str | None) -> None:
     """Record the SHA-256 of the files just written to the cache ``folder``, and their source."""
     path = folder / MANIFEST
     manifest = read_manifest(folder) or {}
     manifest.update(digests)
-    manifest["_source"] = source
+    if source is not None:
+        manifest["_source"] = source
+        manifest.pop("_archive", None)
     atomic_write_bytes(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
@@ -429,9 +437,12 @@ def read_folder(dataset: Dataset, folder: Path, split: str, cache: bool = False)
             found = (read_cifar_split(dataset, place, split, manifest)
                      or read_cifar_split(dataset, place / CIFAR_FOLDER, split))
             if found is None and (place / CIFAR_ARCHIVE).is_file():
-                dest = cache_dir(dataset.name)
-                log.info("%s: extracting %s into %s", dataset.title, place / CIFAR_ARCHIVE, dest)
-                extract_cifar_archive(place / CIFAR_ARCHIVE, dest)
+                archive, dest = place / CIFAR_ARCHIVE, cache_dir(dataset.name)
+                stamp = _stamp(archive)
+                if (read_manifest(dest) or {}).get("_archive") != stamp:
+                    log.info("%s: extracting %s into %s", dataset.title, archive, dest)
+                    extract_cifar_archive(archive, dest)
+                    write_manifest(dest, {"_archive": stamp}, None)
                 found = read_cifar_split(dataset, dest, split, read_manifest(dest))
                 if found is not None:
                     found.source = f"{place / CIFAR_ARCHIVE} (extracted into {dest})"
@@ -594,8 +605,10 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def normalisation(name: str, train: Split) -> tuple[list[float], list[float]]:
     """The per-channel mean and std of ``train``'s images, kept in the dataset's cache folder
-    (``stats.json``, keyed by the training images' SHA-256) once computed."""
-    key = train.digests.get(get(name).files("train")[0], "")
+    (``stats.json``, keyed by the SHA-256 of the training files' SHA-256s) once computed."""
+    names = get(name).files("train")
+    key = (hashlib.sha256("".join(train.digests[n] for n in names).encode()).hexdigest()
+           if all(n in train.digests for n in names) else "")
     path = cache_dir(name) / STATS
     known: dict = {}
     if path.is_file():

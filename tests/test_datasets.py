@@ -6,6 +6,7 @@ augmentation, and cifar10_cnn trained by both programs on CIFAR-format files."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import subprocess
@@ -197,6 +198,10 @@ def test_cifar_from_files_subfolder_and_archive(tmp_path, layout: str) -> None:
             [*DS.CIFAR_FILES["train"], *DS.CIFAR_FILES["test"], DS.MANIFEST])
         manifest = json.loads((cache / DS.MANIFEST).read_text())
         assert manifest["_source"].startswith("an archive that is not the official one")
+        assert "_archive" in manifest  # extracted once: the next run reads the cache
+        before = (cache / "data_batch_1.bin").stat().st_mtime_ns
+        DS.load("cifar10", "test", data)
+        assert (cache / "data_batch_1.bin").stat().st_mtime_ns == before
         again = DS.load("cifar10", "train")  # offline, from the cache, checked by the manifest
         assert np.array_equal(again.images, train.images)
         assert again.checksum == "verified: the cache's manifest"
@@ -329,7 +334,8 @@ def test_normalisation_is_the_training_sets_and_is_kept(tmp_path, monkeypatch,
     first = DS.normalisation("mnist", train)
     assert np.allclose(first, ([MEAN], [STD]), rtol=0, atol=1e-12)  # data.py's constants
     stats = tmp_path / "xdg" / "lenet" / "mnist" / DS.STATS
-    key = train.digests["train-images-idx3-ubyte"]
+    key = hashlib.sha256((train.digests["train-images-idx3-ubyte"]
+                          + train.digests["train-labels-idx1-ubyte"]).encode()).hexdigest()
     assert json.loads(stats.read_text()) == {key: {"mean": first[0], "std": first[1]}}
     monkeypatch.setattr(DS, "channel_stats", lambda _: pytest.fail("recomputed"))
     assert DS.normalisation("mnist", train) == first
