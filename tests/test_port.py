@@ -68,6 +68,19 @@ class SizeViewNet(nn.Module):
         return self.fc(x)
 
 
+class ReshapeNet(nn.Module):
+    """Flattening by x.reshape(x.shape[0], -1), silu and sigmoid as methods and functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding="same")
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.silu(self.conv(x)), kernel_size=2, stride=2)
+        return torch.sigmoid(self.head(x.reshape(x.shape[0], -1)))
+
+
 def ordered_sequential() -> nn.Sequential:
     """A Sequential built from an OrderedDict, with a nested unnamed Sequential head."""
     return nn.Sequential(OrderedDict([
@@ -125,6 +138,7 @@ CASES = {
     "tutorial": (TutorialNet, (1, 32, 32), "torch.export"),
     "size_view": (SizeViewNet, (3, 32, 32), "torch.fx"),
     "ordered_sequential": (ordered_sequential, (1, 32, 32), "torch.fx"),
+    "reshape_shape": (ReshapeNet, (2, 12, 12), "torch.fx"),
     "norm": (NormNet, (3, 32, 32), "torch.fx"),
 }
 
