@@ -105,12 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from lenet_parity.battery import NoClearBatch
     from lenet_parity.check import check
 
-    report = check(spec, sides["torch"], sides["jax"], steps=args.steps, batch=args.batch,
-                   seed=args.seed, single_step=args.single_step,
-                   kernels=(args.torch_kernels, args.jax_kernels),
-                   progress=lambda what: print(f"  {what}…", file=sys.stderr, end="\r"))
+    if args.batch < 2 and spec.buffer_count:
+        print(f"error: --batch {args.batch}: {spec.name} has batch_norm, whose training-mode "
+              "statistics need at least 2 images", file=sys.stderr)
+        return 2
+    try:
+        report = check(spec, sides["torch"], sides["jax"], steps=args.steps, batch=args.batch,
+                       seed=args.seed, single_step=args.single_step,
+                       kernels=(args.torch_kernels, args.jax_kernels),
+                       progress=lambda what: print(f"  {what}…", file=sys.stderr, end="\r"))
+    except NoClearBatch as e:
+        print(f"\nerror: {e}: every random batch has an image within 1e-6 of a kink (a "
+              "max-pool tie, an activation at 0); try another --seed or a smaller --batch",
+              file=sys.stderr)
+        return 2
     print(" " * 40, file=sys.stderr, end="\r")
     print(report.table())
     return 0 if report.ok else 1

@@ -98,6 +98,7 @@ def test_command_line(tmp_path, capsys) -> None:
      "\\(6, 1, 3, 3\\)"),
     (["lenet5", "--jax-weights", "{dir}/junk.pt"], "junk.pt: not a state dict torch.load"),
     (["lenet5", "--jax-weights", "{dir}/missing.safetensors"], "no such weights file"),
+    (["lenet5_bn", "--batch", "1"], "--batch 1: lenet5_bn has batch_norm"),
 ])
 def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) -> None:
     spec = PRESETS["lenet5"]
