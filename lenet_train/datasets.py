@@ -495,7 +495,7 @@ def from_tfds(name: str, split: str, data_dir: str | None = None,
     except Exception as first:  # not prepared here
         if not download:
             raise DataError(f"TFDS has no prepared {name} ({type(first).__name__})") from None
-        if not reachable("storage.googleapis.com", timeout=5.0):
+        if not reachable("storage.googleapis.com", timeout=10.0):
             raise DataError(f"TFDS: {name} is not prepared and its download host is "
                             "unreachable") from None
         try:
