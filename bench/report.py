@@ -144,8 +144,13 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             ax.set_yscale("log")
             ax.set_title(f"{title}, {spec}")
             ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    # one legend for all panels, below them, so that no bar hides behind it
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    rows = -(-len(labels) // 4)
+    legend_h = 0.25 * rows + 0.2
+    fig.set_size_inches(13, 5 * len(specs) + legend_h)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:
         fig.savefig(f.name, dpi=110)
