@@ -154,4 +154,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:
         fig.savefig(f.name, dpi=110)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # what open() would give, not NamedTemporaryFile's 0600
     os.replace(f.name, path)
