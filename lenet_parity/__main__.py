@@ -24,18 +24,12 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
     """Canonical weights from a lenet weights file (safetensors, with its spec) or a torch
     state dict (``.pt`` / ``.pth``, read with ``weights_only=True``; no spec)."""
     if path.suffix in (".pt", ".pth"):
-        import torch
+        from lenet_torch.port import PortError, read_state_dict
 
-        if not path.is_file():
-            raise UsageError(f"{path}: no such state dict file")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"{path}: not a state dict torch.load reads with weights_only=True "
-                             f"({type(e).__name__})") from None
-        if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor)
-                                                for v in state.values())):
-            raise UsageError(f"{path}: not a state dict (names to tensors)")
+            state = read_state_dict(path)
+        except PortError as e:
+            raise UsageError(str(e)) from None
         return {k: v.detach().numpy().astype(canonical_dtype(k)) for k, v in state.items()}, None
     try:
         weights, spec = load_weights(path)

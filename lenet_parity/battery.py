@@ -229,3 +229,42 @@ def jax_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
 
     value, grads = nnx.value_and_grad(f)(net)
     return float(value), jax_canonical(net, grads)
+
+
+def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 20,
+                 batch: int = 16, first_seed: int = 100, loss: str = "ce",
+                 say: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` optimizer steps (``opt``: make_optimizer's arguments) of the torch net ``t``
+    and the JAX net ``j`` (in training mode, dropout off) on the same batches, batch k drawn
+    from seed ``first_seed + k`` clear of kinks under ``t``'s weights; the per-step losses of
+    each. The nets end at their trained weights."""
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    from lenet_jax.loss import loss_fn as jax_loss_fn
+    from lenet_jax.optim import make_optimizer as jax_optimizer
+    from lenet_torch.loss import loss_fn as torch_loss_fn
+    from lenet_torch.optim import make_optimizer as torch_optimizer
+
+    t_opt, j_opt = torch_optimizer(t, **opt), jax_optimizer(j, **opt)
+    t_loss, j_loss = torch_loss_fn(loss), jax_loss_fn(loss)
+
+    @nnx.jit
+    def j_step(model: Any, optimizer: Any, x: Any, y: Any) -> Any:
+        value, grads = nnx.value_and_grad(lambda m: j_loss(m(x), y))(model)
+        optimizer.update(model, grads)
+        return value
+
+    losses_t, losses_j = [], []
+    for step in range(steps):
+        x, y = clear_batch(spec, t, batch, first_seed + step)
+        t_opt.zero_grad()
+        value = t_loss(t(torch.from_numpy(x)), torch.from_numpy(y))
+        value.backward()
+        t_opt.step()
+        losses_t.append(value.item())
+        losses_j.append(float(j_step(j, j_opt, jnp.asarray(nhwc(x)), jnp.asarray(y))))
+        if say is not None:
+            say(f"trajectory step {step + 1}/{steps}")
+    return np.array(losses_t), np.array(losses_j)

@@ -24,6 +24,7 @@ from lenet_parity.battery import (
     nhwc,
     random_batch,
     torch_loss_and_grads,
+    trajectories,
     without_dropout,
 )
 from lenet_spec import Flatten, LayerInfo, Linear, Spec
@@ -331,37 +332,10 @@ def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
 
 def _trajectory(report: Report, spec: Spec, t, j, steps: int, batch: int, seed: int,
                 say: Callable[[str], None]) -> None:
-    import jax.numpy as jnp
-    import torch
-    from flax import nnx
-
     import lenet_jax
     import lenet_torch
-    from lenet_jax.loss import loss_fn as jax_loss
-    from lenet_jax.optim import make_optimizer as jax_optimizer
-    from lenet_torch.loss import loss_fn as torch_loss
-    from lenet_torch.optim import make_optimizer as torch_optimizer
 
-    t_opt, j_opt = torch_optimizer(t, **SGD), jax_optimizer(j, **SGD)
-    t_loss, j_loss = torch_loss("ce"), jax_loss("ce")
-
-    @nnx.jit
-    def j_step(model, optimizer, x, y):
-        value, grads = nnx.value_and_grad(lambda m: j_loss(m(x), y))(model)
-        optimizer.update(model, grads)
-        return value
-
-    losses_t, losses_j = [], []
-    for step in range(steps):
-        x, y = clear_batch(spec, t, batch, seed + 100 + step)
-        t_opt.zero_grad()
-        value = t_loss(t(torch.from_numpy(x)), torch.from_numpy(y))
-        value.backward()
-        t_opt.step()
-        losses_t.append(value.item())
-        losses_j.append(float(j_step(j, j_opt, jnp.asarray(nhwc(x)), jnp.asarray(y))))
-        say(f"trajectory step {step + 1}/{steps}")
-    lt, lj = np.array(losses_t), np.array(losses_j)
+    lt, lj = trajectories(spec, t, j, SGD, steps, batch, seed + 100, "ce", say)
     rel = np.abs(lt - lj) / np.maximum(np.abs(lt), 1e-30)
     k = int(np.argmax(rel)) if len(rel) else 0
     report.rows.append(Row(TRAJECTORY, "loss", f"losses, {steps} steps",

@@ -732,8 +732,10 @@ def _load_class(target: str) -> type[nn.Module]:
     return cls
 
 
-def _load_state_dict(module: nn.Module, path: Path) -> None:
-    """Load a state dict file into ``module`` (``torch.load`` with ``weights_only=True``)."""
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict file (names to tensors), read with ``torch.load(weights_only=True)``: no
+    code runs; anything else is one :class:`PortError` naming the file."""
+    path = Path(path)
     if not path.is_file():
         raise PortError(f"{path}: no such state dict file")
     try:
@@ -746,6 +748,12 @@ def _load_state_dict(module: nn.Module, path: Path) -> None:
         keys = f" with keys {sorted(state)[:5]}" if isinstance(state, dict) else ""
         raise PortError(f"{path}: holds a {type(state).__name__}{keys}, not a state dict "
                         "(names to tensors, as module.state_dict() gives)")
+    return state
+
+
+def _load_state_dict(module: nn.Module, path: Path) -> None:
+    """Load a state dict file into ``module``."""
+    state = read_state_dict(path)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:

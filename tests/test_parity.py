@@ -33,7 +33,6 @@ from hypothesis import strategies as st
 
 import lenet_jax
 import lenet_torch
-from lenet_jax.loss import loss_fn as jax_loss_fn
 from lenet_jax.optim import make_optimizer as jax_optimizer
 from lenet_parity.battery import (  # the tolerances, one copy for the tests and the CLI
     GRAD_FLOOR,
@@ -42,10 +41,9 @@ from lenet_parity.battery import (  # the tolerances, one copy for the tests and
     STATS_TOL,
     TRAJ_LOSS_TOL,
     TRAJ_PARAM_TOL,
+    trajectories,
 )
 from lenet_spec import PRESETS, Flatten, Linear, MaxPool, ReLU, Spec
-from lenet_torch.loss import loss_fn as torch_loss_fn
-from lenet_torch.optim import make_optimizer as torch_optimizer
 
 
 def _logit_parity(spec: Spec, kernels: tuple[str, str], seed: int = 0) -> None:
@@ -140,26 +138,8 @@ def _trajectories(spec: Spec, opt: dict, kernels: tuple[str, str], steps: int = 
                   batch: int = 16, loss: str = "ce"):
     spec = without_dropout(spec)
     t, j = twin_nets(spec, kernels=kernels)
-    t_opt = torch_optimizer(t, **opt)
-    j_opt = jax_optimizer(j, **opt)
-    t_loss, j_loss = torch_loss_fn(loss), jax_loss_fn(loss)
-
-    @nnx.jit
-    def j_step(model, optimizer, x, y):
-        value, grads = nnx.value_and_grad(lambda m: j_loss(m(x), y))(model)
-        optimizer.update(model, grads)
-        return value
-
-    losses_t, losses_j = [], []
-    for step in range(steps):
-        x, y = clear_batch(spec, t, batch, seed=100 + step)
-        t_opt.zero_grad()
-        value = t_loss(t(torch.from_numpy(x)), torch.from_numpy(y))
-        value.backward()
-        t_opt.step()
-        losses_t.append(value.item())
-        losses_j.append(float(j_step(j, j_opt, jnp.asarray(nhwc(x)), jnp.asarray(y))))
-    return np.array(losses_t), np.array(losses_j), t, j
+    losses_t, losses_j = trajectories(spec, t, j, opt, steps, batch, 100, loss)
+    return losses_t, losses_j, t, j
 
 
 def test_near_kink_filter() -> None:
