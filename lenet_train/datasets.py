@@ -615,7 +615,7 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 def normalisation(name: str, train: Split) -> tuple[list[float], list[float]]:
     """The per-channel mean and std of ``train``'s images, kept in the dataset's cache folder
-    (``stats.json``, keyed by the SHA-256 of the training files' SHA-256s) once computed."""
+    (``stats.json``, keyed by a digest of the training files' digests) once computed."""
     names = get(name).files("train")
     key = (hashlib.sha256("".join(train.digests[n] for n in names).encode()).hexdigest()
            if all(n in train.digests for n in names) else "")
