@@ -12,6 +12,7 @@ import numpy as np
 
 from lenet_spec import Spec, SpecError, WeightsError, check_weights, load_spec, load_weights
 from lenet_spec.weights import canonical_dtype
+from lenet_train.cli import non_negative_int, positive_int
 
 KERNELS = ("auto", "stock", "fused")
 
@@ -38,20 +39,6 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
     return weights, spec
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lenet_parity", description=__doc__)
     parser.add_argument("spec", metavar="SPEC_OR_FILE",
@@ -61,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the torch side's weights: a weights file or a state dict (.pt)")
     parser.add_argument("--jax-weights", type=Path, metavar="F",
                         help="the JAX side's weights: a weights file or a state dict (.pt)")
-    parser.add_argument("--steps", type=_count, default=20,
+    parser.add_argument("--steps", type=non_negative_int, default=20,
                         help="SGD steps of the trajectory (0: none) (default: 20)")
-    parser.add_argument("--batch", type=_positive, default=16, help="batch size (default: 16)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="batch size (default: 16)")
     parser.add_argument("--seed", type=int, default=0,
                         help="batches, and the weights when none are given (default: 0)")
     parser.add_argument("--single-step", action="store_true",

@@ -225,7 +225,8 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def _pool(kind: type, k: Any, stride: Any, padding: Any, where: str, *, dilation: Any = 1,
-          ceil_mode: bool = False, extra: dict[str, Any] | None = None) -> Layer:
+          extra: dict[str, Any] | None = None) -> Layer:
+    """The spec's pool of these settings; ceil_mode is judged later, by the output shape."""
     if _pair(padding) != (0, 0):
         raise PortError(f"{where}: pooling with padding {padding!r}; the spec's pools have none")
     if _pair(dilation) != (1, 1):
@@ -236,7 +237,6 @@ def _pool(kind: type, k: Any, stride: Any, padding: Any, where: str, *, dilation
                             f"{kind.type} has {key}={ok!r})")
     stride = None if stride is None or (isinstance(stride, (list, tuple)) and not stride) \
         else _pair(stride)
-    del ceil_mode  # the observed output shape is compared with the spec's (floor) below
     return kind(_pair(k), stride)
 
 
@@ -309,14 +309,11 @@ def _from_module(sub: nn.Module, path: str, where: str) -> tuple[Layer | None, d
         return Dropout2d(sub.p), {}
     if type(sub) is nn.MaxPool2d:
         return _pool(MaxPool, sub.kernel_size, sub.stride, sub.padding, where,
-                     dilation=sub.dilation, ceil_mode=sub.ceil_mode,
+                     dilation=sub.dilation,
                      extra={"return_indices": (sub.return_indices, False)}), {}
     if type(sub) is nn.AvgPool2d:
         return _pool(AvgPool, sub.kernel_size, sub.stride, sub.padding, where,
-                     ceil_mode=sub.ceil_mode,
                      extra={"divisor_override": (sub.divisor_override, None)}), {}
-    if type(sub) is nn.Flatten:
-        return Flatten(), {}  # the shapes decide whether it flattens as the spec does
     raise PortError(f"{where}: {type(sub).__name__} is not supported; {SUPPORTED}")
 
 
@@ -381,13 +378,12 @@ def _functional(node: fx.Node, env: dict, gm: fx.GraphModule, module: nn.Module,
                                           "ceil_mode": False, "return_indices": False})
         extra = {"return_indices": (a.get("return_indices", False), False)}
         return _pool(MaxPool, a["kernel_size"], a["stride"], a["padding"], where,
-                     dilation=a["dilation"], ceil_mode=a["ceil_mode"], extra=extra), {}, None, None
+                     dilation=a["dilation"], extra=extra), {}, None, None
     if key == "avg_pool2d":
         a = bind(["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
                   "divisor_override"], {"stride": None, "padding": 0, "ceil_mode": False,
                                         "count_include_pad": True, "divisor_override": None})
         return _pool(AvgPool, a["kernel_size"], a["stride"], a["padding"], where,
-                     ceil_mode=a["ceil_mode"],
                      extra={"divisor_override": (a["divisor_override"], None)}), {}, None, None
     if key in ("conv2d", "linear"):
         names = ["weight", "bias", "stride", "padding", "dilation", "groups"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_spec import PRESETS, load_spec
+from lenet_spec import PRESETS
 from lenet_spec.datasets import fitting, misfit
 from lenet_train import datasets as DS
 from lenet_train.data import MEAN, STD, augment, idx_bytes, prepare
@@ -432,4 +432,3 @@ def test_augmented_training_and_the_wrong_dataset(tmp_path, program: str) -> Non
     assert res.stderr.strip().splitlines()[-1] == (
         "error: spec cifar10_cnn takes 3 input channels; mnist has 1 (it fits --dataset "
         "cifar10)")
-    assert load_spec("cifar10_cnn").input_shape == (3, 32, 32)
