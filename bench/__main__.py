@@ -26,8 +26,7 @@ import numpy as np
 
 from bench import programs, report
 from bench.worker import KERNELS, MODES
-from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.datasets import SHAPES
+from lenet_spec import SHAPES, atomic_write_bytes
 
 VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS for m in modes)
 """Every variant, ``framework-kernels-mode``."""

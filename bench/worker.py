@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from lenet_spec import load_spec
-from lenet_spec.spec import Spec, widen
+from lenet_kernels import KERNELS as ALL_KERNELS
+from lenet_spec import Spec, load_spec, widen
 
 POOL = 4096
 """Random training images held in memory; batches are drawn from them by index."""
@@ -35,7 +35,8 @@ MODES = {
 torch: eager; eager with channels_last tensors; ``torch.compile`` of the model in its three
 modes; ``compile-step``: the whole step (forward, backward through compiled autograd, the
 optimizer) as one compiled function."""
-KERNELS = ("stock", "fused")
+KERNELS = tuple(k for k in ALL_KERNELS if k != "auto")
+"""The kernels the benchmark times (auto is one of them on each framework)."""
 
 
 def _stats(values: list[float]) -> dict[str, float]:

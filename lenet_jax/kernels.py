@@ -19,19 +19,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lenet_spec.layers import conv_pool_span, plain_conv
-from lenet_spec.spec import AvgPool, MaxPool
-
-KERNELS = ("auto", "stock", "fused")
+from lenet_kernels import check_kernels, conv_pool_span, phase_scatter, plain_conv, window_slices
+from lenet_spec import AvgPool, MaxPool, Pair
 
 
 def resolve(kernels: str) -> str:
     """``"stock"`` or ``"fused"``: ``"auto"`` is the faster on this backend (measured: fused on
     XLA:CPU; stock elsewhere until a GPU or TPU measurement says otherwise)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
+    check_kernels(kernels)
     if kernels == "auto":
         return "fused" if jax.default_backend() == "cpu" else "stock"
     return kernels
@@ -80,7 +76,6 @@ def pool(x: jax.Array, window: tuple[int, int], reduce: str) -> jax.Array:
     return _phase_max(x.transpose(0, 1, 3, 2, 4, 5).reshape(n, ho, wo, kh * kw, c))
 
 
-Pair = tuple[int, int]
 
 
 def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,
@@ -107,7 +102,7 @@ def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pai
     x = jnp.pad(x, ((0, 0), (0, max(hs * ph - h, 0)), (0, max(ws * pw - w, 0)), (0, 0)))
     x = x[:, : hs * ph, : ws * pw]
     x = x.reshape(n, hs, ph, ws, pw, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, hs, ws, -1)
-    taps = jnp.einsum("PRqrabyx,yxio->PRqriabo", _phase_scatter(kernel.shape[:2], pool),
+    taps = jnp.einsum("PRqrabyx,yxio->PRqriabo", phase_scatter(kernel.shape[:2], pool),
                       kernel).reshape(kp * kq * ph * pw * cin, ph * pw * cout)
     patches = jnp.concatenate([x[:, p : p + ho, r : r + wo] for p in range(kp)
                                for r in range(kq)], axis=-1)
@@ -152,26 +147,9 @@ def _routed_max_bwd(phases: int, won: jax.Array, g: jax.Array):
 _routed_max.defvjp(_first_max, _routed_max_bwd)
 
 
-def _phase_scatter(kernel: Pair, pool: Pair) -> np.ndarray:
-    """0/1 array S[P, R, q, r, a, b, dy, dx]: tap (dy, dx) of the kernel, for output phase
-    (a, b), reads space-to-depth position (P, R), sub-pixel (q, r)."""
-    (kh, kw), (ph, pw) = kernel, pool
-    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1
-    s = np.zeros((kp, kq, ph, pw, ph, pw, kh, kw), np.float32)
-    for a in range(ph):
-        for b in range(pw):
-            for dy in range(kh):
-                for dx in range(kw):
-                    (p, q), (r, t) = divmod(a + dy, ph), divmod(b + dx, pw)
-                    s[p, r, q, t, a, b, dy, dx] = 1
-    return s
-
-
 def _windows(x: jax.Array, kernel: Pair, stride: Pair, out: Pair) -> list[jax.Array]:
     """The kernel's kh·kw shifted, strided views of NHWC ``x``, each (N, Ho, Wo, C)."""
-    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out
-    return [x[:, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw, :]
-            for i in range(kh) for j in range(kw)]
+    return [x[:, rows, cols, :] for rows, cols in window_slices(kernel, stride, out)]
 
 
 def conv_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: Pair,

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LOSSES = ("ce", "mse")
+from lenet_train.options import LOSSES
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

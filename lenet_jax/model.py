@@ -30,10 +30,10 @@ import numpy as np
 from flax import nnx
 
 from lenet_jax import kernels as fused
-from lenet_spec import Spec, check_weights, load_spec
-from lenet_spec.spec import (
+from lenet_spec import (
     ELU,
     GELU,
+    INITS,
     AvgPool,
     BatchNorm,
     Conv,
@@ -47,10 +47,12 @@ from lenet_spec.spec import (
     ReLU,
     Sigmoid,
     SiLU,
+    Spec,
     Tanh,
+    check_weights,
+    load_spec,
 )
 
-INITS = ("torch", "lecun_normal")
 ACTIVATIONS = {
     ReLU: lambda layer, x: jax.nn.relu(x),
     Tanh: lambda layer, x: jnp.tanh(x),

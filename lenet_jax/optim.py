@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+from lenet_train.options import OPTIMIZERS
 
 
 def make_tx(

@@ -27,10 +27,8 @@ from lenet_train import program
 from lenet_train.cli import positive_int
 from lenet_train.data import cache_root
 from lenet_train.loop import StateError
+from lenet_train.options import EVAL_BATCH
 from lenet_train.run import Run, State
-
-EVAL_BATCH = 1000
-
 
 DROPOUT_STREAM = 1
 """Dropout's keys are ``fold_in(fold_in(key(seed), DROPOUT_STREAM), step)``: a function of the

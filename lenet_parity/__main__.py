@@ -10,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_spec import Spec, SpecError, WeightsError, check_weights, load_spec, load_weights
-from lenet_spec.weights import canonical_dtype
+from lenet_kernels import KERNELS
+from lenet_spec import (
+    Spec,
+    SpecError,
+    WeightsError,
+    canonical_dtype,
+    check_weights,
+    load_spec,
+    load_weights,
+)
 from lenet_train.cli import non_negative_int, positive_int
-
-KERNELS = ("auto", "stock", "fused")
 
 
 class UsageError(ValueError):

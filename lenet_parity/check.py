@@ -27,8 +27,7 @@ from lenet_parity.battery import (
     trajectories,
     without_dropout,
 )
-from lenet_spec import Flatten, LayerInfo, Linear, Spec
-from lenet_spec.layers import fmt_shape
+from lenet_spec import Flatten, LayerInfo, Linear, Spec, fmt_shape
 
 Weights = Mapping[str, np.ndarray]
 

@@ -1,33 +1,58 @@
-"""Framework-free LeNet spec: layers, shapes, parameters, presets and weight files."""
+"""Framework-free LeNet spec: layers, shapes, parameters, presets and weight files.
 
-from lenet_spec.presets import PRESETS
-from lenet_spec.spec import (
+Everything public is imported from here: ``from lenet_spec import Spec, Conv, load_spec``.
+"""
+
+from lenet_spec.atomic import atomic_write_bytes
+from lenet_spec.datasets import SHAPES, fitting, misfit
+from lenet_spec.files import load_spec, parse_spec_json
+from lenet_spec.layers import (
+    ACTIVATION_TYPES,
+    ELEMENTWISE,
     ELU,
     GELU,
+    LAYER_TYPES,
+    PARAMETERISED,
     AvgPool,
     BatchNorm,
     Conv,
     Dropout,
     Dropout2d,
     Flatten,
-    LayerInfo,
+    Layer,
     LeakyReLU,
     Linear,
     MaxPool,
+    Pair,
     ReLU,
+    Shape,
     Sigmoid,
     SiLU,
-    Spec,
     SpecError,
     Tanh,
-    load_spec,
-    parse_spec_json,
+    fmt_pair,
+    fmt_shape,
+    is_monotone,
 )
-from lenet_spec.weights import WeightsError, check_weights, load_weights, save_weights
+from lenet_spec.presets import PRESETS
+from lenet_spec.spec import COUNTERS, MAX_PARAMS, LayerInfo, Spec, widen
+from lenet_spec.weights import (
+    INITS,
+    WeightsError,
+    canonical_dtype,
+    check_weights,
+    load_weights,
+    read_lenet_file,
+    save_weights,
+    write_safetensors,
+)
 
 __all__ = [
-    "ELU", "GELU", "PRESETS", "AvgPool", "BatchNorm", "Conv", "Dropout", "Dropout2d", "Flatten",
-    "LayerInfo", "LeakyReLU", "Linear", "MaxPool", "ReLU", "SiLU", "Sigmoid", "Spec",
-    "SpecError", "Tanh", "WeightsError", "check_weights", "load_spec", "load_weights",
-    "parse_spec_json", "save_weights",
+    "ACTIVATION_TYPES", "COUNTERS", "ELEMENTWISE", "ELU", "GELU", "INITS", "LAYER_TYPES",
+    "MAX_PARAMS", "PARAMETERISED", "PRESETS", "SHAPES", "AvgPool", "BatchNorm", "Conv", "Dropout",
+    "Dropout2d", "Flatten", "Layer", "LayerInfo", "LeakyReLU", "Linear", "MaxPool", "Pair", "ReLU",
+    "Shape", "SiLU", "Sigmoid", "Spec", "SpecError", "Tanh", "WeightsError", "atomic_write_bytes",
+    "canonical_dtype", "check_weights", "fitting", "fmt_pair", "fmt_shape", "is_monotone",
+    "load_spec", "load_weights", "misfit", "parse_spec_json", "read_lenet_file", "save_weights",
+    "widen", "write_safetensors",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lenet_spec import SpecError, load_spec
 from lenet_spec.presets import PRESETS
-from lenet_spec.spec import SpecError, load_spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ unnamed ones per kind (``conv1``, ``fc1``, ``bn1``, …). Everything else is app
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
@@ -373,24 +374,49 @@ def kind(layer: Layer) -> str:
     return layer.type + extra
 
 
-def plain_conv(layer: object) -> bool:
-    """A conv the fused formulations compute: no dilation, one group (bias or not)."""
-    return isinstance(layer, Conv) and layer.dilation == (1, 1) and layer.groups == 1
+def layer_to_dict(layer: Layer) -> dict[str, Any]:
+    """A layer's JSON object: its type, its name if it has one, and every other field that is
+    not at its default (pairs of equal values as one int)."""
+    d: dict[str, Any] = {"type": layer.type}
+    for f in dataclasses.fields(layer):
+        v = getattr(layer, f.name)
+        default = f.default
+        if f.name == "stride" and isinstance(layer, (MaxPool, AvgPool)):
+            default = layer.kernel_size
+        if f.name != "name" and default is not dataclasses.MISSING and v == default:
+            continue
+        if f.name == "name" and v is None:
+            continue
+        if isinstance(v, tuple):
+            v = v[0] if v[0] == v[1] else list(v)
+        d[f.name] = v
+    return d
 
 
-def conv_pool_span(layers: tuple, i: int) -> int:
-    """How many layers from ``i`` each port's fused ``conv_max_pool`` (``kernels.py``) computes
-    at once: 3 for conv, monotone activation, max-pool; 2 for conv, max-pool; 0 if anything
-    else stands between them (batch_norm, dropout, a non-monotone activation such as gelu), the
-    conv is strided, dilated or grouped, or the pool's windows overlap."""
-    conv = layers[i]
-    if not plain_conv(conv) or conv.stride != (1, 1):
-        return 0
-    nxt = layers[i + 1] if i + 1 < len(layers) else None
-    if isinstance(nxt, ACTIVATION_TYPES) and not is_monotone(nxt):
-        return 0
-    span = 3 if isinstance(nxt, ACTIVATION_TYPES) else 2
-    last = layers[i + span - 1] if i + span - 1 < len(layers) else None
-    if not isinstance(last, MaxPool) or last.kernel_size != last.stride:
-        return 0
-    return span
+def layer_from_dict(i: int, d: Any) -> Layer:
+    """Layer ``i`` of a spec's JSON form, with one :class:`SpecError` naming it for anything
+    malformed."""
+    if not isinstance(d, dict):
+        raise SpecError(f"layer {i}: must be a JSON object, got {d!r}")
+    kind = d.get("type")
+    if kind not in LAYER_TYPES:
+        hint = "missing 'type'" if kind is None else f"unknown type {kind!r}"
+        raise SpecError(f"layer {i}: {hint}; expected one of {', '.join(LAYER_TYPES)}")
+    cls = LAYER_TYPES[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    where = f"{d['name']}" if isinstance(d.get("name"), str) else f"layer {i} ({kind})"
+    unknown = set(d) - fields - {"type"}
+    if unknown:
+        expected = ", ".join(sorted(fields)) or "no other keys"
+        raise SpecError(f"{where}: unknown key(s) {sorted(unknown)}; {kind} takes {expected}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = required - set(d)
+    if missing:
+        raise SpecError(f"{where}: missing {', '.join(sorted(missing))}")
+    kwargs = {k: v for k, v in d.items() if k != "type"}
+    try:
+        return cls(**kwargs)
+    except SpecError as e:
+        msg = str(e)
+        raise SpecError(msg if msg.startswith(where) else f"{where}: {msg}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lenet_spec.spec import (
+from lenet_spec.layers import (
     AvgPool,
     BatchNorm,
     Conv,
@@ -11,9 +11,9 @@ from lenet_spec.spec import (
     Linear,
     MaxPool,
     ReLU,
-    Spec,
     Tanh,
 )
+from lenet_spec.spec import Spec
 
 
 def _lenet(name: str, kernel: int, act: type, pool: type) -> Spec:

@@ -13,38 +13,25 @@ import json
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
-from lenet_spec.layers import (  # noqa: F401  (re-exported: the spec's vocabulary)
-    ACTIVATION_TYPES,
-    ELEMENTWISE,
-    ELU,
-    GELU,
+from lenet_spec.datasets import SHAPES, fitting
+from lenet_spec.layers import (
     LAYER_TYPES,
     PARAMETERISED,
-    AvgPool,
     BatchNorm,
     Conv,
-    Dropout,
-    Dropout2d,
     Flatten,
     Layer,
-    LeakyReLU,
     Linear,
-    MaxPool,
-    Pair,
-    ReLU,
     Shape,
-    Sigmoid,
-    SiLU,
     SpecError,
-    Tanh,
     _positive_int,
     fmt_shape,
     infer,
-    is_monotone,
     kind,
+    layer_from_dict,
+    layer_to_dict,
 )
 
 MAX_PARAMS = 2**31
@@ -284,8 +271,6 @@ class Spec:
 
     def datasets_line(self) -> str:
         """Which of the training programs' datasets take this spec's input shape."""
-        from lenet_spec.datasets import SHAPES, fitting
-
         fits = fitting(self.input_shape)
         if not fits:
             return (f"datasets: none of {', '.join(SHAPES)} fits its "
@@ -304,7 +289,7 @@ class Spec:
         return {
             "name": self.name,
             "input_shape": list(self.input_shape),
-            "layers": [_layer_to_dict(layer) for layer in self.layers],
+            "layers": [layer_to_dict(layer) for layer in self.layers],
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -325,54 +310,8 @@ class Spec:
                 raise SpecError(f"spec is missing {key!r}")
         if not isinstance(data["layers"], list):
             raise SpecError(f"spec 'layers' must be a list, got {type(data['layers']).__name__}")
-        layers = [_layer_from_dict(i, d) for i, d in enumerate(data["layers"])]
+        layers = [layer_from_dict(i, d) for i, d in enumerate(data["layers"])]
         return cls(data["name"], data["input_shape"], tuple(layers))
-
-
-def _layer_to_dict(layer: Layer) -> dict[str, Any]:
-    """A layer's JSON object: its type, its name if it has one, and every other field that is
-    not at its default (pairs of equal values as one int)."""
-    d: dict[str, Any] = {"type": layer.type}
-    for f in dataclasses.fields(layer):
-        v = getattr(layer, f.name)
-        default = f.default
-        if f.name == "stride" and isinstance(layer, (MaxPool, AvgPool)):
-            default = layer.kernel_size
-        if f.name != "name" and default is not dataclasses.MISSING and v == default:
-            continue
-        if f.name == "name" and v is None:
-            continue
-        if isinstance(v, tuple):
-            v = v[0] if v[0] == v[1] else list(v)
-        d[f.name] = v
-    return d
-
-
-def _layer_from_dict(i: int, d: Any) -> Layer:
-    if not isinstance(d, dict):
-        raise SpecError(f"layer {i}: must be a JSON object, got {d!r}")
-    kind = d.get("type")
-    if kind not in LAYER_TYPES:
-        hint = "missing 'type'" if kind is None else f"unknown type {kind!r}"
-        raise SpecError(f"layer {i}: {hint}; expected one of {', '.join(LAYER_TYPES)}")
-    cls = LAYER_TYPES[kind]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    where = f"{d['name']}" if isinstance(d.get("name"), str) else f"layer {i} ({kind})"
-    unknown = set(d) - fields - {"type"}
-    if unknown:
-        expected = ", ".join(sorted(fields)) or "no other keys"
-        raise SpecError(f"{where}: unknown key(s) {sorted(unknown)}; {kind} takes {expected}")
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    missing = required - set(d)
-    if missing:
-        raise SpecError(f"{where}: missing {', '.join(sorted(missing))}")
-    kwargs = {k: v for k, v in d.items() if k != "type"}
-    try:
-        return cls(**kwargs)
-    except SpecError as e:
-        msg = str(e)
-        raise SpecError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def widen(spec: Spec, factor: float) -> Spec:
@@ -390,43 +329,3 @@ def widen(spec: Spec, factor: float) -> Spec:
                                                                          * factor)))
         layers.append(layer)
     return Spec(f"{spec.name}_x{factor:g}", spec.input_shape, tuple(layers))
-
-
-def parse_spec_json(text: str, source: str = "<string>") -> Spec:
-    """Parse a spec from JSON text; errors name ``source`` (and line and column for bad JSON)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        where = f"line {e.lineno}, column {e.colno}"
-        raise SpecError(f"{source}: invalid JSON at {where}: {e.msg}") from None
-    except RecursionError:
-        raise SpecError(f"{source}: JSON nested too deeply") from None
-    try:
-        return Spec.from_dict(data)
-    except SpecError as e:
-        raise SpecError(f"{source}: {e}") from None
-
-
-def load_spec(name_or_path: str | Path | Spec) -> Spec:
-    """A preset by name, or a spec read from a JSON file."""
-    from lenet_spec.presets import PRESETS
-
-    if isinstance(name_or_path, Spec):
-        return name_or_path
-    key = str(name_or_path)
-    if key in PRESETS:
-        return PRESETS[key]
-    path = Path(key)
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SpecError(f"{path}: cannot read spec file: {e}") from None
-        return parse_spec_json(text, str(path))
-    if path.exists():
-        raise SpecError(f"{path}: is not a file")
-    if path.suffix or "/" in key or "\\" in key:
-        raise SpecError(f"{path}: no such spec file")
-    raise SpecError(
-        f"unknown spec {key!r}: not a preset ({', '.join(PRESETS)}) nor a path to a JSON file"
-    )

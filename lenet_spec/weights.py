@@ -14,9 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.spec import COUNTERS, Spec, SpecError
+from lenet_spec.layers import SpecError
+from lenet_spec.spec import COUNTERS, Spec
 
 FORMAT = "lenet-weights"
+
+INITS = ("torch", "lecun_normal")
+"""The initial weights ``build(..., init=)`` draws in both ports: torch's layer defaults, or
+LeCun-normal weights with zero biases."""
 
 
 class WeightsError(ValueError):

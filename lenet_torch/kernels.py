@@ -16,23 +16,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lenet_spec.layers import conv_pool_span, plain_conv
-from lenet_spec.spec import AvgPool, MaxPool
-
-KERNELS = ("auto", "stock", "fused")
-
-Pair = tuple[int, int]
+from lenet_kernels import check_kernels, conv_pool_span, phase_scatter, plain_conv, window_slices
+from lenet_spec import AvgPool, MaxPool, Pair
 
 
 def resolve(kernels: str) -> str:
     """``"stock"`` or ``"fused"``: ``"auto"`` is the faster (measured: stock, on CPU; stock on
     GPU until a measurement there says otherwise)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; expected one of {', '.join(KERNELS)}")
+    check_kernels(kernels)
     return "stock" if kernels == "auto" else kernels
 
 
@@ -91,7 +85,7 @@ def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x = F.pad(x, (pad_w, pad_w + max(ws * pw - w, 0), pad_h, pad_h + max(hs * ph - h, 0)))
     x = x[:, :, : hs * ph, : ws * pw]
     x = x.reshape(n, cin, hs, ph, ws, pw).permute(0, 2, 4, 3, 5, 1).reshape(n, hs, ws, -1)
-    scatter = torch.from_numpy(_phase_scatter((kh, kw), pool)).to(weight)
+    scatter = torch.from_numpy(phase_scatter((kh, kw), pool)).to(weight)
     taps = torch.einsum("PRqrabyx,oiyx->PRqriabo", scatter, weight).reshape(
         kp * kq * ph * pw * cin, ph * pw * cout)
     patches = torch.cat([x[:, p : p + ho, r : r + wo] for p in range(kp) for r in range(kq)],
@@ -103,26 +97,9 @@ def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.permute(0, 3, 1, 2)
 
 
-def _phase_scatter(kernel: Pair, pool: Pair) -> np.ndarray:
-    """0/1 array S[P, R, q, r, a, b, dy, dx]: tap (dy, dx) of the kernel, for output phase
-    (a, b), reads space-to-depth position (P, R), sub-pixel (q, r)."""
-    (kh, kw), (ph, pw) = kernel, pool
-    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1
-    s = np.zeros((kp, kq, ph, pw, ph, pw, kh, kw), np.float32)
-    for a in range(ph):
-        for b in range(pw):
-            for dy in range(kh):
-                for dx in range(kw):
-                    (p, q), (r, t) = divmod(a + dy, ph), divmod(b + dx, pw)
-                    s[p, r, q, t, a, b, dy, dx] = 1
-    return s
-
-
 def _windows(x: torch.Tensor, kernel: Pair, stride: Pair, out: Pair) -> list[torch.Tensor]:
     """The kernel's kh·kw shifted, strided views of one-channel NCHW ``x``, each (N, Ho, Wo)."""
-    (kh, kw), (sh, sw), (ho, wo) = kernel, stride, out
-    return [x[:, 0, i : i + (ho - 1) * sh + 1 : sh, j : j + (wo - 1) * sw + 1 : sw]
-            for i in range(kh) for j in range(kw)]
+    return [x[:, 0, rows, cols] for rows, cols in window_slices(kernel, stride, out)]
 
 
 def conv_one_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lenet_spec import Spec, check_weights, load_spec
-from lenet_spec.spec import (
+from lenet_spec import (
     ELU,
     GELU,
+    INITS,
     AvgPool,
     BatchNorm,
     Conv,
@@ -33,9 +33,12 @@ from lenet_spec.spec import (
     ReLU,
     Sigmoid,
     SiLU,
+    Spec,
     Tanh,
+    canonical_dtype,
+    check_weights,
+    load_spec,
 )
-from lenet_spec.weights import canonical_dtype
 from lenet_torch import kernels as fused
 
 ACTIVATIONS = {
@@ -49,7 +52,6 @@ ACTIVATIONS = {
 }
 """The spec's activation layers, with torch's defaults (GELU: exact, erf)."""
 
-INITS = ("torch", "lecun_normal")
 
 # The std of a normal truncated to ±2σ is this fraction of σ; lecun_normal divides it out.
 _TRUNC_STD = 0.87962566103423978

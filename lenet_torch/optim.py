@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
+from lenet_train.options import OPTIMIZERS
 
 
 def make_optimizer(

@@ -35,9 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lenet_spec import Spec, SpecError
-from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.spec import (
+from lenet_spec import (
     ELU,
     GELU,
     AvgPool,
@@ -53,9 +51,12 @@ from lenet_spec.spec import (
     ReLU,
     Sigmoid,
     SiLU,
+    Spec,
+    SpecError,
     Tanh,
+    atomic_write_bytes,
+    canonical_dtype,
 )
-from lenet_spec.weights import canonical_dtype
 
 SUPPORTED = (
     "supported: nn.Conv2d, nn.Linear, nn.BatchNorm1d/2d, nn.Dropout, nn.Dropout2d, "
@@ -785,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to write the canonical weights (with their spec)")
     parser.add_argument("--name", help="the spec's name (default: the class's name)")
     args = parser.parse_args(argv)
-    from lenet_spec.weights import save_weights
+    from lenet_spec import save_weights
 
     try:
         cls = _load_class(args.target)

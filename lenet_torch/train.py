@@ -19,9 +19,8 @@ from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_
 from lenet_train import program
 from lenet_train.cli import positive_int
 from lenet_train.loop import StateError
+from lenet_train.options import EVAL_BATCH
 from lenet_train.run import Run, State
-
-EVAL_BATCH = 1000
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss):

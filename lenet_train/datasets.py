@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.datasets import SHAPES
+from lenet_spec import SHAPES, atomic_write_bytes
 
 log = logging.getLogger("lenet.data")
 

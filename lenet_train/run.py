@@ -18,10 +18,15 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.datasets import fitting, misfit
-from lenet_spec.spec import Spec
-from lenet_spec.weights import WeightsError, check_weights, load_weights
+from lenet_spec import (
+    Spec,
+    WeightsError,
+    atomic_write_bytes,
+    check_weights,
+    fitting,
+    load_weights,
+    misfit,
+)
 from lenet_train import datasets
 from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_train.cli import default_workdir, lr_at, total_steps

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_spec import PRESETS
-from lenet_spec.datasets import fitting, misfit
+from lenet_spec import PRESETS, fitting, misfit
 from lenet_train import datasets as DS
 from lenet_train.data import MEAN, STD, augment, idx_bytes, prepare
 from lenet_train.datasets import CIFAR_RECORD, DataError, cifar_bytes

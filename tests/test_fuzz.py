@@ -16,9 +16,15 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lenet_spec import PRESETS, SpecError, load_weights, save_weights
-from lenet_spec.spec import LAYER_TYPES, parse_spec_json
-from lenet_spec.weights import WeightsError
+from lenet_spec import (
+    LAYER_TYPES,
+    PRESETS,
+    SpecError,
+    WeightsError,
+    load_weights,
+    parse_spec_json,
+    save_weights,
+)
 from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_train.data import DataError, idx_bytes, parse_idx, read_idx_pair
 
