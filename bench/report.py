@@ -3,12 +3,13 @@ merge of interleaved rounds, and the chart."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lenet_spec import atomic_write_bytes
 
 SAME_MATH = {"jax": "jax-stock-jit", "torch": "torch-stock-eager"}
 """The same-math tier: the frameworks' own layers, each in its usual execution mode."""
@@ -151,10 +152,6 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.set_size_inches(13, 5 * len(specs) + legend_h)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(suffix=".png", dir=path.parent, delete=False) as f:
-        fig.savefig(f.name, dpi=110)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)  # what open() would give, not NamedTemporaryFile's 0600
-    os.replace(f.name, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    atomic_write_bytes(path, png.getvalue())

@@ -50,6 +50,8 @@ from lenet_spec import (
     Spec,
     Tanh,
     check_weights,
+    chw_to_hwc,
+    hwc_to_chw,
     load_spec,
 )
 
@@ -287,8 +289,7 @@ def _to_canonical(info: LayerInfo, kernel: np.ndarray) -> np.ndarray:
     if isinstance(info.layer, Conv):
         return kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
     if info.flattened_from is not None:
-        c, h, w = info.flattened_from
-        kernel = kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1)
+        kernel = hwc_to_chw(kernel, info.flattened_from, axis=0)
     return kernel.T  # (in, out) -> (out, in)
 
 
@@ -297,8 +298,7 @@ def _from_canonical(info: LayerInfo, weight: np.ndarray) -> np.ndarray:
         return weight.transpose(2, 3, 1, 0)  # OIHW -> HWIO
     kernel = weight.T
     if info.flattened_from is not None:
-        c, h, w = info.flattened_from
-        kernel = kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1)
+        kernel = chw_to_hwc(kernel, info.flattened_from, axis=0)
     return kernel
 
 

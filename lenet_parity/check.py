@@ -27,7 +27,7 @@ from lenet_parity.battery import (
     trajectories,
     without_dropout,
 )
-from lenet_spec import Flatten, LayerInfo, Linear, Spec, fmt_shape
+from lenet_spec import Flatten, LayerInfo, Linear, Spec, chw_to_hwc, fmt_shape, hwc_to_chw
 
 Weights = Mapping[str, np.ndarray]
 
@@ -110,16 +110,17 @@ class Report:
 
 def _flat_orders(spec: Spec) -> list[tuple[int, ...] | None]:
     """Per layer: the (C, H, W) its flat output was flattened from, while the JAX port keeps
-    that output in H, W, C order (from a flatten to the next linear layer), else None."""
+    that output in H, W, C order (from a flatten up to the linear layer whose
+    ``flattened_from`` it is), else None."""
     orders: list[tuple[int, ...] | None] = []
     current = None
-    for info in spec.infos:
-        if isinstance(info.layer, Flatten):
-            current = info.in_shape
-        elif isinstance(info.layer, Linear):
+    for info in reversed(spec.infos):
+        orders.append(None if isinstance(info.layer, Linear) else current)
+        if isinstance(info.layer, Linear):
+            current = info.flattened_from
+        elif isinstance(info.layer, Flatten):
             current = None
-        orders.append(current)
-    return orders
+    return orders[::-1]
 
 
 def to_torch_layout(x: np.ndarray, flat_from: tuple[int, ...] | None) -> np.ndarray:
@@ -128,8 +129,7 @@ def to_torch_layout(x: np.ndarray, flat_from: tuple[int, ...] | None) -> np.ndar
     if x.ndim == 4:
         return x.transpose(0, 3, 1, 2)
     if flat_from is not None:
-        c, h, w = flat_from
-        return x.reshape(len(x), h, w, c).transpose(0, 3, 1, 2).reshape(len(x), -1)
+        return hwc_to_chw(x, flat_from, axis=1)
     return x
 
 
@@ -138,9 +138,7 @@ def to_jax_layout(x: np.ndarray, flat_from: tuple[int, ...] | None) -> np.ndarra
     if x.ndim == 4:
         return nhwc(x)
     if flat_from is not None:
-        c, h, w = flat_from
-        return np.ascontiguousarray(
-            x.reshape(len(x), c, h, w).transpose(0, 2, 3, 1).reshape(len(x), -1))
+        return np.ascontiguousarray(chw_to_hwc(x, flat_from, axis=1))
     return x
 
 

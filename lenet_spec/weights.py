@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from lenet_spec.atomic import atomic_write_bytes
-from lenet_spec.layers import SpecError
+from lenet_spec.layers import Shape, SpecError
 from lenet_spec.spec import COUNTERS, Spec
 
 FORMAT = "lenet-weights"
@@ -69,6 +69,25 @@ _DTYPES = {np.dtype(k): v for k, v in (
     ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"),
     ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint64", "U64"), ("uint32", "U32"),
     ("uint16", "U16"), ("uint8", "U8"), ("bool", "BOOL"))}
+
+
+def hwc_to_chw(a: np.ndarray, chw: Shape, axis: int) -> np.ndarray:
+    """``a`` with its ``axis`` (a flattened (H, W, C) map, as an NHWC port flattens) put in
+    the canonical flattened (C, H, W) order (:attr:`LayerInfo.flattened_from` gives ``chw``)."""
+    c, h, w = chw
+    a = np.moveaxis(np.asarray(a), axis, 0)
+    rest = a.shape[1:]
+    a = a.reshape(h, w, c, *rest).transpose(2, 0, 1, *range(3, 3 + len(rest)))
+    return np.moveaxis(a.reshape(c * h * w, *rest), 0, axis)
+
+
+def chw_to_hwc(a: np.ndarray, chw: Shape, axis: int) -> np.ndarray:
+    """The inverse of :func:`hwc_to_chw`."""
+    c, h, w = chw
+    a = np.moveaxis(np.asarray(a), axis, 0)
+    rest = a.shape[1:]
+    a = a.reshape(c, h, w, *rest).transpose(1, 2, 0, *range(3, 3 + len(rest)))
+    return np.moveaxis(a.reshape(h * w * c, *rest), 0, axis)
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],

@@ -4,9 +4,11 @@ accuracy curves of several runs (say a JAX run and a torch run) from their metri
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
+from lenet_spec import atomic_write_bytes
 from lenet_train.runlog import read_jsonl
 
 
@@ -32,11 +34,10 @@ def plot_runs(run_dirs: list[Path], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(out, png.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
