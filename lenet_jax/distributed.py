@@ -16,8 +16,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lenet_train.distributed import Layout, activate, active, deadline, did_not_meet
-from lenet_train.run import fail
+from lenet_train.distributed import Layout, deadline, did_not_meet
+from lenet_train.errors import activate, active, fail
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -70,7 +70,7 @@ def init(args: argparse.Namespace) -> Layout:
             initialization_timeout=int(timeout) + 60,
             heartbeat_timeout_seconds=max(int(timeout), 10))
     layout = Layout(jax.process_index(), jax.process_count())
-    activate(layout)
+    activate(layout.distributed)
     return layout
 
 

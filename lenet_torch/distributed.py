@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lenet_train.distributed import Layout, activate, deadline, did_not_meet, give_up
-from lenet_train.run import fail
+from lenet_train.distributed import Layout, deadline, did_not_meet
+from lenet_train.errors import activate, fail, give_up
 
 
 def init(args: argparse.Namespace, device: torch.device) -> Layout:
@@ -43,7 +43,7 @@ def init(args: argparse.Namespace, device: torch.device) -> Layout:
         except dist.DistError:
             give_up(message)
     layout = Layout(dist.get_rank(), dist.get_world_size())
-    activate(layout)
+    activate(layout.distributed)
     return layout
 
 

@@ -17,10 +17,11 @@ from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
 from lenet_train import program
+from lenet_train.checkpoints import State
 from lenet_train.cli import positive_int
-from lenet_train.loop import StateError
+from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH
-from lenet_train.run import Run, State
+from lenet_train.run import Run
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss):

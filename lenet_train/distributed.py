@@ -8,19 +8,13 @@ sees when they fail.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NoReturn
 
-EXIT_LOST_PEER = 4
-"""Exit status when a process could not reach, or lost, the others."""
-
-_active = False
+from lenet_train.errors import exit_now, give_up
 
 
 @dataclass(frozen=True)
@@ -43,25 +37,6 @@ class Layout:
         return f"process {self.process_index} of {self.process_count}"
 
 
-def activate(layout: Layout) -> None:
-    """Record that this process is one of several: from now on it leaves with :func:`exit_now`,
-    since a normal interpreter exit would wait for the others at the runtime's shutdown."""
-    global _active
-    _active = layout.distributed
-
-
-def active() -> bool:
-    """Whether this process is one of several."""
-    return _active
-
-
-def exit_now(status: int) -> NoReturn:
-    """Flush and leave with ``status`` at once (no wait for the other processes at exit)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
 @contextmanager
 def deadline(seconds: float, what: str) -> Iterator[None]:
     """Give up with ``error: {what}`` and exit status 4 if the block has not finished after
@@ -82,12 +57,6 @@ def did_not_meet(where: str, timeout: float, who: str = "processes") -> str:
     return (f"{where}: the {who} did not all meet within --dist-timeout {timeout:g} s (is "
             f"{first} running, is the address reachable from here, and were all {who} "
             "started?)")
-
-
-def give_up(what: str) -> NoReturn:
-    """Print ``error: {what}`` and leave at once with exit status 4."""
-    print(f"error: {what}", file=sys.stderr, flush=True)
-    exit_now(EXIT_LOST_PEER)
 
 
 LOST_CONTACT = ("gloo", "nccl", "connection", "timed out", "timeout", "unavailable",

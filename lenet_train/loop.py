@@ -33,15 +33,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from lenet_spec import save_weights
+from lenet_train.checkpoints import Position, State
 from lenet_train.distributed import Layout
-from lenet_train.run import WEIGHTS, Position, Run, State, fail
+from lenet_train.errors import StateError, fail
+from lenet_train.run import Run
+from lenet_train.setup import WEIGHTS
 
 REPORT_EVERY = 50
 """Steps between report points, where the loop fetches the device's results."""
-
-
-class StateError(ValueError):
-    """A saved state (a checkpoint's optimizer tensors, RNG state) that does not fit."""
 
 
 class Backend(Protocol):
@@ -101,8 +100,8 @@ class Backend(Protocol):
 def fit(run: Run, backend: Backend) -> dict:
     """Train ``run`` with ``backend`` to its last step (or a signal); returns the last
     epoch's metrics record."""
-    args, log = run.args, run.log
-    restore, pos = run.load_checkpoint() if args.resume else (None, Position())
+    args, log, ckpt = run.args, run.log, run.checkpoints
+    restore, pos = run.resume()
     try:
         backend.start(run, restore)
     except StateError as e:
@@ -123,24 +122,24 @@ def fit(run: Run, backend: Backend) -> dict:
             k = min(k_max - i % k_max, len(order) - i)
             pending.append(backend.train(i, k, pos.step))
             pos.done, pos.step = i + k, pos.step + k
-            due = run.checkpoint_due(pos.step - k, pos.step) and pos.done < len(order)
+            due = ckpt.due(pos.step - k, pos.step) and pos.done < len(order)
             report = (i // REPORT_EVERY != pos.done // REPORT_EVERY or pos.done == len(order)
                       or due)
             stop = run.stop_requested(report)
-            if report or run.held or stop:
+            if report or ckpt.held or stop:
                 losses, correct = backend.fetch(pending)
                 run.account(pos, losses, correct, before + time.perf_counter() - t0, bar)
                 pending = []
             if stop:
                 bar.close()
-                run.save_checkpoint(backend.state(), pos)
+                ckpt.save(backend.state(), pos)
                 run.stop_interrupted(pos)
             if due:
-                run.hold_checkpoint(backend.state(), pos)
+                ckpt.hold(backend.state(), pos)
         bar.close()
         record = run.end_epoch(pos, backend.evaluate())
         pos = Position(epoch + 1, 0, pos.step)
-        run.save_checkpoint(backend.state(), pos)
+        ckpt.save(backend.state(), pos)
     if run.layout.writer:
         save_weights(run.workdir / WEIGHTS, backend.state().weights, run.spec)
         log.say(f"weights: {run.workdir / WEIGHTS}")

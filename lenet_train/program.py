@@ -6,8 +6,9 @@ import sys
 
 from lenet_train.cli import parser
 from lenet_train.distributed import peers_guard
+from lenet_train.errors import interruptible
 from lenet_train.loop import Backend, fit
-from lenet_train.run import interruptible, setup
+from lenet_train.setup import setup
 
 
 def main(backend: Backend, title: str, argv: list[str] | None = None) -> int:

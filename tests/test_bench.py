@@ -93,7 +93,7 @@ def test_startup_measures_whole_commands_and_phases(tmp_path, mnist_dir) -> None
     assert {k: len(v) for k, v in s["whole_s"].items()} == {"jax-cold": 1, "jax": 1, "torch": 1}
     for phases in s["phases_s"].values():
         assert list(phases) == ["imports", "data", "build", "first_step", "evaluate",
-                                "weights_file"]
+                                "files"]
         assert all(v > 0 for v in phases.values())
     assert "one-step command, median of 1: JAX" in res.stdout
 

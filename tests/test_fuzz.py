@@ -25,7 +25,7 @@ from lenet_spec import (
     parse_spec_json,
     save_weights,
 )
-from lenet_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_train.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from lenet_train.data import DataError, idx_bytes, parse_idx, read_idx_pair
 
 FUZZ = settings(max_examples=300, deadline=2000,

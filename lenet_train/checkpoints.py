@@ -1,0 +1,201 @@
+"""A run's checkpoint: where a run stands (:class:`Position`), what a framework saves
+(:class:`State`), the file (named arrays and JSON metadata in one safetensors file, written
+atomically; nothing unpickled or executed on load), and :class:`Checkpoints`, which holds,
+writes, reads back and checks a run's checkpoint and trims its logs to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+from lenet_spec import (
+    Spec,
+    WeightsError,
+    atomic_write_bytes,
+    check_weights,
+    read_lenet_file,
+    write_safetensors,
+)
+from lenet_train.errors import fail
+
+FORMAT = "lenet-checkpoint"
+CHECKPOINT = "checkpoint.safetensors"
+"""The checkpoint's file name in the workdir."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Position:
+    """Where a run stands: the epoch, the steps of it done, the optimizer steps done in all,
+    and the epoch's results so far (per-step losses, correct predictions, seconds)."""
+
+    epoch: int = 0
+    done: int = 0
+    step: int = 0
+    losses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    correct: int = 0
+    epoch_s: float = 0.0
+
+
+@dataclass
+class State:
+    """A framework's training state as named numpy arrays: canonical weights (torch's
+    ``state_dict`` names and layouts), the optimizer's tensors, RNG state, and JSON-able extras
+    (torch's param groups; on load, the whole checkpoint's metadata)."""
+
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    rng: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write ``tensors`` and JSON-able ``meta`` to ``path`` atomically."""
+    write_safetensors(path, tensors, {"format": FORMAT, "meta": json.dumps(meta)})
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors and metadata of a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    tensors, metadata = read_lenet_file(path, FORMAT, "meta", "checkpoint", CheckpointError)
+    try:
+        meta = json.loads(metadata["meta"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata ({e})") from None
+    return tensors, meta
+
+
+@dataclass
+class Checkpoints:
+    """The checkpoint of one run in ``workdir``: written by process 0 alone (``writer``),
+    read by every process on --resume."""
+
+    workdir: Path
+    framework: str
+    args: argparse.Namespace
+    spec: Spec
+    steps_per_epoch: int
+    writer: bool
+    wall_s: Callable[[], float]
+    """Seconds the run has trained, in all its sessions."""
+    diverged: Callable[[str], NoReturn]
+    """Stops the run on a non-finite weight (the message says what)."""
+    held: tuple[State, Position] | None = None
+    """A due checkpoint kept in memory until the loss of its weights' next step is known
+    finite, so that the checkpoint on disk is always one that trains on."""
+    last_step: int | None = None
+    """The step of the last checkpoint written or resumed from."""
+
+    @property
+    def path(self) -> Path:
+        return self.workdir / CHECKPOINT
+
+    def due(self, before: int, after: int) -> bool:
+        """Whether the steps ``before`` → ``after`` crossed a multiple of --checkpoint-every."""
+        every = self.args.checkpoint_every
+        return bool(every) and before // every != after // every
+
+    def hold(self, state: State, pos: Position) -> None:
+        """Keep a copy of ``state``; :meth:`confirm` writes it once the next step's loss,
+        computed from these weights, is known to be finite."""
+        copy = lambda d: {k: np.array(v, copy=True) for k, v in d.items()}  # noqa: E731
+        self.held = (State(copy(state.weights), copy(state.optimizer), copy(state.rng),
+                           dict(state.meta)), replace(pos))
+
+    def confirm(self) -> None:
+        """Write the held checkpoint, if any (the losses after it are finite)."""
+        if self.held is not None:
+            self.save(*self.held)
+
+    def save(self, state: State, pos: Position) -> None:
+        """Write WORKDIR/checkpoint.safetensors atomically now: canonical weights, optimizer
+        state, position and partial epoch results, RNG state, spec and settings."""
+        self.held = None
+        bad = [k for k, v in state.weights.items() if not np.all(np.isfinite(v))]
+        if bad:
+            self.diverged(f"weight {bad[0]!r} is not finite after step {pos.step}")
+        tensors = {f"model.{k}": v for k, v in state.weights.items()}
+        tensors.update({f"optim.{k}": v for k, v in state.optimizer.items()})
+        tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+        tensors["progress.losses"] = np.asarray(pos.losses, dtype=np.float32)
+        a = self.args
+        meta = {"framework": self.framework, "optimizer": a.optimizer, "spec": self.spec.to_dict(),
+                "epoch": pos.epoch, "done": pos.done, "step": pos.step, "correct": pos.correct,
+                "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
+                "steps_per_epoch": self.steps_per_epoch, "wall_s": self.wall_s(), **state.meta}
+        if self.writer:
+            save_checkpoint(self.path, tensors, meta)
+        self.last_step = pos.step
+
+    def load(self) -> tuple[State, Position, float]:
+        """The state and position to resume from, and the seconds trained before; any problem
+        (damaged, another framework, optimizer, spec, batch size or seed) exits with one clear
+        error. Process 0 trims the logs to the checkpoint."""
+        path = self.path
+        try:
+            tensors, meta = load_checkpoint(path)
+        except CheckpointError as e:
+            fail(str(e))
+        framework = meta.get("framework")
+        if framework != self.framework:
+            fail(f"{path}: a {framework} checkpoint; resume it with "
+                 f"python -m lenet_{framework}.train")
+        if meta.get("optimizer") != self.args.optimizer:
+            fail(f"{path}: written with --optimizer {meta.get('optimizer')}, "
+                 f"not {self.args.optimizer}")
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            check_weights(self.spec, weights)
+        except WeightsError as e:
+            fail(f"{path}: not a checkpoint of this --spec: {e}")
+        for flag, key, ours in (("--batch-size", "batch_size", self.args.batch_size),
+                                ("--seed", "seed", self.args.seed),
+                                ("--train-size", "steps_per_epoch", self.steps_per_epoch)):
+            if meta.get(key) != ours:
+                fail(f"{path}: written with another {flag} ({key} {meta.get(key)}, now {ours}); "
+                     "a run resumes with the flags it started with")
+        try:
+            position = Position(int(meta["epoch"]), int(meta["done"]), int(meta["step"]),
+                                tensors["progress.losses"], int(meta["correct"]),
+                                float(meta["epoch_s"]))
+            wall_before = float(meta["wall_s"])
+        except (KeyError, TypeError, ValueError) as e:
+            fail(f"{path}: damaged checkpoint metadata ({e!r} missing or invalid)")
+        if not (0 <= position.done <= self.steps_per_epoch and len(position.losses) == position.done
+                and math.isfinite(position.epoch_s)):
+            fail(f"{path}: damaged checkpoint (position {position.done} of {self.steps_per_epoch}"
+                 f" steps with {len(position.losses)} losses)")
+        self.last_step = position.step
+        if self.writer:
+            self._trim_logs(position)
+        state = State(weights, {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
+                      {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta)
+        return state, position, wall_before
+
+    def _trim_logs(self, pos: Position) -> None:
+        """Drop what the logs recorded after the checkpoint (a run killed after writing an
+        epoch's metrics but before its checkpoint would otherwise repeat that epoch)."""
+        epoch_start = pos.step - pos.done
+        for name, keep in (("metrics.jsonl", lambda r: r["epoch"] < pos.epoch),
+                           ("steps.jsonl", lambda r: r["step"] < epoch_start)):
+            path = self.workdir / name
+            if not path.exists():
+                continue
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if keep(json.loads(line)):
+                        kept.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+            atomic_write_bytes(path, "".join(kept).encode())
