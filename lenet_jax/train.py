@@ -26,9 +26,9 @@ from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_train import program
 from lenet_train.checkpoints import State
 from lenet_train.cli import positive_int
-from lenet_train.data import cache_root
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH
+from lenet_train.paths import cache_root
 from lenet_train.run import Run
 
 DROPOUT_STREAM = 1

@@ -16,10 +16,9 @@ from lenet_spec import (
     load_weights,
     misfit,
 )
-from lenet_train import datasets
 from lenet_train.checkpoints import CHECKPOINT
 from lenet_train.cli import default_workdir, total_steps
-from lenet_train.data import DataError, prepare
+from lenet_train.data import DataError, load, normalisation, prepare
 from lenet_train.distributed import Layout
 from lenet_train.errors import fail
 from lenet_train.run import Run
@@ -73,9 +72,9 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
         fail(f"spec {spec.name} {why}" + (f" (it fits --dataset {' or '.join(fits)})" if fits
                                           else ""))
     try:
-        train = datasets.load(args.dataset, "train", args.data_dir)
-        test = datasets.load(args.dataset, "test", args.data_dir)
-        mean, std = datasets.normalisation(args.dataset, train)
+        train = load(args.dataset, "train", args.data_dir)
+        test = load(args.dataset, "test", args.data_dir)
+        mean, std = normalisation(args.dataset, train)
         train_images, train_y = train.images, train.labels
         if args.train_size:
             if args.train_size > len(train_images):

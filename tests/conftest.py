@@ -1,47 +1,32 @@
-"""Shared helpers: random valid specs, layout conversion, framework adapters."""
+"""Test session setup: a private cache folder, the hypothesis profile, and the real MNIST."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, settings
 
-from lenet_parity.battery import (  # noqa: F401  (the tests' helpers, shared with the CLI)
-    NEAR_KINK,
-    buffers_gap,
-    busy_batch_norms,
-    clear_batch,
-    jax_canonical,
-    jax_logits,
-    jax_loss_and_grads,
-    max_abs_diff,
-    near_kinks,
-    nhwc,
-    random_batch,
-    torch_logits,
-    torch_loss_and_grads,
-    without_dropout,
-)
-from lenet_spec import (
-    ELU,
-    GELU,
-    AvgPool,
-    BatchNorm,
-    Conv,
-    Flatten,
-    LeakyReLU,
-    Linear,
-    MaxPool,
-    ReLU,
-    Sigmoid,
-    SiLU,
-    Spec,
-    Tanh,
-)
+
+def _user_mnist() -> Path | None:
+    """Where the programs would find MNIST: $LENET_DATA_DIR, else the user's cache (looked up
+    before this session points XDG_CACHE_HOME elsewhere)."""
+    env = os.environ.get("LENET_DATA_DIR")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    places = [Path(env), Path(env) / "mnist"] if env else []
+    for place in [*places, Path(base) / "lenet" / "mnist"]:
+        if (place / "t10k-images-idx3-ubyte").is_file() or (
+                place / "t10k-images-idx3-ubyte.gz").is_file():
+            return place
+    return None
+
+
+_MNIST = _user_mnist()
+if _MNIST is not None:  # the programs the tests start look there too
+    os.environ["LENET_DATA_DIR"] = str(_MNIST)
 
 # Programs the tests start keep their caches (JAX's compiled programs) in one folder of this
 # session's, shared by the tests and removed at the end, never the user's ~/.cache.
@@ -59,100 +44,12 @@ settings.register_profile(
 settings.load_profile("lenet")
 
 
-REDUNDANT_BIAS = """A bias right before a batch_norm changes nothing (batch_norm subtracts the
-channel's mean), so its exact gradient is 0 and its float32 gradient rounding noise, which Adam
-divides by its own size into steps of ~lr: the bias, and the running mean with it, wander
-differently in any two implementations (torch against itself with oneDNN off: 3.4e-5 in the
-parameters, 9.6e-5 in the running statistics after 20 Adam steps). Random specs, like
-lenet5_bn and torchvision's models, leave it out."""
-
-SCALE_BEFORE_NORM = """A weight with few inputs per output feeding a batch_norm is nearly a pure
-scale of its channel, which the normalisation undoes: its gradient is then mostly the remainder
-of terms that cancel, resolved by float32 only to ~1e-8 of their sum, not to 1e-5 of the result.
-Hypothesis found two: conv1 1×1 on one channel (weight −0.0075), a depthwise conv, a batch_norm
-of channel variance 3.4e-5 — that weight's gradient 0.362 came out 3.9e-7 (torch) and 5.0e-6
-(JAX, autodiff through the variance; 2.4e-7 with torch's closed form, which the JAX port now
-uses) from float64; and a 2→2 linear layer before a batch_norm of 16 values, 9.1e-6 apart on
-a gradient of 0.19. Random specs with a batch_norm draw conv and linear layers of fan-in ≥ 4."""
-
-ACTIVATIONS = [ReLU, Tanh, Sigmoid, GELU, lambda: GELU("tanh"), lambda: LeakyReLU(0.1),
-               lambda: ELU(0.5), SiLU]
-"""Every activation of the spec, GELU in both forms, leaky_relu and elu off their defaults."""
-
-
-@st.composite
-def specs(draw: st.DrawFn, max_blocks: int = 2, batch_norm: bool = True) -> Spec:
-    """Valid specs: conv blocks (any stride, padding, dilation, groups, bias or not, optionally
-    batch_norm, any activation, pooling), flatten, an MLP head (bias or not, batch_norm)."""
-    input_shape = c, h, w = (draw(st.integers(1, 3)), draw(st.integers(6, 20)),
-                             draw(st.integers(6, 20)))
-    layers: list = []
-    for _ in range(draw(st.integers(0, max_blocks))):
-        dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-        kh = draw(st.integers(1, max(1, min(5, (h - 1) // dh + 1))))
-        kw = draw(st.integers(1, max(1, min(5, (w - 1) // dw + 1))))
-        sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-        ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-        groups = draw(st.sampled_from([g for g in (1, 2, 3) if c % g == 0]))
-        c = groups * draw(st.integers(1, 3))
-        norm = batch_norm and draw(st.booleans())
-        layers.append(Conv(c, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
-                           not norm and draw(st.booleans())))
-        h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if norm:  # after a bias-free layer: see REDUNDANT_BIAS
-            layers.append(BatchNorm(draw(st.sampled_from([0.1, 0.3])), affine=draw(st.booleans())))
-        act = draw(st.sampled_from([None, *ACTIVATIONS]))
-        if act:
-            layers.append(act())
-        pool = draw(st.sampled_from([None, MaxPool, AvgPool]))
-        if pool and h >= 2 and w >= 2:
-            k = draw(st.integers(2, min(3, h, w)))
-            s = draw(st.sampled_from([None, 1, 2]))
-            layers.append(pool(k, s))
-            s = s or k
-            h, w = (h - k) // s + 1, (w - k) // s + 1
-    layers.append(Flatten())
-    for _ in range(draw(st.integers(0, 2))):
-        norm = batch_norm and draw(st.booleans())
-        layers.append(Linear(draw(st.integers(1, 24)), not norm and draw(st.booleans())))
-        if norm:
-            layers.append(BatchNorm())
-        layers.append(draw(st.sampled_from(ACTIVATIONS))())
-    layers.append(Linear(draw(st.integers(2, 10))))
-    spec = Spec("random", input_shape, tuple(layers))
-    assume(not any(isinstance(layer, BatchNorm) for layer in spec.layers) or all(
-        info.fan_in >= 4 for info in spec.infos if isinstance(info.layer, (Conv, Linear))))
-    return spec  # SCALE_BEFORE_NORM
-
-
 @pytest.fixture(scope="session")
 def mnist_dir() -> str:
-    """The real MNIST IDX files, from $LENET_DATA_DIR; skips where absent."""
-    path = os.environ.get("LENET_DATA_DIR")
-    if not path or not os.path.isdir(path):
-        pytest.skip("real MNIST not available: set LENET_DATA_DIR to the folder of its IDX files")
-    return path
-
-
-# ----------------------------------------------------------------------------- both ports
-# Imported lazily so that the spec tests run without either framework.
-
-
-KERNEL_PAIRS = [("stock", "stock"), ("fused", "fused"), ("stock", "fused"), ("fused", "stock")]
-"""(torch, JAX) kernels: the parity battery holds for each pairing, across frameworks too."""
-
-
-def twin_nets(spec: Spec, seed: int = 0, kernels: tuple[str, str] = ("auto", "auto")):
-    """A torch net and a JAX net holding the same weights (torch's, copied into JAX), built
-    with ``kernels`` (torch's, JAX's)."""
-    import lenet_jax
-    import lenet_torch
-
-    t = lenet_torch.build(spec, seed, kernels=kernels[0])
-    busy_batch_norms(t, seed)
-    j = lenet_jax.build(spec, seed + 1, kernels=kernels[1])
-    lenet_jax.set_weights(j, lenet_torch.get_weights(t))
-    return t, j
-
-
+    """The folder of the real MNIST IDX files: $LENET_DATA_DIR, else the user's cache
+    (~/.cache/lenet/mnist, where the programs put it); skips where there is none."""
+    if _MNIST is None:
+        pytest.skip("real MNIST not found in $LENET_DATA_DIR or ~/.cache/lenet/mnist: run "
+                    "`python -m lenet_jax.train --epochs 1` once (it fetches MNIST into the "
+                    "cache) or set LENET_DATA_DIR to a folder holding its four IDX files")
+    return str(_MNIST)

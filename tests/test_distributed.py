@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import without_dropout
+from helpers import without_dropout
 
 from lenet_spec import PRESETS, load_weights
 from lenet_train.runlog import read_jsonl

@@ -26,7 +26,8 @@ from lenet_spec import (
     save_weights,
 )
 from lenet_train.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from lenet_train.data import DataError, idx_bytes, parse_idx, read_idx_pair
+from lenet_train.data import DataError, get, idx_bytes, parse_idx
+from lenet_train.data.store import read_idx_split
 
 FUZZ = settings(max_examples=300, deadline=2000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -161,7 +162,7 @@ def test_idx_gzip_bomb_is_refused_without_inflating_it(tmp_path: Path) -> None:
     bomb = gzip.compress(b"\0" * (300 << 20), compresslevel=9)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bomb)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(3, np.uint8)))
-    result, peak = peak_bytes(read_idx_pair, tmp_path, "test")
+    result, peak = peak_bytes(read_idx_split, get("mnist"), tmp_path, "test")
     assert isinstance(result, DataError), repr(result)
     assert "t10k-images-idx3-ubyte.gz" in str(result) and "larger than" in str(result)
     assert peak <= 200 << 20  # the limit (MNIST's largest file, 47 MB, with room) plus a chunk

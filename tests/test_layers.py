@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import busy_batch_norms, nhwc, twin_nets
 from flax import nnx
+from helpers import busy_batch_norms, nhwc, twin_nets
 
 import lenet_jax
 import lenet_torch
@@ -234,7 +234,7 @@ def test_one_mask_for_both_ports_gives_equal_outputs_and_gradients(monkeypatch) 
 
         loss_j_value, grads = nnx.value_and_grad(loss_j)(j)
         assert abs(float(loss_j_value) - loss_t.item()) <= 1e-5 * loss_t.item()
-        from conftest import jax_canonical
+        from helpers import jax_canonical
 
         gj = jax_canonical(j, grads)
         for name, param in t.named_parameters():

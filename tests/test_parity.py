@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from flax import nnx
+from helpers import (
     KERNEL_PAIRS,
     buffers_gap,
     busy_batch_norms,
@@ -27,7 +28,6 @@ from conftest import (
     twin_nets,
     without_dropout,
 )
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

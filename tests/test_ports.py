@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import nhwc, random_batch, specs, twin_nets
+from helpers import nhwc, random_batch, specs, twin_nets
 from hypothesis import given, settings
 
 import lenet_jax

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import specs
+from helpers import specs
 from hypothesis import given
 
 from lenet_spec import (

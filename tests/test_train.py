@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import mnist
 
 import lenet_jax
 import lenet_torch
@@ -170,13 +171,13 @@ def test_weights_file_loads_into_both_ports(one_epoch_runs) -> None:
     import jax.numpy as jnp
     import torch
 
-    from lenet_train.data import load_mnist, prepare
+    from lenet_train.data import prepare
 
     weights, spec = load_weights(one_epoch_runs["jax"] / "weights.safetensors")
     t, j = lenet_torch.build(spec), lenet_jax.build(spec)
     lenet_torch.set_weights(t, weights)
     lenet_jax.set_weights(j, weights)
-    images, labels = load_mnist("test")
+    images, labels = mnist("test")
     x = prepare(images[:2000], spec)
     with torch.no_grad():
         acc_t = (t(torch.from_numpy(x)).argmax(1).numpy() == labels[:2000]).mean()

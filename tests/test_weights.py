@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import busy_batch_norms, jax_logits, random_batch, torch_logits
+from helpers import busy_batch_norms, jax_logits, random_batch, torch_logits
 
 import lenet_jax
 import lenet_torch

@@ -1,0 +1,204 @@
+"""The tests' shared helpers: random valid specs, the parity battery's adapters, twin nets in
+both frameworks, and writers of the publishers' data formats."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from lenet_parity.battery import (  # noqa: F401  (the tests' helpers, shared with the CLI)
+    NEAR_KINK,
+    buffers_gap,
+    busy_batch_norms,
+    clear_batch,
+    jax_canonical,
+    jax_logits,
+    jax_loss_and_grads,
+    max_abs_diff,
+    near_kinks,
+    nhwc,
+    random_batch,
+    torch_logits,
+    torch_loss_and_grads,
+    without_dropout,
+)
+from lenet_spec import (
+    ELU,
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Flatten,
+    LeakyReLU,
+    Linear,
+    MaxPool,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Spec,
+    Tanh,
+)
+from lenet_train.data import cifar_bytes, idx_bytes, load
+from lenet_train.data.catalog import CIFAR_FILES, IDX_FILES
+
+REDUNDANT_BIAS = """A bias right before a batch_norm changes nothing (batch_norm subtracts the
+channel's mean), so its exact gradient is 0 and its float32 gradient rounding noise, which Adam
+divides by its own size into steps of ~lr: the bias, and the running mean with it, wander
+differently in any two implementations (torch against itself with oneDNN off: 3.4e-5 in the
+parameters, 9.6e-5 in the running statistics after 20 Adam steps). Random specs, like
+lenet5_bn and torchvision's models, leave it out."""
+
+SCALE_BEFORE_NORM = """A weight with few inputs per output feeding a batch_norm is nearly a pure
+scale of its channel, which the normalisation undoes: its gradient is then mostly the remainder
+of terms that cancel, resolved by float32 only to ~1e-8 of their sum, not to 1e-5 of the result.
+Hypothesis found two: conv1 1×1 on one channel (weight −0.0075), a depthwise conv, a batch_norm
+of channel variance 3.4e-5 — that weight's gradient 0.362 came out 3.9e-7 (torch) and 5.0e-6
+(JAX, autodiff through the variance; 2.4e-7 with torch's closed form, which the JAX port now
+uses) from float64; and a 2→2 linear layer before a batch_norm of 16 values, 9.1e-6 apart on
+a gradient of 0.19. Random specs with a batch_norm draw conv and linear layers of fan-in ≥ 4."""
+
+ACTIVATIONS = [ReLU, Tanh, Sigmoid, GELU, lambda: GELU("tanh"), lambda: LeakyReLU(0.1),
+               lambda: ELU(0.5), SiLU]
+"""Every activation of the spec, GELU in both forms, leaky_relu and elu off their defaults."""
+
+
+@st.composite
+def specs(draw: st.DrawFn, max_blocks: int = 2, batch_norm: bool = True) -> Spec:
+    """Valid specs: conv blocks (any stride, padding, dilation, groups, bias or not, optionally
+    batch_norm, any activation, pooling), flatten, an MLP head (bias or not, batch_norm)."""
+    input_shape = c, h, w = (draw(st.integers(1, 3)), draw(st.integers(6, 20)),
+                             draw(st.integers(6, 20)))
+    layers: list = []
+    for _ in range(draw(st.integers(0, max_blocks))):
+        dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        kh = draw(st.integers(1, max(1, min(5, (h - 1) // dh + 1))))
+        kw = draw(st.integers(1, max(1, min(5, (w - 1) // dw + 1))))
+        sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+        ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+        groups = draw(st.sampled_from([g for g in (1, 2, 3) if c % g == 0]))
+        c = groups * draw(st.integers(1, 3))
+        norm = batch_norm and draw(st.booleans())
+        layers.append(Conv(c, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups,
+                           not norm and draw(st.booleans())))
+        h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if norm:  # after a bias-free layer: see REDUNDANT_BIAS
+            layers.append(BatchNorm(draw(st.sampled_from([0.1, 0.3])), affine=draw(st.booleans())))
+        act = draw(st.sampled_from([None, *ACTIVATIONS]))
+        if act:
+            layers.append(act())
+        pool = draw(st.sampled_from([None, MaxPool, AvgPool]))
+        if pool and h >= 2 and w >= 2:
+            k = draw(st.integers(2, min(3, h, w)))
+            s = draw(st.sampled_from([None, 1, 2]))
+            layers.append(pool(k, s))
+            s = s or k
+            h, w = (h - k) // s + 1, (w - k) // s + 1
+    layers.append(Flatten())
+    for _ in range(draw(st.integers(0, 2))):
+        norm = batch_norm and draw(st.booleans())
+        layers.append(Linear(draw(st.integers(1, 24)), not norm and draw(st.booleans())))
+        if norm:
+            layers.append(BatchNorm())
+        layers.append(draw(st.sampled_from(ACTIVATIONS))())
+    layers.append(Linear(draw(st.integers(2, 10))))
+    spec = Spec("random", input_shape, tuple(layers))
+    assume(not any(isinstance(layer, BatchNorm) for layer in spec.layers) or all(
+        info.fan_in >= 4 for info in spec.infos if isinstance(info.layer, (Conv, Linear))))
+    return spec  # SCALE_BEFORE_NORM
+
+
+# ----------------------------------------------------------------------------- both ports
+# Imported lazily so that the spec tests run without either framework.
+
+
+KERNEL_PAIRS = [("stock", "stock"), ("fused", "fused"), ("stock", "fused"), ("fused", "stock")]
+"""(torch, JAX) kernels: the parity battery holds for each pairing, across frameworks too."""
+
+
+def twin_nets(spec: Spec, seed: int = 0, kernels: tuple[str, str] = ("auto", "auto")):
+    """A torch net and a JAX net holding the same weights (torch's, copied into JAX), built
+    with ``kernels`` (torch's, JAX's)."""
+    import lenet_jax
+    import lenet_torch
+
+    t = lenet_torch.build(spec, seed, kernels=kernels[0])
+    busy_batch_norms(t, seed)
+    j = lenet_jax.build(spec, seed + 1, kernels=kernels[1])
+    lenet_jax.set_weights(j, lenet_torch.get_weights(t))
+    return t, j
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def mnist(split: str, folder: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's ``split`` as the resolver finds it: images uint8 (N, 28, 28), labels int64."""
+    found = load("mnist", split, folder)
+    return found.images[:, 0], found.labels
+
+
+def idx_split(folder: Path, split: str, n: int, gz: bool = False, seed: int = 0,
+              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Write an MNIST-family split of ``n`` random images as IDX files (plain or .gz)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, n).astype(np.uint8) if labels is None else labels
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in zip(IDX_FILES[split], (images, y), strict=True):
+        data = idx_bytes(array)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
+        else:
+            (folder / name).write_bytes(data)
+    return images, y.astype(np.int64)
+
+def cifar_images(n: int, seed: int = 0, learnable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` CIFAR-shaped images and labels; ``learnable``: each class a colour and a bright
+    square at its own place over noise, so that a linear model can tell them apart."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    if not learnable:
+        return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), labels
+    images = rng.normal(100, 30, (n, 3, 32, 32))
+    palette = np.random.default_rng(99).uniform(60, 200, (10, 3))  # the same in every file
+    for i, c in enumerate(labels):
+        row, col = divmod(int(c), 5)
+        images[i] += (palette[c] - 100)[:, None, None]
+        images[i, :, 4 + 12 * row : 12 + 12 * row, 2 + 6 * col : 6 + 6 * col] += 90
+    return np.clip(images, 0, 255).astype(np.uint8), labels
+
+def cifar_folder(folder: Path, per_file: int, seed: int = 0, learnable: bool = False,
+                 test: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The six CIFAR-10 binary files, ``per_file`` records each (``test`` in the test file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, names in CIFAR_FILES.items():
+        count = per_file if split == "train" else (test or per_file)
+        xs, ys = [], []
+        for k, name in enumerate(names):
+            x, y = cifar_images(count, seed * 100 + k + (50 if split == "test" else 0), learnable)
+            (folder / name).write_bytes(cifar_bytes(x, y))
+            xs.append(x)
+            ys.append(y)
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    return out
+
+def tar_gz(path: Path, members: dict[str, bytes], link: str | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return path
