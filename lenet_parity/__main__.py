@@ -31,7 +31,7 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
     """Canonical weights from a lenet weights file (safetensors, with its spec) or a torch
     state dict (``.pt`` / ``.pth``, read with ``weights_only=True``; no spec)."""
     if path.suffix in (".pt", ".pth"):
-        from lenet_torch.port import PortError, read_state_dict
+        from lenet_port import PortError, read_state_dict  # imports torch: only for .pt files
 
         try:
             state = read_state_dict(path)

@@ -1,17 +1,6 @@
-"""The torch.nn port of a :class:`lenet_spec.Spec`, and :func:`to_spec`, its way back from a
-torch module."""
-
-from typing import Any
+"""The torch.nn port of a :class:`lenet_spec.Spec` (the way back, a torch module to a spec, is
+:mod:`lenet_port`)."""
 
 from lenet_torch.model import LeNet, build, get_weights, set_weights
 
-__all__ = ["LeNet", "PortError", "build", "get_weights", "set_weights", "to_spec"]
-
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use, so that ``python -m lenet_torch.port`` runs the module once.
-    if name in ("to_spec", "PortError"):
-        from lenet_torch import port
-
-        return getattr(port, name)
-    raise AttributeError(f"module 'lenet_torch' has no attribute {name!r}")
+__all__ = ["LeNet", "build", "get_weights", "set_weights"]

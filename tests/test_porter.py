@@ -1,4 +1,4 @@
-"""``lenet_torch.to_spec`` and ``python -m lenet_torch.port``: torch modules written in the
+"""``lenet_port.to_spec`` and ``python -m lenet_port``: torch modules written in the
 tutorial's styles become specs whose Flax models give the modules' logits; what a spec cannot
 hold is one clear error."""
 
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lenet_jax
-import lenet_torch
+from lenet_port import PortError, port, to_spec
+from lenet_port.__main__ import main
 from lenet_spec import BatchNorm, Conv, Dropout, Dropout2d, Flatten, Linear, load_weights
-from lenet_torch.port import PortError, main, port, to_spec
 
 LOGIT_TOL = 1e-5  # max |Δ| of logits, as tests/test_parity.py
 
@@ -256,7 +256,7 @@ class Bad(nn.Module):
 
 
 @pytest.mark.parametrize("what, message", [
-    ("residual", r"node add \(operator.add\) at test_port.py:\d+: y = y \+ self.conv2\(y\)"
+    ("residual", r"node add \(operator.add\) at test_porter.py:\d+: y = y \+ self.conv2\(y\)"
                  r".*takes two tensors of the network.*residual or a branch"),
     ("deconv", r"conv2 \(ConvTranspose2d\).*ConvTranspose2d is not supported; supported: "
                r"nn.Conv2d"),
@@ -386,9 +386,3 @@ def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) ->
     assert err.startswith("error: ") and err.count("\n") == 1
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "s.json").exists()
-
-
-def test_lazy_exports() -> None:
-    assert lenet_torch.to_spec is to_spec
-    with pytest.raises(AttributeError):
-        lenet_torch.nothing  # noqa: B018

@@ -1,0 +1,144 @@
+"""Stage 3, the chain: the traced graph walked from its input to its output as one chain of
+spec layers, each with the shape it was seen to produce; a branch, a residual or a second
+output is one error naming both nodes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lenet_port.errors import SUPPORTED, PortError
+from lenet_port.ops import (
+    DROPOUTS,
+    IDENTITIES,
+    INDEXING,
+    RESHAPES,
+    Call,
+    Found,
+    from_call,
+    from_module,
+)
+from lenet_port.trace import describe, op_key, op_name, quiet
+from lenet_spec import Flatten, Layer
+
+
+@dataclass
+class Step:
+    """One layer of the chain, with where it was read and the shape it was seen to give."""
+
+    layer: Layer
+    where: str
+    out_shape: tuple[int, ...]
+    path: str | None = None  # the module path that owns the weights
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    eval_flag: bool | None = None  # a functional dropout's training flag in evaluation
+
+
+def holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+
+
+def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str) -> list[Step]:
+    """The chain of spec layers the graph computes, with the shapes it was seen to produce."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise PortError(f"{name}: forward takes {len(placeholders)} inputs; a spec's network "
+                        "takes one (the image batch)")
+    head = placeholders[0]
+    derived = {head}
+    steps: list[Step] = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            out = node.args[0]
+            if isinstance(out, (tuple, list)) and len(out) == 1:
+                out = out[0]
+            if out is not head:
+                raise PortError(f"{name}: forward returns {out!r}, not the output of its last "
+                                "layer; a spec's network returns its logits alone")
+            continue
+        chain = [n for n in node.all_input_nodes if n in derived]
+        if node.op in ("placeholder", "get_attr") or not chain:
+            continue  # parameters, constants, buffer updates
+        derived.add(node)
+        if not holds_tensor(env[node]):
+            continue  # x.size(), shape arithmetic, guards
+        where = describe(node, gm)
+        tensors = [n for n in chain if holds_tensor(env[n])]
+        if len(tensors) > 1 or tensors[0] is not head:
+            other = tensors[1] if tensors[0] is head else tensors[0]
+            raise PortError(
+                f"{where}: {op_name(node) if node.op != 'call_module' else 'this module'} "
+                f"takes {'two tensors of the network' if len(tensors) > 1 else 'a tensor'} "
+                f"({', '.join(n.name for n in tensors)}), not only the previous layer's output "
+                f"({head.name}): a residual or a branch, from {describe(other, gm)}; a spec is one "
+                f"chain of layers")
+        if not isinstance(env[node], torch.Tensor) and op_key(node) not in (
+                "_native_batch_norm_legit_no_training",):
+            raise PortError(f"{where}: returns {type(env[node]).__name__}, not one tensor "
+                            f"(return_indices?); {SUPPORTED}")
+        step = read_node(node, module, gm, env, head, where)
+        head = node
+        if step is not None:
+            steps.append(step)
+    return steps
+
+
+def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, head: fx.Node,
+          where: str) -> Step | None:
+    """One node as a spec layer (None for the identity)."""
+    x, y = env[head], env[node]
+    in_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
+    out_shape = tuple(y[0].shape if isinstance(y, (tuple, list)) else y.shape)
+    key = "" if node.op == "call_module" else op_key(node)
+    if key in INDEXING:
+        if key == "getitem" and isinstance(x, (tuple, list)) and node.args[1] == 0:
+            return None  # the output of a batch norm that returns (out, mean, invstd)
+        raise PortError(f"{where}: indexing or slicing a tensor of the network is not "
+                        f"supported; {SUPPORTED}")
+    if key in IDENTITIES or (node.op == "call_module"
+                              and isinstance(gm.get_submodule(node.target), nn.Identity)):
+        return None
+    if key in RESHAPES or (node.op == "call_module"
+                            and isinstance(gm.get_submodule(node.target), nn.Flatten)):
+        if len(in_shape) == 4 and out_shape == (in_shape[0], math.prod(in_shape[1:])):
+            return Step(Flatten(), where, out_shape[1:])
+        if len(in_shape) == 2 and out_shape == in_shape:
+            return None
+        raise PortError(f"{where}: reshapes {in_shape} to {out_shape}; the only reshape a spec "
+                        f"holds is flattening (N, C, H, W) to (N, C·H·W) (the batch axis kept); "
+                        f"{SUPPORTED}")
+    if node.op == "call_module":
+        path = str(node.target)
+        layer, state = from_module(gm.get_submodule(path), path, where)
+        found = Found(layer, state, path)
+    else:
+        found = from_call(Call(node, env, module, where))
+    if found.layer is None:
+        return None
+    return Step(found.layer, where, out_shape[1:], found.owner,
+                {k: v for k, v in found.state.items() if v is not None}, found.flag)
+
+
+def dropout_flags(module: nn.Module, x: torch.Tensor, tracer: str) -> list[bool]:
+    """The training flag of each functional dropout, in order, traced in training mode."""
+    if tracer == "torch.fx":
+        t = fx.Tracer()
+        gm = fx.GraphModule(module, t.trace(module))
+    else:
+        with quiet():
+            gm = torch.export.export(module, (x,)).module()
+    flags = []
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method") and op_key(node) in DROPOUTS:
+            kwargs = dict(node.kwargs)
+            args = list(node.args)
+            value = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+            flags.append(bool(value))
+    return flags

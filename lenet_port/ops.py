@@ -1,0 +1,288 @@
+"""Stage 3, map to layers: a leaf module or a functional/ATen node as the spec's layer, with the
+tensors it holds. Modules are looked up by type in :data:`MODULES`; functional and ATen ops
+by name in :data:`OPS` (the same name for ``F.relu``, ``torch.relu``, ``x.relu()`` and
+``aten.relu``). Reshapes, identities and indexing are read by :mod:`lenet_port.chain`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from lenet_port.args import bind_args, conv_padding, pair, pool_layer, state_path
+from lenet_port.errors import SUPPORTED, PortError
+from lenet_port.trace import op_key, op_name
+from lenet_spec import (
+    ELU,
+    GELU,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Dropout2d,
+    Layer,
+    LeakyReLU,
+    Linear,
+    MaxPool,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Tanh,
+)
+
+RESHAPES = {"view", "reshape", "flatten", "_unsafe_view"}
+IDENTITIES = {"contiguous", "clone", "alias", "detach", "identity"}
+INDEXING = {"getitem", "slice", "select", "index", "narrow", "setitem"}
+DROPOUTS = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "dropout2d"}
+
+
+def batch_norm_layer(owner: nn.Module | None, momentum: float, eps: float, affine: bool,
+                      where: str) -> BatchNorm:
+    if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+        if owner.momentum is None:
+            raise PortError(f"{where}: momentum=None (a cumulative average of the batch "
+                            "statistics); the spec's batch_norm uses an exponential average")
+        momentum = owner.momentum
+    return BatchNorm(momentum=momentum, eps=eps, affine=affine)
+
+
+Held = tuple[Layer | None, dict[str, Any]]
+"""A module read as a spec layer (None: the identity) and the tensors it holds."""
+
+
+def _conv(sub: nn.Conv2d, where: str) -> Held:
+    if sub.padding_mode != "zeros":
+        raise PortError(f"{where}: padding_mode={sub.padding_mode!r}; the spec's conv pads "
+                        "with zeros")
+    padding = conv_padding(sub.padding, sub.kernel_size, sub.dilation, where)
+    layer = Conv(sub.out_channels, sub.kernel_size, sub.stride, padding, sub.dilation,
+                 sub.groups, sub.bias is not None)
+    return layer, {"weight": sub.weight, "bias": sub.bias}
+
+
+def _linear(sub: nn.Linear, where: str) -> Held:
+    return Linear(sub.out_features, sub.bias is not None), {"weight": sub.weight,
+                                                            "bias": sub.bias}
+
+
+def _batch_norm_module(sub: nn.modules.batchnorm._BatchNorm, where: str) -> Held:
+    if not sub.track_running_stats:
+        raise PortError(f"{where}: track_running_stats=False normalises by the batch's "
+                        "statistics in evaluation too; the spec's batch_norm keeps running "
+                        "statistics")
+    layer = batch_norm_layer(sub, 0.1, sub.eps, sub.affine, where)
+    return layer, {"weight": sub.weight, "bias": sub.bias, "running_mean": sub.running_mean,
+                   "running_var": sub.running_var, "num_batches_tracked": sub.num_batches_tracked}
+
+
+def _max_pool_module(sub: nn.MaxPool2d, where: str) -> Held:
+    return pool_layer(MaxPool, sub.kernel_size, sub.stride, sub.padding, where,
+                      dilation=sub.dilation,
+                      extra={"return_indices": (sub.return_indices, False)}), {}
+
+
+def _avg_pool_module(sub: nn.AvgPool2d, where: str) -> Held:
+    return pool_layer(AvgPool, sub.kernel_size, sub.stride, sub.padding, where,
+                      extra={"divisor_override": (sub.divisor_override, None)}), {}
+
+
+MODULES: dict[type[nn.Module], Callable[[Any, str], Held]] = {
+    nn.ReLU: lambda m, where: (ReLU(), {}),
+    nn.Tanh: lambda m, where: (Tanh(), {}),
+    nn.Sigmoid: lambda m, where: (Sigmoid(), {}),
+    nn.GELU: lambda m, where: (GELU(m.approximate), {}),
+    nn.LeakyReLU: lambda m, where: (LeakyReLU(m.negative_slope), {}),
+    nn.ELU: lambda m, where: (ELU(m.alpha), {}),
+    nn.SiLU: lambda m, where: (SiLU(), {}),
+    nn.Identity: lambda m, where: (None, {}),
+    nn.Conv2d: _conv,
+    nn.Linear: _linear,
+    nn.BatchNorm1d: _batch_norm_module,
+    nn.BatchNorm2d: _batch_norm_module,
+    nn.Dropout: lambda m, where: (Dropout(m.p), {}),
+    nn.Dropout2d: lambda m, where: (Dropout2d(m.p), {}),
+    nn.MaxPool2d: _max_pool_module,
+    nn.AvgPool2d: _avg_pool_module,
+}
+"""The leaf modules a spec holds, by exact type (a subclass may compute something else)."""
+
+
+def from_module(sub: nn.Module, path: str, where: str) -> Held:
+    """The spec layer of a leaf module and the tensors it holds (None: the identity)."""
+    read = MODULES.get(type(sub))
+    if read is None:
+        if isinstance(sub, nn.Identity):
+            return None, {}
+        raise PortError(f"{where}: {type(sub).__name__} is not supported; {SUPPORTED}")
+    return read(sub, where)
+
+
+def submodule(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+@dataclass
+class Found:
+    """A node read as a spec layer (None: the identity), its tensors by canonical suffix, the
+    state_dict prefix that owns them, and (functional dropout) the training flag it was given."""
+
+    layer: Layer | None
+    state: dict[str, Any]
+    owner: str | None = None
+    flag: bool | None = None
+
+
+@dataclass
+class Call:
+    """A functional or ATen node, with what reading it needs."""
+
+    node: fx.Node
+    env: dict
+    module: nn.Module
+    where: str
+
+    @property
+    def aten(self) -> bool:
+        return isinstance(self.node.target, torch._ops.OpOverload)
+
+    def bind(self, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
+        return bind_args(self.node, self.env, names, defaults, self.where)
+
+    def raw(self, names: Sequence[str]) -> dict[str, Any]:
+        """The arguments as written (graph nodes, not values)."""
+        return dict(zip(names, self.node.args[1:], strict=False)) | dict(self.node.kwargs)
+
+
+def _plain(kind: type[Layer]) -> Callable[[Call], Found]:
+    def read(call: Call) -> Found:
+        call.bind(["inplace"], {})
+        return Found(kind(), {})
+    return read
+
+
+def _gelu(call: Call) -> Found:
+    return Found(GELU(call.bind(["approximate"], {"approximate": "none"})["approximate"]), {})
+
+
+def _leaky_relu(call: Call) -> Found:
+    a = call.bind(["negative_slope", "inplace"], {"negative_slope": 0.01})
+    return Found(LeakyReLU(float(a["negative_slope"])), {})
+
+
+def _elu(call: Call) -> Found:
+    names = ["alpha", "scale", "input_scale"] if call.aten else ["alpha", "inplace"]
+    a = call.bind(names, {"alpha": 1.0, "scale": 1, "input_scale": 1})
+    if a["scale"] != 1 or a["input_scale"] != 1:
+        raise PortError(f"{call.where}: a scaled ELU (SELU-like) is not supported; {SUPPORTED}")
+    return Found(ELU(float(a["alpha"])), {})
+
+
+def _dropout(call: Call) -> Found:
+    a = call.bind(["p", "training" if not call.aten else "train", "inplace"],
+                  {"p": 0.5, "training": True, "train": True})
+    key = op_key(call.node)
+    kind = Dropout if key.startswith("dropout") and key != "dropout2d" else Dropout2d
+    return Found(kind(float(a["p"])), {}, flag=bool(a.get("training", a.get("train"))))
+
+
+def _max_pool(call: Call) -> Found:
+    if call.aten:
+        a = call.bind(["kernel_size", "stride", "padding", "dilation", "ceil_mode"],
+                      {"stride": [], "padding": 0, "dilation": 1, "ceil_mode": False})
+    else:
+        a = call.bind(["kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                       "return_indices"], {"stride": None, "padding": 0, "dilation": 1,
+                                           "ceil_mode": False, "return_indices": False})
+    extra = {"return_indices": (a.get("return_indices", False), False)}
+    return Found(pool_layer(MaxPool, a["kernel_size"], a["stride"], a["padding"], call.where,
+                            dilation=a["dilation"], extra=extra), {})
+
+
+def _avg_pool(call: Call) -> Found:
+    a = call.bind(["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                   "divisor_override"], {"stride": None, "padding": 0, "ceil_mode": False,
+                                         "count_include_pad": True, "divisor_override": None})
+    return Found(pool_layer(AvgPool, a["kernel_size"], a["stride"], a["padding"], call.where,
+                            extra={"divisor_override": (a["divisor_override"], None)}), {})
+
+
+def _conv_or_linear(call: Call) -> Found:
+    names = ["weight", "bias", "stride", "padding", "dilation", "groups"]
+    a = call.bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
+    raw = call.raw(names)
+    w_ref = state_path(call.node, raw.get("weight"), "weight", call.where)
+    state_path(call.node, raw.get("bias"), "bias", call.where)
+    weight, bias = a["weight"], a["bias"]
+    if op_key(call.node) == "linear":
+        layer: Layer = Linear(int(weight.shape[0]), bias is not None)
+    else:
+        dilation = pair(a["dilation"])
+        kernel = (int(weight.shape[2]), int(weight.shape[3]))
+        padding = conv_padding(a["padding"], kernel, dilation, call.where)
+        layer = Conv(int(weight.shape[0]), kernel, pair(a["stride"]), padding, dilation,
+                     int(a["groups"]), bias is not None)
+    return Found(layer, {"weight": weight, "bias": bias}, w_ref.removesuffix(".weight"))
+
+
+def _batch_norm(call: Call) -> Found:
+    where = call.where
+    if op_key(call.node) == "batch_norm" and not call.aten:  # F.batch_norm
+        names = ["running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+    elif op_key(call.node) == "batch_norm":
+        names = ["weight", "bias", "running_mean", "running_var", "training", "momentum", "eps",
+                 "cudnn_enabled"]
+    else:
+        names = ["weight", "bias", "running_mean", "running_var", "momentum", "eps"]
+    a = call.bind(names, {"weight": None, "bias": None, "training": False, "momentum": 0.1,
+                          "eps": 1e-5})
+    raw = call.raw(names)
+    if a["training"] or a["running_mean"] is None:
+        raise PortError(f"{where}: batch norm by the batch's statistics in evaluation "
+                        "(track_running_stats=False or training=True); the spec's "
+                        "batch_norm keeps running statistics")
+    mean_ref = state_path(call.node, raw.get("running_mean"), "running mean", where)
+    state_path(call.node, raw.get("running_var"), "running variance", where)
+    state_path(call.node, raw.get("weight"), "scale", where)
+    prefix = mean_ref.removesuffix(".running_mean")
+    owner = submodule(call.module, prefix)
+    if (a["weight"] is None) != (a["bias"] is None):
+        raise PortError(f"{where}: batch norm with a scale but no shift (or the reverse); "
+                        "the spec's batch_norm has both or neither")
+    layer = batch_norm_layer(owner, float(a["momentum"]), float(a["eps"]),
+                             a["weight"] is not None, where)
+    count = getattr(owner, "num_batches_tracked", None)
+    state = {"weight": a["weight"], "bias": a["bias"], "running_mean": a["running_mean"],
+             "running_var": a["running_var"],
+             "num_batches_tracked": count if count is not None else torch.tensor(0)}
+    return Found(layer, state, prefix)
+
+
+OPS: dict[str, Callable[[Call], Found]] = {
+    **{name + tail: _plain(kind) for name, kind in (("relu", ReLU), ("tanh", Tanh),
+                                                     ("sigmoid", Sigmoid), ("silu", SiLU))
+       for tail in ("", "_")},
+    "gelu": _gelu,
+    "leaky_relu": _leaky_relu, "leaky_relu_": _leaky_relu,
+    "elu": _elu, "elu_": _elu,
+    **dict.fromkeys(DROPOUTS, _dropout),
+    "max_pool2d": _max_pool,
+    "avg_pool2d": _avg_pool,
+    "conv2d": _conv_or_linear, "linear": _conv_or_linear,
+    "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
+}
+"""The functional and ATen ops a spec holds, by :func:`~lenet_port.trace.op_key`."""
+
+
+def from_call(call: Call) -> Found:
+    """The spec layer of a functional or ATen node."""
+    read = OPS.get(op_key(call.node))
+    if read is None:
+        raise PortError(f"{call.where}: {op_name(call.node)} is not supported; {SUPPORTED}")
+    return read(call)
