@@ -87,8 +87,8 @@ def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pai
     space-to-depth by the pool's shape, so that every phase of the output is a convolution of
     that input with a kernel scattered from ``kernel`` (zeros elsewhere, which add nothing to
     a float sum); the phases' maximum is the pool, and the bias and a monotone activation
-    commute with it. XLA:CPU runs this matrix product ≈ 2× faster in the whole train step than
-    its convolution plus pool (README, benchmark).
+    commute with it. XLA:CPU runs this matrix product faster in the whole train step than its
+    convolution plus pool (the README's benchmark says by how much).
     """
     (ph, pw), (kh, kw, cin, cout) = pool, kernel.shape
     (pad_h, pad_w) = padding
@@ -155,8 +155,8 @@ def _windows(x: jax.Array, kernel: Pair, stride: Pair, out: Pair) -> list[jax.Ar
 def conv_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: Pair,
                      padding: Pair) -> jax.Array:
     """The convolution of a one-channel NHWC ``x`` with an HWIO ``kernel``: what nnx.Conv
-    computes, to float32 rounding, about 1.3× faster in the whole train step on XLA:CPU
-    (README, benchmark)."""
+    computes, to float32 rounding, faster in the whole train step on XLA:CPU (the README's
+    benchmark says by how much)."""
     (ph, pw), (kh, kw) = padding, kernel.shape[:2]
     if ph or pw:
         x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))

@@ -24,6 +24,7 @@ from helpers import busy_batch_norms, nhwc, twin_nets
 import lenet_jax
 import lenet_torch
 from lenet_jax import model as jax_model
+from lenet_jax.batchnorm import CanonicalBatchNorm
 from lenet_spec import (
     ELU,
     GELU,
@@ -122,7 +123,7 @@ def test_batch_norm_variance_in_two_passes() -> None:
     the output and the running variance, and Flax's default misses by more than 1e-3."""
     x = (1000 + np.random.default_rng(2).standard_normal((8, 2, 4, 4))).astype(np.float32)
     torch_bn = torch.nn.BatchNorm2d(2)
-    jax_bn = jax_model.CanonicalBatchNorm(2, BatchNorm(), rngs=nnx.Rngs(0))
+    jax_bn = CanonicalBatchNorm(2, BatchNorm(), rngs=nnx.Rngs(0))
     yt = torch_bn(torch.from_numpy(x)).detach().numpy()
     yj = np.asarray(jax_bn(jnp.asarray(nhwc(x)))).transpose(0, 3, 1, 2)
     _close(np.asarray(jax_bn.var[...]), torch_bn.running_var.numpy())
