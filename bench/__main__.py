@@ -27,6 +27,7 @@ import numpy as np
 from bench import programs, report
 from bench.worker import KERNELS, MODES
 from lenet_spec import SHAPES, atomic_write_bytes
+from lenet_spec.cli import Parser
 
 VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS for m in modes)
 """Every variant, ``framework-kernels-mode``."""
@@ -61,13 +62,13 @@ def _variants(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser("python -m bench", __doc__.split("\n\n")[0])
     p.add_argument("--spec", type=_list(str, "preset names or JSON spec paths"),
                    default=list(SPECS), metavar="SPECS",
                    help="preset names or paths to JSON specs, comma-separated")
     p.add_argument("--batch-sizes", type=_list(int, "positive integers", lambda v: v > 0),
-                   default=[1, 32, 128, 512])
+                   default=[1, 32, 128, 512], metavar="SIZES",
+                   help="batch sizes to measure, comma-separated")
     p.add_argument("--widths", type=_list(float, "positive numbers", lambda v: v > 0),
                    default=[1.0], help="width multipliers of the spec's channels and features")
     p.add_argument("--variants", type=_variants, default=list(VARIANTS),
@@ -146,7 +147,8 @@ def measure(config: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(config["threads"]))
     try:
         res = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(config)],
-                             capture_output=True, text=True, timeout=timeout, env=env)
+                             capture_output=True, text=True, timeout=timeout, env=env,
+                             preexec_fn=programs.die_with_parent)
     except subprocess.TimeoutExpired:
         return {**config, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
@@ -197,6 +199,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, flax {env['flax']}, "
           f"torch {env['torch']}; float32 GEMM {env['gemm_gflops']:.0f} GFLOP/s", flush=True)
     extra = ["--dataset", args.dataset, *args.train_args.split()]
+    try:
+        out = _run(args, env, extra, p)
+    except programs.ProgramFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
+    return 0
+
+
+def _run(args: argparse.Namespace, env: dict[str, Any], extra: list[str],
+         p: argparse.ArgumentParser) -> dict[str, Any]:
+    """What the flags ask for, printed, and its results."""
     if args.time_to_accuracy is not None:
         out = {"env": env, "time_to_accuracy": programs.time_to_accuracy(
             args.time_to_accuracy, args.seeds, extra, args.timeout)}
@@ -218,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"env": env, "results": measured["results"]}
         if args.plot:
             report.plot(measured["results"], args.plot)
-    if args.json:
-        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
-    return 0
+    return out
 
 
 def _tta_line(framework: str, target: float, s: dict[str, Any]) -> str:

@@ -48,9 +48,15 @@ def main(argv: list[str]) -> int:
     train = importlib.import_module(f"lenet_{framework}.train")
     from lenet_train.program import main as program
 
-    marks = {"imports": time.perf_counter()}
-    backend = train.JaxBackend() if framework == "jax" else train.TorchBackend()
-    program(Stopwatch(backend, marks), "bench.phases", flags)
+    marks: dict[str, float] = {}
+
+    def backend() -> Stopwatch:
+        made = train._backend()
+        marks["imports"] = time.perf_counter()
+        return Stopwatch(made, marks)
+
+    program(framework, "bench.phases", importlib.import_module(f"lenet_{framework}.flags"),
+            backend, flags)
     marks["files"] = time.perf_counter()
     names = ("imports", "data", "build", "first_step", "evaluate", "files")
     ends = [t0, *(marks[n] for n in names)]

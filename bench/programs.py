@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -16,6 +18,18 @@ from typing import Any
 from lenet_train.runlog import read_jsonl
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
+_PR_SET_PDEATHSIG = 1
+
+
+class ProgramFailed(RuntimeError):
+    """A training program that ended with an error; the message is its command and error."""
+
+
+def die_with_parent() -> None:
+    """In a child, before it runs: be killed when the benchmark dies (Linux), so that a
+    killed benchmark leaves no worker running."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +51,7 @@ def run_to_accuracy(framework: str, target: float, seed: int, extra: list[str],
                "--workdir", str(workdir), *extra]
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, env=env)
+                                text=True, env=env, preexec_fn=die_with_parent)
         hit, best, epochs = None, 0.0, 0
         while hit is None and time.perf_counter() - t0 < timeout:
             records = _records(workdir / "metrics.jsonl")
@@ -58,8 +72,13 @@ def run_to_accuracy(framework: str, target: float, seed: int, extra: list[str],
         result.update(seconds=hit[0], train_seconds=hit[1]["wall_s"], epochs=hit[1]["epoch"] + 1,
                       accuracy=hit[1]["test_accuracy"])
     elif proc.returncode not in (0, -9):
-        result["error"] = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise ProgramFailed(f"{result['command']}: {_last_line(err, proc.returncode)}")
     return result
+
+
+def _last_line(stderr: str, status: int) -> str:
+    """A program's error: the last line it printed, else its exit status."""
+    return (stderr.strip().splitlines() or [f"exit status {status}"])[-1]
 
 
 def mlperf_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -83,7 +102,8 @@ def mlperf_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def time_to_accuracy(target: float, seeds: int, extra: list[str],
                      timeout: float) -> dict[str, Any]:
     """Each program ``seeds`` times (seeds 0 … N−1, the frameworks alternating), and per
-    framework the MLPerf summary of its runs."""
+    framework the MLPerf summary of its runs; :class:`ProgramFailed` at the first run that
+    ends with an error."""
     runs: list[dict[str, Any]] = []
     for seed in range(seeds):
         order = list(PROGRAMS) if seed % 2 == 0 else list(PROGRAMS)[::-1]
@@ -117,8 +137,11 @@ def startup(repeats: int, extra: list[str], timeout: float) -> dict[str, Any]:
                     cmd = [sys.executable, "-m", PROGRAMS[framework], *STEP_FLAGS,
                            "--workdir", str(Path(tmp) / "run"), *extra]
                     t0 = time.perf_counter()
-                    subprocess.run(cmd, check=True, capture_output=True, timeout=timeout,
-                                   env=env)
+                    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                                         env=env, preexec_fn=die_with_parent)
+                    if res.returncode != 0:
+                        raise ProgramFailed(f"{' '.join(['python', *cmd[1:]])}: "
+                                            f"{_last_line(res.stderr, res.returncode)}")
                     key = "jax-cold" if k == 0 else framework
                     whole[key].append(time.perf_counter() - t0)
         phases = {fw: _phases(fw, extra, timeout, env) for fw in ("jax", "torch")}
@@ -132,7 +155,9 @@ def _phases(framework: str, extra: list[str], timeout: float,
     with tempfile.TemporaryDirectory() as tmp:
         res = subprocess.run([sys.executable, "-m", "bench.phases", framework, *STEP_FLAGS,
                               "--workdir", str(Path(tmp) / "run"), *extra],
-                             capture_output=True, text=True, timeout=timeout, env=env)
+                             capture_output=True, text=True, timeout=timeout, env=env,
+                             preexec_fn=die_with_parent)
     if res.returncode != 0:
-        raise RuntimeError(f"bench.phases {framework}: {res.stderr.strip()[-2000:]}")
+        raise ProgramFailed(f"bench.phases {framework}: "
+                            f"{_last_line(res.stderr, res.returncode)}")
     return json.loads(res.stdout.strip().splitlines()[-1])

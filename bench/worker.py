@@ -65,7 +65,7 @@ def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, rep
     from lenet_jax.loss import loss_fn
     from lenet_jax.model import build
     from lenet_jax.optim import make_tx
-    from lenet_jax.train import make_steps, split_for_training
+    from lenet_jax.trainer import make_steps, split_for_training
 
     rng = np.random.default_rng(0)
     c, h, w = spec.input_shape
@@ -139,7 +139,7 @@ def measure_torch(spec: Spec, kernels: str, mode: str, batch: int, steps: int, r
     from lenet_torch.loss import loss_fn
     from lenet_torch.model import build
     from lenet_torch.optim import make_optimizer
-    from lenet_torch.train import make_step
+    from lenet_torch.trainer import make_step
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,5 +1,14 @@
 """The Flax NNX port of a :class:`lenet_spec.Spec`."""
 
-from lenet_jax.model import LeNet, build, get_weights, set_weights
+from typing import Any
 
 __all__ = ["LeNet", "build", "get_weights", "set_weights"]
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use: ``python -m lenet_jax.train`` reads its flags before jax loads
+    if name in __all__:
+        from lenet_jax import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'lenet_jax' has no attribute {name!r}")

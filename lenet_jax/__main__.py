@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import flax
@@ -10,10 +9,11 @@ import jax.numpy as jnp
 
 from lenet_jax.model import build, layer_param_counts
 from lenet_spec import SpecError, load_spec
+from lenet_spec.cli import Parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lenet_jax", description=__doc__)
+    parser = Parser("python -m lenet_jax", __doc__)
     parser.add_argument("spec", nargs="?", default="lenet5", help="preset name or JSON path")
     args = parser.parse_args(argv)
     try:

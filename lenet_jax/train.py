@@ -1,200 +1,22 @@
-"""``python -m lenet_jax.train``: the JAX / Flax NNX step of the shared training loop.
-
-The model is split once into a graph definition and its parameters; the train step is a pure
-function of (params, optimizer state, batch indices) compiled with ``jax.jit``, parameters and
-optimizer state donated, the whole data set on the devices once. Data parallel over every
-device of every process: a 1-D mesh splits each global batch's indices, everything else is
-replicated and XLA inserts the gradient all-reduce. ``--steps-per-call K`` runs K steps per
-dispatch with ``lax.scan``. The loop, checkpoints and logs are ``lenet_train``'s.
-"""
+"""``python -m lenet_jax.train``: train a spec'd LeNet with JAX / Flax NNX. The flags are read
+before jax is imported, so that a mistyped flag is refused at once."""
 
 from __future__ import annotations
 
-from functools import partial
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-
-from lenet_jax import distributed
-from lenet_jax.kernels import resolve
-from lenet_jax.loss import loss_fn
-from lenet_jax.model import build, get_weights, set_weights
-from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
+from lenet_jax import flags
 from lenet_train import program
-from lenet_train.checkpoints import State
-from lenet_train.cli import positive_int
-from lenet_train.errors import StateError
-from lenet_train.options import EVAL_BATCH
-from lenet_train.paths import cache_root
-from lenet_train.run import Run
-
-DROPOUT_STREAM = 1
-"""Dropout's keys are ``fold_in(fold_in(key(seed), DROPOUT_STREAM), step)``: a function of the
-seed and the step alone, so a resumed run draws the same masks, and (JAX's random bits being
-partitionable) any device layout draws the same mask for each example of the global batch."""
 
 
-def split_for_training(net: nnx.Module):
-    """(train graph, eval graph, parameters, batch statistics, the rest) of ``net``: the
-    parameters are differentiated, the statistics threaded through each step, and the two
-    graph definitions differ only in ``train()`` / ``eval()`` mode."""
-    net.eval()
-    eval_graphdef = nnx.graphdef(net)
-    net.train()
-    graphdef, params, stats, rest = nnx.split(net, nnx.Param, nnx.BatchStat, ...)
-    return graphdef, eval_graphdef, params, stats, rest
+def _backend() -> program.Backend:
+    # imported once the flags are read: importing jax takes seconds
+    from lenet_jax.trainer import JaxBackend
 
-
-def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss, seed: int = 0):
-    """The jitted train step on one batch, its ``lax.scan`` over several, and the eval step.
-
-    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
-    to (the new state, loss, correct count); the state is donated."""
-    dropout_base = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
-
-    def loss_and_aux(params, stats, rest, x, y, step):
-        # copy: fresh Variables of this trace level, which batch_norm may update
-        model = nnx.merge(graphdef, params, stats, rest, copy=True)
-        logits = model(x, rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step)))
-        return loss(logits, y), (logits, nnx.state(model, nnx.BatchStat))
-
-    def step(state, rest, images, labels, idx, i):
-        params, stats, opt_state = state
-        x, y = images[idx], labels[idx]
-        (value, (logits, stats)), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-            params, stats, rest, x, y, i)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return (params, stats, opt_state), value, jnp.sum(jnp.argmax(logits, -1) == y)
-
-    @partial(jax.jit, donate_argnums=(0,))
-    def train_step(state, rest, images, labels, idx, i):
-        return step(state, rest, images, labels, idx, i)
-
-    @partial(jax.jit, donate_argnums=(0,))
-    def train_steps(state, rest, images, labels, idxs, first):
-        def body(state, k_idx):
-            k, idx = k_idx
-            state, value, correct = step(state, rest, images, labels, idx, first + k)
-            return state, (value, correct)
-
-        state, (values, corrects) = jax.lax.scan(
-            body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs))
-        return state, values, jnp.sum(corrects)
-
-    @jax.jit
-    def eval_step(params, stats, rest, x, y):
-        logits = nnx.merge(eval_graphdef, params, stats, rest)(x)
-        return loss(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
-
-    return train_step, train_steps, eval_step
-
-
-def use_compilation_cache() -> None:
-    """Keep every compiled program, small ones too, in JAX's persistent cache
-    (``$JAX_COMPILATION_CACHE_DIR``, else the cache folder's ``lenet/jax``): a later run loads
-    the initialisers and the train and eval steps instead of compiling them."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-
-
-class JaxBackend(distributed.Processes):
-    """The JAX side of ``lenet_train.loop.fit`` (see :class:`lenet_train.loop.Backend`)."""
-
-    framework = "jax"
-    steps_per_call = 1
-
-    def add_flags(self, p) -> None:
-        p.add_argument("--steps-per-call", type=positive_int, default=10, metavar="K",
-                       help="optimizer steps per dispatch (lax.scan over K batches)")
-        p.add_argument("--no-compile-cache", action="store_true",
-                       help="compile everything afresh instead of loading what an earlier run "
-                            "compiled from JAX's persistent cache")
-        distributed.add_flags(p)
-
-    def configure(self, p, args) -> None:
-        distributed.check_flags(p, args)
-        self.steps_per_call, self.kernels = args.steps_per_call, args.kernels
-        if not args.no_compile_cache:
-            use_compilation_cache()
-
-    def describe(self) -> str:
-        processes = (f"; {self.layout.process_count} processes" if self.layout.distributed
-                     else "")
-        devices = ", ".join(str(d) for d in jax.devices())
-        return (f"jax {jax.__version__} on {jax.default_backend()} ({devices}{processes}), "
-                f"{resolve(self.kernels)} kernels")
-
-    def start(self, run: Run, restore: State | None) -> None:
-        args = run.args
-        net = build(run.spec, seed=args.seed, kernels=args.kernels)
-        weights = restore.weights if restore else run.init_weights
-        if weights:
-            set_weights(net, weights)
-        lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
-        schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
-        tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
-        self.graphdef, eval_graphdef, params, stats, rest = split_for_training(net)
-        opt_state = tx.init(params)
-        if restore:
-            try:
-                opt_state = load_optimizer_tensors(opt_state, restore.optimizer)
-            except ValueError as e:
-                raise StateError(str(e)) from None
-        self.train_step, self.train_steps, self.eval_step = make_steps(
-            self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed)
-        replicated, self.split = distributed.shardings(args.batch_size)
-        self.replicated = replicated
-        self.train_state, self.rest = distributed.replicate(((params, stats, opt_state), rest),
-                                                            replicated)
-        # NCHW -> NHWC once; the data then stays on the devices for the whole run
-        self.train_x, self.test_x = (jax.device_put(x.transpose(0, 2, 3, 1), replicated)
-                                     for x in (run.train_x, run.test_x))
-        self.train_y, self.test_y = (jax.device_put(y.astype(np.int32), replicated)
-                                     for y in (run.train_y, run.test_y))
-
-    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
-        self.order = order.astype(np.int32)
-        if images is not None:
-            self.train_x = jax.device_put(images.transpose(0, 2, 3, 1), self.replicated)
-
-    def train(self, first: int, count: int, step: int):
-        if count > 1:
-            idx = jax.device_put(self.order[first : first + count], self.split[2])
-            run_steps = self.train_steps
-        else:
-            idx = jax.device_put(self.order[first], self.split[1])
-            run_steps = self.train_step
-        self.train_state, values, correct = run_steps(self.train_state, self.rest, self.train_x,
-                                                self.train_y, idx, np.int32(step))
-        return values, correct
-
-    def fetch(self, pending) -> tuple[np.ndarray, int]:
-        return (np.concatenate([np.ravel(v) for v, _ in pending]),
-                int(sum(np.asarray(c) for _, c in pending)))
-
-    def evaluate(self) -> tuple[float, float]:
-        x, y = self.test_x, self.test_y
-        params, stats, _ = self.train_state
-        sums = [self.eval_step(params, stats, self.rest, x[i : i + EVAL_BATCH],
-                               y[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]
-        total_loss, correct = (float(sum(s[k] for s in sums)) for k in (0, 1))
-        return total_loss / len(x), correct / len(x)
-
-    def state(self) -> State:
-        params, stats, opt_state = self.train_state
-        return State(get_weights(nnx.merge(self.graphdef, params, stats, self.rest)),
-                     optimizer_tensors(opt_state))
+    return JaxBackend()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return program.main(JaxBackend(), "JAX / Flax NNX", argv)
+    """Run the program with ``argv`` (default: the command line's); its exit status."""
+    return program.main("jax", "JAX / Flax NNX", flags, _backend, argv)
 
 
 if __name__ == "__main__":

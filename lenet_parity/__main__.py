@@ -4,7 +4,6 @@ port — as a table; exit status 0 when all are within the tests' tolerances, 1 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from lenet_spec import (
     load_spec,
     load_weights,
 )
+from lenet_spec.cli import Parser
 from lenet_train.cli import non_negative_int, positive_int
 
 
@@ -46,7 +46,7 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lenet_parity", description=__doc__)
+    parser = Parser("python -m lenet_parity", __doc__)
     parser.add_argument("spec", metavar="SPEC_OR_FILE",
                         help="a preset, a JSON spec, or a weights file (its spec, and the "
                              "weights for both sides)")
@@ -55,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jax-weights", type=Path, metavar="F",
                         help="the JAX side's weights: a weights file or a state dict (.pt)")
     parser.add_argument("--steps", type=non_negative_int, default=20,
-                        help="SGD steps of the trajectory (0: none) (default: 20)")
-    parser.add_argument("--batch", type=positive_int, default=16, help="batch size (default: 16)")
+                        help="SGD steps of the trajectory (0: none)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="batch size")
     parser.add_argument("--seed", type=int, default=0,
-                        help="batches, and the weights when none are given (default: 0)")
+                        help="batches, and the weights when none are given")
     parser.add_argument("--single-step", action="store_true",
                         help="feed every layer the torch port's input (and output gradient), "
                              "so that each row measures its layer alone")
-    parser.add_argument("--torch-kernels", choices=KERNELS, default="auto")
-    parser.add_argument("--jax-kernels", choices=KERNELS, default="auto")
+    parser.add_argument("--torch-kernels", choices=KERNELS, default="auto",
+                        help="the torch side's kernels (stock: its own layers; fused: the "
+                             "tuned formulations; auto: the faster here)")
+    parser.add_argument("--jax-kernels", choices=KERNELS, default="auto",
+                        help="the JAX side's kernels (as --torch-kernels)")
     args = parser.parse_args(argv)
     try:
         base: dict[str, np.ndarray] | None = None

@@ -11,6 +11,7 @@ from lenet_port.assemble import port
 from lenet_port.errors import PortError, first_line
 from lenet_port.files import load_class, load_state_dict
 from lenet_spec import atomic_write_bytes, save_weights
+from lenet_spec.cli import Parser
 
 
 def input_shape_arg(text: str) -> tuple[int, int, int]:
@@ -25,7 +26,7 @@ def input_shape_arg(text: str) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m lenet_port FILE.py:CLASS --input-shape C,H,W -o SPEC.json``."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m lenet_port",
         description="Write the spec (and the canonical weights) of a torch module, checked to "
                     "give the module's logits, and print its summary table.")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from lenet_spec import SpecError, load_spec
+from lenet_spec.cli import Parser
 from lenet_spec.presets import PRESETS
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lenet_spec", description=__doc__)
+    parser = Parser("python -m lenet_spec", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print the summary table of a preset or spec file")
     show.add_argument("spec", help=f"preset ({', '.join(PRESETS)}) or path to a JSON spec")

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from lenet_spec import SpecError, load_spec
+from lenet_spec.cli import Parser
 from lenet_torch.model import build, layer_param_counts
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lenet_torch", description=__doc__)
+    parser = Parser("python -m lenet_torch", __doc__)
     parser.add_argument("spec", nargs="?", default="lenet5", help="preset name or JSON path")
     args = parser.parse_args(argv)
     try:

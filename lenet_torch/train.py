@@ -1,134 +1,22 @@
-"""``python -m lenet_torch.train``: the PyTorch step of the shared training loop.
-
-The model and optimizer are torch's own; the train step is eager autograd (``--compile``:
-``torch.compile`` of the model), the whole data set on the device once. CUDA when present,
-else CPU. Under ``torchrun --nproc-per-node N`` it trains with DistributedDataParallel, each rank
-on its slice of every global batch. The loop, checkpoints and logs are ``lenet_train``'s.
-"""
+"""``python -m lenet_torch.train``: train a spec'd LeNet with PyTorch. The flags are read
+before torch is imported, so that a mistyped flag is refused at once."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-
-from lenet_torch import distributed
-from lenet_torch.kernels import resolve
-from lenet_torch.loss import loss_fn
-from lenet_torch.model import build, get_weights, set_weights
-from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
+from lenet_torch import flags
 from lenet_train import program
-from lenet_train.checkpoints import State
-from lenet_train.cli import positive_int
-from lenet_train.errors import StateError
-from lenet_train.options import EVAL_BATCH
-from lenet_train.run import Run
 
 
-def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss):
-    """The train step: one optimizer step on (x, y) at learning rate ``lr``; returns the loss
-    and the correct count as device tensors."""
+def _backend() -> program.Backend:
+    # imported once the flags are read: importing torch takes seconds
+    from lenet_torch.trainer import TorchBackend
 
-    def step(x: torch.Tensor, y: torch.Tensor, lr: float):
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        value = loss(logits, y)
-        value.backward()
-        opt.step()
-        return value.detach(), (logits.detach().argmax(1) == y).sum()
-
-    return step
-
-
-class TorchBackend(distributed.Processes):
-    """The torch side of ``lenet_train.loop.fit`` (see :class:`lenet_train.loop.Backend`)."""
-
-    framework = "torch"
-    steps_per_call = 1
-
-    def add_flags(self, p) -> None:
-        p.add_argument("--compile", action="store_true", help="torch.compile the model")
-        p.add_argument("--threads", type=positive_int, default=None,
-                       help="CPU threads (torch.set_num_threads; default: torch's choice)")
-
-    def configure(self, p, args) -> None:
-        torch.manual_seed(args.seed)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.compile, self.kernels = args.compile, args.kernels
-
-    def describe(self) -> str:
-        where = (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda"
-                 else f", {torch.get_num_threads()} threads")
-        ranks = f", {self.layout.process_count} ranks" if self.layout.distributed else ""
-        return (f"torch {torch.__version__} on {self.device}{where}{ranks}, "
-                f"{resolve(self.kernels)} kernels")
-
-    def start(self, run: Run, restore: State | None) -> None:
-        args, device = run.args, self.device
-        self.net = net = build(run.spec, seed=args.seed, kernels=args.kernels).to(device)
-        weights = restore.weights if restore else run.init_weights
-        if weights:
-            set_weights(net, weights)
-        self.opt = make_optimizer(net, args.optimizer, args.lr, args.momentum, args.weight_decay)
-        if restore:
-            try:
-                load_optimizer_tensors(self.opt, restore.optimizer, restore.meta["param_groups"])
-                torch.set_rng_state(torch.from_numpy(restore.rng["torch_cpu"].copy()))
-                if device.type == "cuda":  # dropout draws from the device's generator there
-                    torch.cuda.set_rng_state(torch.from_numpy(restore.rng["torch_cuda"].copy()))
-            except (KeyError, ValueError, RuntimeError) as e:
-                raise StateError(str(e)) from None
-        self.mine = distributed.shard(args.batch_size, self.layout)
-        model = distributed.wrap(net, self.layout, device)
-        self.model = torch.compile(model) if self.compile else model
-        self.loss = loss_fn(args.loss)
-        self.step = make_step(self.model, self.opt, self.loss)
-        self.lrs = run.lr_table()
-        self.train_x, self.train_y, self.test_x, self.test_y = (
-            torch.from_numpy(a).to(device)
-            for a in (run.train_x, run.train_y, run.test_x, run.test_y))
-
-    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
-        self.order = torch.from_numpy(order[:, self.mine]).to(self.device)
-        if images is not None:
-            self.train_x = torch.from_numpy(images).to(self.device)
-
-    def train(self, first: int, count: int, step: int):
-        idx = self.order[first]
-        return self.step(self.train_x[idx], self.train_y[idx], float(self.lrs[step]))
-
-    def fetch(self, pending) -> tuple[np.ndarray, int]:
-        losses, correct = distributed.reduce_metrics(torch.stack([v for v, _ in pending]),
-                                                     torch.stack([c for _, c in pending]).sum())
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return losses.cpu().numpy(), int(correct.item())
-
-    def evaluate(self) -> tuple[float, float]:
-        self.model.eval()
-        total_loss, correct = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(self.test_x), EVAL_BATCH):
-                logits = self.model(self.test_x[i : i + EVAL_BATCH])
-                labels = self.test_y[i : i + EVAL_BATCH]
-                total_loss += self.loss(logits, labels).item() * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
-        self.model.train()
-        return total_loss / len(self.test_x), correct / len(self.test_x)
-
-    def state(self) -> State:
-        tensors, groups = optimizer_tensors(self.opt)
-        rng = {"torch_cpu": torch.get_rng_state().numpy()}
-        if self.device.type == "cuda":
-            rng["torch_cuda"] = torch.cuda.get_rng_state().numpy()
-        return State(get_weights(self.net), tensors, rng, {"param_groups": groups})
+    return TorchBackend()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return program.main(TorchBackend(), "PyTorch", argv)
+    """Run the program with ``argv`` (default: the command line's); its exit status."""
+    return program.main("torch", "PyTorch", flags, _backend, argv)
 
 
 if __name__ == "__main__":

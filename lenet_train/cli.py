@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from lenet_spec import Spec, SpecError, load_spec
+from lenet_spec.cli import Parser
 from lenet_train.options import AUGMENTS, DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
 
 
@@ -62,24 +63,12 @@ def _augment(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(kinds))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's help with each flag's default, except where there is none to show (None, an
-    off switch) or the help text already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     """The argument parser both trainers share; ``framework`` names the caller in --help."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description=f"Train a spec'd LeNet on MNIST, Fashion-MNIST, KMNIST or CIFAR-10 "
                     f"with {framework}.",
-        formatter_class=HelpFormatter,
     )
     p.add_argument("--spec", type=_spec, default="lenet5", metavar="NAME_OR_JSON",
                    help="preset name (python -m lenet_spec list) or path to a JSON spec")

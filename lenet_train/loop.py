@@ -1,7 +1,7 @@
-"""The one training loop of both programs, and the :class:`Backend` it is written against.
+"""The one training loop of both programs, and the :class:`Trainer` it is written against.
 
-Keras 3's design: one framework-free ``fit`` loop, one framework-specific step. A backend
-(``lenet_jax.train.JaxBackend``, ``lenet_torch.train.TorchBackend``) holds the model and the
+Keras 3's design: one framework-free ``fit`` loop, one framework-specific step. A trainer
+(``lenet_jax.trainer.JaxBackend``, ``lenet_torch.trainer.TorchBackend``) holds the model and the
 optimizer state where its framework keeps them, runs optimizer steps on the batches it is told
 to, evaluates, and converts its state to and from named numpy arrays. :func:`fit` owns the rest:
 
@@ -26,7 +26,6 @@ to, evaluates, and converts its state to and from named numpy arrays. :func:`fit
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any, Protocol
 
@@ -34,7 +33,6 @@ import numpy as np
 
 from lenet_spec import save_weights
 from lenet_train.checkpoints import Position, State
-from lenet_train.distributed import Layout
 from lenet_train.errors import StateError, fail
 from lenet_train.run import Run
 from lenet_train.setup import WEIGHTS
@@ -43,34 +41,11 @@ REPORT_EVERY = 50
 """Steps between report points, where the loop fetches the device's results."""
 
 
-class Backend(Protocol):
-    """What a framework supplies to :func:`fit` and to the program around it."""
+class Trainer(Protocol):
+    """What a framework supplies to :func:`fit`: the model, its optimizer and its steps."""
 
-    framework: str
-    """``"jax"`` or ``"torch"``: names the program (``python -m lenet_<framework>.train``) and
-    the checkpoints it can resume."""
     steps_per_call: int
     """The most optimizer steps one :meth:`train` call runs."""
-    transport_errors: tuple[type[BaseException], ...]
-    """The exception types with which the framework reports a failed collective."""
-
-    def add_flags(self, parser: argparse.ArgumentParser) -> None:
-        """Add the framework's own flags to the shared ones."""
-
-    def configure(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-        """Check the framework's flags (``parser.error``) and apply process-wide settings."""
-
-    def connect(self, args: argparse.Namespace) -> Layout:
-        """Join the run's other processes, if any; this process's place among them."""
-
-    def disconnect(self) -> None:
-        """Leave the run's other processes (nothing when alone)."""
-
-    def any_process(self, flag: bool) -> bool:
-        """Whether ``flag`` is set in any process (a collective: all of them call it)."""
-
-    def describe(self) -> str:
-        """The framework, its version and the devices it trains on, for the first line."""
 
     def start(self, run: Run, restore: State | None) -> None:
         """Build the model and optimizer from ``run.spec`` and the seed, then load
@@ -97,7 +72,7 @@ class Backend(Protocol):
         """The current state as named numpy arrays."""
 
 
-def fit(run: Run, backend: Backend) -> dict:
+def fit(run: Run, backend: Trainer) -> dict:
     """Train ``run`` with ``backend`` to its last step (or a signal); returns the last
     epoch's metrics record."""
     args, log, ckpt = run.args, run.log, run.checkpoints

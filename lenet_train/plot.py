@@ -3,12 +3,12 @@ accuracy curves of several runs (say a JAX run and a torch run) from their metri
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from pathlib import Path
 
 from lenet_spec import atomic_write_bytes
+from lenet_spec.cli import Parser
 from lenet_train.runlog import read_jsonl
 
 
@@ -41,9 +41,10 @@ def plot_runs(run_dirs: list[Path], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lenet_train.plot", description=__doc__)
+    p = Parser("python -m lenet_train.plot", __doc__)
     p.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
-    p.add_argument("-o", "--output", type=Path, default=Path("curves.png"))
+    p.add_argument("-o", "--output", type=Path, default=Path("curves.png"), metavar="PNG",
+                   help="where to write the chart")
     args = p.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "metrics.jsonl").is_file()]
     if missing:

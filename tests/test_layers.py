@@ -287,7 +287,7 @@ def test_jax_dropout_masks_follow_the_step() -> None:
     resumed run), another step another mask."""
     from lenet_jax.loss import loss_fn
     from lenet_jax.optim import make_tx
-    from lenet_jax.train import make_steps, split_for_training
+    from lenet_jax.trainer import make_steps, split_for_training
 
     spec = PRESETS["lenet5_bn"]
     graphdef, eval_graphdef, params, stats, rest = split_for_training(lenet_jax.build(spec))
