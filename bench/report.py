@@ -114,6 +114,7 @@ def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> lis
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Bar chart: training and inference throughput per variant and batch size, one row of
     two panels per spec."""
+    # matplotlib takes a second to import: only when a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")

@@ -59,6 +59,7 @@ def _indices(batch: int, steps: int, seed: int = 0) -> np.ndarray:
 
 def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, repeats: int,
                 latency_calls: int) -> dict[str, Any]:
+    # a worker imports only the framework it measures
     import jax
     from flax import nnx
 
@@ -134,6 +135,7 @@ def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, rep
 
 def measure_torch(spec: Spec, kernels: str, mode: str, batch: int, steps: int, repeats: int,
                   latency_calls: int, threads: int | None) -> dict[str, Any]:
+    # a worker imports only the framework it measures
     import torch
 
     from lenet_torch.loss import loss_fn

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # both frameworks load here, once the flags and files are known to be good
     from lenet_parity.battery import NoClearBatch
     from lenet_parity.check import check
 

@@ -71,6 +71,7 @@ def near_kinks(spec: Spec, net: Any, x: np.ndarray) -> np.ndarray:
     """Per image of NCHW ``x``: whether any max-pool window or kinked activation of the torch
     ``net`` (at its current weights, in its mode, on a copy so that batch_norm's running
     statistics are left alone) is near a kink (see :data:`NEAR_KINK`)."""
+    # frameworks load on first use: the spec tests import this module without them
     import torch
 
     from lenet_torch.model import layer_outputs
@@ -162,6 +163,7 @@ def busy_batch_norms(net: Any, seed: int = 0) -> None:
     """Give the torch ``net``'s batch_norm layers state that tests their conversion: scale
     U(0.5, 1.5), shift N(0, 0.1), running mean N(0, 0.5), running variance U(0.5, 2), 7
     batches tracked (a fresh layer's 1s and 0s would hide a swapped or ignored tensor)."""
+    # frameworks load on first use: the spec tests import this module without them
     import torch
 
     rng = np.random.default_rng(seed + 1000)
@@ -178,6 +180,7 @@ def busy_batch_norms(net: Any, seed: int = 0) -> None:
 
 
 def torch_logits(net: Any, x: np.ndarray) -> np.ndarray:
+    # frameworks load on first use: the spec tests import this module without them
     import torch
 
     with torch.no_grad():
@@ -185,6 +188,7 @@ def torch_logits(net: Any, x: np.ndarray) -> np.ndarray:
 
 
 def jax_logits(net: Any, x: np.ndarray) -> np.ndarray:
+    # frameworks load on first use: the spec tests import this module without them
     import jax.numpy as jnp
 
     return np.asarray(net(jnp.asarray(nhwc(x))))
@@ -193,6 +197,7 @@ def jax_logits(net: Any, x: np.ndarray) -> np.ndarray:
 def torch_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
                          loss: str) -> tuple[float, dict[str, np.ndarray]]:
     """Loss value and canonical gradients of ``loss`` on (x, y), by torch autograd."""
+    # frameworks load on first use: the spec tests import this module without them
     import torch
 
     from lenet_torch.loss import loss_fn
@@ -206,6 +211,7 @@ def torch_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
 
 def jax_canonical(net: Any, state: Any) -> dict[str, np.ndarray]:
     """A parameter-shaped nnx.State (gradients, say) in canonical names and layouts."""
+    # frameworks load on first use: the spec tests import this module without them
     from flax import nnx
 
     import lenet_jax
@@ -219,6 +225,7 @@ def jax_canonical(net: Any, state: Any) -> dict[str, np.ndarray]:
 def jax_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
                        loss: str) -> tuple[float, dict[str, np.ndarray]]:
     """Loss value and canonical gradients of ``loss`` on (x, y), by jax.grad."""
+    # frameworks load on first use: the spec tests import this module without them
     import jax.numpy as jnp
     from flax import nnx
 
@@ -238,6 +245,7 @@ def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 2
     and the JAX net ``j`` (in training mode, dropout off) on the same batches, batch k drawn
     from seed ``first_seed + k`` clear of kinks under ``t``'s weights; the per-step losses of
     each. The nets end at their trained weights."""
+    # frameworks load on first use: the spec tests import this module without them
     import jax.numpy as jnp
     import torch
     from flax import nnx

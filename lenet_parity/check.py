@@ -180,6 +180,7 @@ def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights
     gradient), so a layer's row measures that layer alone. Batches are random and kept clear
     of kinks (max-pool near-ties, activations near 0), as in the tests.
     """
+    # frameworks load on first use: the command line reads its flags first
     import lenet_jax
     import lenet_torch
 
@@ -230,6 +231,7 @@ def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights
 
 def _forward(report: Report, spec: Spec, t, j, batch: int, seed: int,
              single_step: bool) -> None:
+    # frameworks load on first use: the command line reads its flags first
     import jax.numpy as jnp
     import torch
 
@@ -278,6 +280,7 @@ def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
                          y: np.ndarray) -> None:
     """Each layer's backward pass alone: its input and the gradient of the loss with respect
     to its output, both from torch, through the JAX layer; parameter and input gradients."""
+    # frameworks load on first use: the command line reads its flags first
     import jax
     import jax.numpy as jnp
     import torch
@@ -329,6 +332,7 @@ def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
 
 def _trajectory(report: Report, spec: Spec, t, j, steps: int, batch: int, seed: int,
                 say: Callable[[str], None]) -> None:
+    # frameworks load on first use: the command line reads its flags first
     import lenet_jax
     import lenet_torch
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
 from lenet_spec.atomic import atomic_write_bytes
 from lenet_spec.layers import Shape, SpecError
@@ -117,8 +118,6 @@ def read_safetensors(
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata of a safetensors file; anything unreadable raises ``error``
     naming the file (safetensors itself raises several exception types)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}

@@ -14,6 +14,7 @@ from lenet_train.runlog import read_jsonl
 
 def plot_runs(run_dirs: list[Path], out: Path) -> None:
     """Write a PNG of train/test loss and accuracy per epoch for each run."""
+    # matplotlib takes a second to import: only when a chart is drawn
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 
 def log_to_stderr(quiet: bool = False) -> None:
     """Show our own log records (``lenet.*``: where the data came from) on stderr, as bare
@@ -40,8 +42,6 @@ class RunLog:
 
     def bar(self, total: int, epoch: int, initial: int = 0):
         """A tqdm bar over ``total`` steps of ``epoch`` (disabled by --quiet)."""
-        from tqdm import tqdm
-
         return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step",
                     disable=self.quiet, leave=False, file=sys.stderr, dynamic_ncols=True)
 

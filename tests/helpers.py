@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -112,6 +113,16 @@ def specs(draw: st.DrawFn, max_blocks: int = 2, batch_norm: bool = True) -> Spec
     assume(not any(isinstance(layer, BatchNorm) for layer in spec.layers) or all(
         info.fan_in >= 4 for info in spec.infos if isinstance(info.layer, (Conv, Linear))))
     return spec  # SCALE_BEFORE_NORM
+
+
+SLOW = pytest.mark.slow
+"""Left out of the fast tier (``pytest -m "not slow"``); the full suite runs everything."""
+
+
+def fast_only(values, *fast) -> list:
+    """``values`` as pytest parameters with all but ``fast`` marked slow: the fast tier runs
+    one case of the test, the full suite all of them."""
+    return [v if v in fast else pytest.param(v, marks=SLOW) for v in values]
 
 
 # ----------------------------------------------------------------------------- both ports

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import SLOW
 
 from bench.__main__ import QUICK, SPECS
 
@@ -23,6 +24,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     return res
 
 
+@SLOW
 def test_bench_quick_covers_both_tiers(tmp_path) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = _bench("--quick", "--json", str(out), "--plot", str(png))
@@ -55,6 +57,7 @@ def test_bench_rejects_bad_flags() -> None:
         assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
+@SLOW
 def test_time_to_accuracy_mlperf_style(tmp_path, mnist_dir) -> None:
     """Three seeds per program: the fastest and slowest dropped, mean and range of the rest,
     whole command and training-only."""
@@ -128,6 +131,7 @@ def test_mlperf_summary_counts_a_missed_target_as_slowest() -> None:
     assert s["seconds"] == {"mean": 6.0, "min": 4.0, "max": 9.0}
 
 
+@SLOW
 def test_startup_measures_whole_commands_and_phases(tmp_path, mnist_dir) -> None:
     out = tmp_path / "startup.json"
     res = _bench("--startup", "1", "--train-args", f"--data-dir {mnist_dir}", "--json", str(out))

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import cifar_folder, mnist
+from helpers import SLOW, cifar_folder, mnist
 
 from lenet_spec import PRESETS, fitting, misfit
 from lenet_train.data import (
@@ -119,7 +119,7 @@ def test_augment_is_a_function_of_seed_epoch_and_example() -> None:
         assert (windows == crop[:, None, None]).all(axis=(0, 3, 4)).any()
     assert augment(images, (), 0, 0) is images
 
-@pytest.mark.slow
+@SLOW
 @pytest.mark.parametrize("program", ["lenet_jax.train", "lenet_torch.train"])
 def test_cifar10_cnn_trains_on_cifar_format_files(tmp_path, program: str) -> None:
     """The seed's CIFAR-10 network, through the real command line, on CIFAR-format files of a
@@ -149,6 +149,7 @@ def test_cifar10_cnn_trains_on_cifar_format_files(tmp_path, program: str) -> Non
     assert config["data"]["source"]["train"] == str(data)
     assert len(config["data"]["mean"]) == 3
 
+@SLOW
 @pytest.mark.parametrize("program", ["lenet_jax.train", "lenet_torch.train"])
 def test_augmented_training_and_the_wrong_dataset(tmp_path, program: str) -> None:
     data = tmp_path / "cifar"

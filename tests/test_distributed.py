@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import without_dropout
+from helpers import SLOW, fast_only, without_dropout
 
 from lenet_spec import PRESETS, load_weights
 from lenet_train.runlog import read_jsonl
@@ -142,6 +142,7 @@ REFERENCE_THREADS = {"jax": (), "torch": ("--threads", "2")}
 """Extra flags of the one-process reference for lenet5_bn (see the module's docstring)."""
 
 
+@SLOW
 def test_jax_on_8_simulated_devices_matches_1(tmp_path, mnist_dir, one_process) -> None:
     """Each global batch split over a 1-D mesh of 8 simulated CPU devices in one process."""
     res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "d8", *SHORT), capture_output=True,
@@ -151,6 +152,7 @@ def test_jax_on_8_simulated_devices_matches_1(tmp_path, mnist_dir, one_process) 
     _assert_same_training(tmp_path / "d8", one_process["jax"])
 
 
+@SLOW
 def test_jax_batch_norm_and_dropout_on_8_simulated_devices_match_1(tmp_path, mnist_dir,
                                                                   one_process, bn_specs) -> None:
     spec = bn_specs["jax"]
@@ -161,6 +163,7 @@ def test_jax_batch_norm_and_dropout_on_8_simulated_devices_match_1(tmp_path, mni
     _assert_same_training(tmp_path / "d8", one_process[("jax", *spec)])
 
 
+@SLOW
 def test_jax_batch_must_split_over_the_devices(tmp_path, mnist_dir) -> None:
     res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "w", "--batch-size", "100"),
                          capture_output=True, text=True, timeout=600,
@@ -169,6 +172,7 @@ def test_jax_batch_must_split_over_the_devices(tmp_path, mnist_dir) -> None:
     assert "error: --batch-size 100 does not split evenly over 8 devices" in res.stderr
 
 
+@SLOW
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_two_processes_match_one_and_only_process_0_writes(tmp_path, mnist_dir, one_process,
                                                            framework: str) -> None:
@@ -183,6 +187,7 @@ def test_two_processes_match_one_and_only_process_0_writes(tmp_path, mnist_dir, 
     _assert_same_training(workdirs[0], one_process[framework])
 
 
+@SLOW
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_two_processes_match_one_with_batch_norm(tmp_path, mnist_dir, one_process, bn_specs,
                                                  framework: str) -> None:
@@ -195,6 +200,7 @@ def test_two_processes_match_one_with_batch_norm(tmp_path, mnist_dir, one_proces
                           one_process[(framework, *spec, *REFERENCE_THREADS[framework])])
 
 
+@SLOW
 def test_torchrun_launches_the_same_training(tmp_path, mnist_dir, one_process) -> None:
     """The documented launch: ``torchrun --standalone --nproc-per-node 2 -m lenet_torch.train``."""
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -205,7 +211,7 @@ def test_torchrun_launches_the_same_training(tmp_path, mnist_dir, one_process) -
     _assert_same_training(tmp_path / "tr", one_process["torch"])
 
 
-@pytest.mark.parametrize("framework", PROGRAMS)
+@pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
 def test_unreachable_coordinator_gives_up_with_one_error(tmp_path, mnist_dir,
                                                          framework: str) -> None:
     """Process 1 started alone: nobody listens at the coordinator's port."""
@@ -225,6 +231,7 @@ def test_unreachable_coordinator_gives_up_with_one_error(tmp_path, mnist_dir,
     assert not (tmp_path / "w").exists()
 
 
+@SLOW
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_a_lost_process_stops_the_other_with_one_error(tmp_path, mnist_dir,
                                                        framework: str) -> None:
@@ -239,6 +246,7 @@ def test_a_lost_process_stops_the_other_with_one_error(tmp_path, mnist_dir,
     assert "Traceback" not in err
 
 
+@SLOW
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, mnist_dir,
                                                                framework: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from helpers import busy_batch_norms, nhwc, twin_nets
+from helpers import SLOW, busy_batch_norms, nhwc, twin_nets
 
 import lenet_jax
 import lenet_torch
@@ -200,6 +200,7 @@ def _dropout_spec() -> Spec:
         Linear(8, name="fc1"), ReLU(), Dropout(0.5), Linear(3, name="fc2")))
 
 
+@SLOW
 def test_one_mask_for_both_ports_gives_equal_outputs_and_gradients(monkeypatch) -> None:
     """The test hands both ports the same keep masks (torch's F.dropout/F.dropout2d replaced by
     torch's own formula x·keep/(1 − p); the JAX port's keep_mask replaced): logits and every
@@ -282,6 +283,7 @@ def test_dropout_drops_p_and_scales_survivors(framework: str, p: float) -> None:
         assert np.abs(survivors - scale).max() <= np.spacing(scale)
 
 
+@SLOW
 def test_jax_dropout_masks_follow_the_step() -> None:
     """The JAX training step draws dropout from (seed, step): the same step the same mask (a
     resumed run), another step another mask."""

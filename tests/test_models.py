@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import nhwc, random_batch, specs, twin_nets
+from helpers import SLOW, fast_only, nhwc, random_batch, specs, twin_nets
 from hypothesis import given, settings
 
 import lenet_jax
@@ -48,11 +48,12 @@ def _shape_checks(spec: Spec) -> None:
         spec.buffer_count
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5_bn"))
 def test_layer_shapes_and_counts_match_spec(name: str) -> None:
     _shape_checks(PRESETS[name])
 
 
+@SLOW
 @settings(max_examples=25)
 @given(specs())
 def test_random_spec_shapes_and_counts(spec: Spec) -> None:
@@ -126,7 +127,7 @@ def _pooled_weights(pkg, spec: Spec, name: str, init: str, min_n: int) -> np.nda
 
 
 @pytest.mark.parametrize("port", PORTS)
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5"))
 def test_default_init_std(port: str, name: str) -> None:
     """Weights ~ U(±1/√fan_in): std 1/√(3·fan_in), within 5%.
 
@@ -179,7 +180,7 @@ def test_lecun_normal_init(port: str) -> None:
 
 
 @pytest.mark.parametrize("port", PORTS)
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5"))
 def test_initial_cross_entropy_is_ln10(port: str, name: str) -> None:
     """At init the logits are small, so cross-entropy ≈ ln 10. Averaged over 512 standard-normal
     images and 4 init seeds; the per-image loss has std ≤ 0.15 on these presets (measured),
@@ -201,6 +202,7 @@ def test_initial_cross_entropy_is_ln10(port: str, name: str) -> None:
     assert abs(np.mean(losses) - math.log(10)) < 0.15, losses
 
 
+@SLOW
 @pytest.mark.parametrize("init", ["torch", "lecun_normal"])
 def test_jax_build_draws_what_op_by_op_init_draws(init: str) -> None:
     """lenet_jax.build compiles the construction as one program; its weights are bit for bit

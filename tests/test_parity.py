@@ -12,9 +12,11 @@ import torch
 from flax import nnx
 from helpers import (
     KERNEL_PAIRS,
+    SLOW,
     buffers_gap,
     busy_batch_norms,
     clear_batch,
+    fast_only,
     jax_canonical,
     jax_logits,
     jax_loss_and_grads,
@@ -72,12 +74,13 @@ def _logit_parity(spec: Spec, kernels: tuple[str, str], seed: int = 0) -> None:
     assert max_abs_diff(lenet_torch.get_weights(t2), lenet_jax.get_weights(j2)) == 0.0
 
 
-@pytest.mark.parametrize("kernels", KERNEL_PAIRS)
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("fused", "fused")))
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5_bn"))
 def test_logits_presets(name: str, kernels: tuple[str, str]) -> None:
     _logit_parity(PRESETS[name], kernels)
 
 
+@SLOW
 @settings(max_examples=20)
 @given(specs(), st.sampled_from(KERNEL_PAIRS))
 def test_logits_random_specs(spec: Spec, kernels: tuple[str, str]) -> None:
@@ -100,13 +103,14 @@ def _grad_parity(spec: Spec, loss: str, kernels: tuple[str, str], floor: float =
     assert buffers_gap(wj, wt, spec) <= STATS_TOL
 
 
-@pytest.mark.parametrize("kernels", KERNEL_PAIRS)
-@pytest.mark.parametrize("loss", ["ce", "mse"])
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("fused", "fused")))
+@pytest.mark.parametrize("loss", fast_only(["ce", "mse"], "ce"))
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5_bn"))
 def test_gradients_presets(name: str, loss: str, kernels: tuple[str, str]) -> None:
     _grad_parity(PRESETS[name], loss, kernels)
 
 
+@SLOW
 @settings(max_examples=15)
 @given(specs(), st.sampled_from(["ce", "mse"]), st.sampled_from(KERNEL_PAIRS))
 def test_gradients_random_specs(spec: Spec, loss: str, kernels: tuple[str, str]) -> None:
@@ -157,9 +161,9 @@ def test_near_kink_filter() -> None:
     assert near_kinks(spec, lenet_torch.build(spec), x).tolist() == [True, False]
 
 
-@pytest.mark.parametrize("kernels", KERNEL_PAIRS)
+@pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("fused", "fused")))
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5_bn"))
 def test_optimizer_trajectories(name: str, opt: str, kernels: tuple[str, str]) -> None:
     """20 steps from the same weights on the same batches (no image near a kink, see
     conftest.NEAR_KINK): losses within 1e-4 relative, parameters within 1e-4. Measured on the
@@ -209,6 +213,7 @@ def test_optimizer_update_rules(opt: str) -> None:
     assert np.abs(p.detach().numpy() - w0).max() > 1e-3
 
 
+@SLOW
 @settings(max_examples=6)
 @given(specs(max_blocks=1), st.sampled_from(KERNEL_PAIRS))
 def test_optimizer_trajectories_random_specs(spec: Spec, kernels: tuple[str, str]) -> None:
@@ -226,7 +231,7 @@ def test_optimizer_trajectories_random_specs(spec: Spec, kernels: tuple[str, str
 # ----------------------------------------------------------------------------- the tutorial
 
 
-@pytest.mark.parametrize("kernels", KERNEL_PAIRS)
+@pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("stock", "stock")))
 def test_tutorial_walkthrough_side_by_side(kernels: tuple[str, str]) -> None:
     """The PyTorch "Neural Networks" tutorial, step by step, in both frameworks."""
     spec = PRESETS["lenet5"]
@@ -289,6 +294,7 @@ def test_tutorial_walkthrough_side_by_side(kernels: tuple[str, str]) -> None:
 
 
 
+@SLOW
 def test_module_basics_side_by_side(capsys) -> None:
     """The tutorial's Module basics on lenet5_bn, in both frameworks: parameters versus buffers,
     train() / eval() changing the outputs, every layer's output shape (torch forward hooks,

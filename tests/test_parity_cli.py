@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import SLOW
 
 import lenet_jax.model
 import lenet_torch
@@ -15,6 +16,7 @@ from lenet_parity.check import FORWARD, GRADIENTS, STATISTICS, TRAJECTORY
 from lenet_spec import GELU, PRESETS, Conv, Flatten, Linear, MaxPool, ReLU, Spec, save_weights
 
 
+@SLOW
 def test_presets_pass_with_every_section() -> None:
     """lenet5_bn, both modes: every row within its bound, and every section present."""
     for single in (False, True):
@@ -34,6 +36,7 @@ def _perturbed(spec: Spec, name: str, by: float) -> tuple[dict, dict]:
     return weights, other
 
 
+@SLOW
 def test_weights_that_differ_diverge_at_their_layer() -> None:
     """conv2's weights 1e-3 apart: the first divergence is conv2; without --single-step every
     later layer diverges too, with it only conv2 does (its input is torch's)."""
@@ -51,6 +54,7 @@ def test_weights_that_differ_diverge_at_their_layer() -> None:
     assert single.notes[1].endswith("the two sides differ by up to 0.001 (conv2.weight)")
 
 
+@SLOW
 def test_a_wrong_layer_in_a_port_is_found(monkeypatch) -> None:
     """A JAX port whose exact GELU is the tanh approximation (Flax's default, a real porting
     pitfall): --single-step points at the gelu alone, forward and backward."""

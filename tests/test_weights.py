@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import busy_batch_norms, jax_logits, random_batch, torch_logits
+from helpers import busy_batch_norms, fast_only, jax_logits, random_batch, torch_logits
 
 import lenet_jax
 import lenet_torch
@@ -17,7 +17,7 @@ PORTS = {"torch": lenet_torch, "jax": lenet_jax}
 
 
 @pytest.mark.parametrize("source", PORTS)
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5_bn"))
 def test_round_trip_bit_exact_and_across_frameworks(tmp_path, source: str, name: str) -> None:
     """Parameters and buffers (batch_norm's running statistics, made non-trivial, and batch
     counts, int64) through a file into both ports, bit for bit; the same logits in eval mode."""

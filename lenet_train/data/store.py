@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+import lenet_train.data.sources as sources
 from lenet_spec import atomic_write_bytes
-from lenet_train.data import sources
 from lenet_train.data.catalog import (
     CIFAR_ARCHIVE,
     CIFAR_ARCHIVE_SIZE,
