@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     marks: dict[str, float] = {}
 
     def backend() -> Stopwatch:
-        made = train._backend()
+        made = train.make_backend()
         marks["imports"] = time.perf_counter()
         return Stopwatch(made, marks)
 

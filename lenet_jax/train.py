@@ -7,7 +7,8 @@ from lenet_jax import flags
 from lenet_train import program
 
 
-def _backend() -> program.Backend:
+def make_backend() -> program.Backend:
+    """The JAX backend (imports jax)."""
     # imported once the flags are read: importing jax takes seconds
     from lenet_jax.trainer import JaxBackend
 
@@ -16,7 +17,7 @@ def _backend() -> program.Backend:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program with ``argv`` (default: the command line's); its exit status."""
-    return program.main("jax", "JAX / Flax NNX", flags, _backend, argv)
+    return program.main("jax", "JAX / Flax NNX", flags, make_backend, argv)
 
 
 if __name__ == "__main__":

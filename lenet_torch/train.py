@@ -7,7 +7,8 @@ from lenet_torch import flags
 from lenet_train import program
 
 
-def _backend() -> program.Backend:
+def make_backend() -> program.Backend:
+    """The torch backend (imports torch)."""
     # imported once the flags are read: importing torch takes seconds
     from lenet_torch.trainer import TorchBackend
 
@@ -16,7 +17,7 @@ def _backend() -> program.Backend:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the program with ``argv`` (default: the command line's); its exit status."""
-    return program.main("torch", "PyTorch", flags, _backend, argv)
+    return program.main("torch", "PyTorch", flags, make_backend, argv)
 
 
 if __name__ == "__main__":
