@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SLOW, fast_only, without_dropout
+from helpers import SLOW, without_dropout
 
 from lenet_spec import PRESETS, load_weights
 from lenet_train.runlog import read_jsonl
@@ -211,7 +211,8 @@ def test_torchrun_launches_the_same_training(tmp_path, mnist_dir, one_process) -
     _assert_same_training(tmp_path / "tr", one_process["torch"])
 
 
-@pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
+@SLOW
+@pytest.mark.parametrize("framework", PROGRAMS)
 def test_unreachable_coordinator_gives_up_with_one_error(tmp_path, mnist_dir,
                                                          framework: str) -> None:
     """Process 1 started alone: nobody listens at the coordinator's port."""

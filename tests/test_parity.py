@@ -162,7 +162,7 @@ def test_near_kink_filter() -> None:
 
 
 @pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("fused", "fused")))
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("opt", fast_only(["sgd", "adam"], "adam"))
 @pytest.mark.parametrize("name", fast_only(PRESETS, "lenet5_bn"))
 def test_optimizer_trajectories(name: str, opt: str, kernels: tuple[str, str]) -> None:
     """20 steps from the same weights on the same batches (no image near a kink, see
@@ -231,7 +231,8 @@ def test_optimizer_trajectories_random_specs(spec: Spec, kernels: tuple[str, str
 # ----------------------------------------------------------------------------- the tutorial
 
 
-@pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("stock", "stock")))
+@SLOW
+@pytest.mark.parametrize("kernels", KERNEL_PAIRS)
 def test_tutorial_walkthrough_side_by_side(kernels: tuple[str, str]) -> None:
     """The PyTorch "Neural Networks" tutorial, step by step, in both frameworks."""
     spec = PRESETS["lenet5"]

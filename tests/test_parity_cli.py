@@ -72,6 +72,7 @@ def test_a_wrong_layer_in_a_port_is_found(monkeypatch) -> None:
     assert (GRADIENTS, "gelu (1)") in bad
 
 
+@SLOW
 def test_command_line(tmp_path, capsys) -> None:
     spec = PRESETS["lenet5"]
     a, b = _perturbed(spec, "fc2.bias", 1e-3)
