@@ -45,6 +45,10 @@ def to_spec(module: nn.Module, input_shape: Sequence[int],
     Layer names are the module's attribute paths made valid (``features.0`` →
     ``features_0``); ``name`` names the spec (default: the module's class). Anything a spec
     cannot express raises :class:`PortError` naming the module or graph node.
+
+    The module is run on random batches in evaluation mode, so lazy modules
+    (``nn.LazyLinear``, …) get initialised; its mode is restored, and torch's random
+    generators are left as they were (what ``torch.rand`` gives next is unchanged).
     """
     result = port(module, input_shape, name)
     return result.spec, result.weights
@@ -52,6 +56,12 @@ def to_spec(module: nn.Module, input_shape: Sequence[int],
 
 def port(module: nn.Module, input_shape: Sequence[int], name: str | None = None) -> Ported:
     """:func:`to_spec`, with the tracer used and the check's logit gap."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):  # the caller's generators as they were
+        return _port(module, input_shape, name)
+
+
+def _port(module: nn.Module, input_shape: Sequence[int], name: str | None) -> Ported:
     if not isinstance(module, nn.Module):
         raise PortError(f"to_spec takes an nn.Module, got {type(module).__name__}")
     name = name or type(module).__name__

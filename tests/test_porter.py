@@ -387,3 +387,19 @@ def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) ->
     assert err.startswith("error: ") and err.count("\n") == 1
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "s.json").exists()
+
+
+def test_to_spec_leaves_torchs_generator_as_it_found_it() -> None:
+    """Porting draws random numbers (the check's network is built, lazy modules initialise);
+    what torch.rand gives next is what it would have given without the port."""
+    torch.manual_seed(5)
+    want = torch.rand(4)
+    module = ordered_sequential()
+    torch.manual_seed(5)
+    to_spec(module, (1, 32, 32))
+    assert torch.equal(torch.rand(4), want)
+    lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+    torch.manual_seed(5)
+    spec, weights = to_spec(lazy, (1, 4, 4))  # initialised by the port's first run
+    assert torch.equal(torch.rand(4), want)
+    assert weights["fc_1.weight"].shape == (10, 16)
