@@ -109,7 +109,7 @@ def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, h
                             and isinstance(gm.get_submodule(node.target), nn.Flatten)):
         if len(in_shape) == 4 and out_shape == (in_shape[0], math.prod(in_shape[1:])):
             return Step(Flatten(), where, out_shape[1:])
-        if len(in_shape) == 2 and out_shape == in_shape:
+        if out_shape == in_shape:  # a reshape that changes nothing, at any rank: the identity
             return None
         raise PortError(f"{where}: reshapes {in_shape} to {out_shape}; the only reshape a spec "
                         f"holds is flattening (N, C, H, W) to (N, C·H·W) (the batch axis kept); "

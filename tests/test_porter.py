@@ -403,3 +403,28 @@ def test_to_spec_leaves_torchs_generator_as_it_found_it() -> None:
     spec, weights = to_spec(lazy, (1, 4, 4))  # initialised by the port's first run
     assert torch.equal(torch.rand(4), want)
     assert weights["fc_1.weight"].shape == (10, 16)
+
+
+def test_a_reshape_that_changes_nothing_is_the_identity() -> None:
+    """x.view(-1, 1, 12, 12) on an N×1×12×12 batch (as pytorch/examples and d2l write it) is
+    no layer at all; a reshape that does change the shape is still refused."""
+
+    class ViewFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.fc = nn.Linear(2 * 10 * 10, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv(x.view(-1, 1, 12, 12)))
+            return self.fc(torch.flatten(x, 1))
+
+    spec, _ = to_spec(ViewFirst(), (1, 12, 12))
+    assert [layer.type for layer in spec.layers] == ["conv", "relu", "flatten", "linear"]
+
+    class ViewOther(ViewFirst):
+        def forward(self, x):
+            return super().forward(x.view(-1, 1, 6, 24).view(-1, 1, 12, 12))
+
+    with pytest.raises(PortError, match=r"reshapes \(3, 1, 12, 12\) to \(3, 1, 6, 24\)"):
+        to_spec(ViewOther(), (1, 12, 12))
