@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, metavar="OUT.safetensors",
                         help="where to write the canonical weights (with their spec)")
     parser.add_argument("--name", help="the spec's name (default: the class's name)")
+    parser.add_argument("--output-index", type=int, default=None, metavar="I",
+                        help="for a forward that returns a tuple: the index of the logits in it")
     args = parser.parse_args(argv)
     try:
         cls = load_class(args.target)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                             "class must build with no arguments)") from None
         if args.state_dict is not None:
             load_state_dict(module, args.state_dict)
-        result = port(module, args.input_shape, args.name)
+        result = port(module, args.input_shape, args.name, args.output_index)
         atomic_write_bytes(args.output, (result.spec.to_json() + "\n").encode())
         if args.weights is not None:
             save_weights(args.weights, result.weights, result.spec)

@@ -36,32 +36,36 @@ class Ported:
     gap: float
 
 
-def to_spec(module: nn.Module, input_shape: Sequence[int],
-            name: str | None = None) -> tuple[Spec, dict[str, np.ndarray]]:
+def to_spec(module: nn.Module, input_shape: Sequence[int], name: str | None = None,
+            output: int | None = None) -> tuple[Spec, dict[str, np.ndarray]]:
     """The spec of ``module`` on images of ``input_shape`` (C, H, W), and its canonical
     weights (parameters and buffers from its ``state_dict``), checked: the torch port built
     from them gives the module's logits on a random batch (max |Δ| ≤ 1e-5 · max(1, |logits|)).
 
     Layer names are the module's attribute paths made valid (``features.0`` →
-    ``features_0``); ``name`` names the spec (default: the module's class). Anything a spec
-    cannot express raises :class:`PortError` naming the module or graph node.
+    ``features_0``); ``name`` names the spec (default: the module's class). A forward that
+    returns a tuple (``return logits, features``) ports with ``output`` the index of the
+    logits in it. Anything a spec cannot express raises :class:`PortError` naming the module
+    or graph node.
 
     The module is run on random batches in evaluation mode, so lazy modules
     (``nn.LazyLinear``, …) get initialised; its mode is restored, and torch's random
     generators are left as they were (what ``torch.rand`` gives next is unchanged).
     """
-    result = port(module, input_shape, name)
+    result = port(module, input_shape, name, output)
     return result.spec, result.weights
 
 
-def port(module: nn.Module, input_shape: Sequence[int], name: str | None = None) -> Ported:
+def port(module: nn.Module, input_shape: Sequence[int], name: str | None = None,
+         output: int | None = None) -> Ported:
     """:func:`to_spec`, with the tracer used and the check's logit gap."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):  # the caller's generators as they were
-        return _port(module, input_shape, name)
+        return _port(module, input_shape, name, output)
 
 
-def _port(module: nn.Module, input_shape: Sequence[int], name: str | None) -> Ported:
+def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
+          output: int | None) -> Ported:
     if not isinstance(module, nn.Module):
         raise PortError(f"to_spec takes an nn.Module, got {type(module).__name__}")
     name = name or type(module).__name__
@@ -84,7 +88,7 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None) -> Po
             raise PortError(f"{name}: running it on a batch of shape {tuple(x.shape)} failed: "
                             f"{first_line(e)}") from None
         gm, tracer = trace_module(module, x)
-        steps = read_chain(module, gm, run_graph(gm, x, name), name)
+        steps = read_chain(module, gm, run_graph(gm, x, name), name, output)
         dropouts = [s for s in steps if s.eval_flag is not None]
         if dropouts:
             module.train()
@@ -102,7 +106,7 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None) -> Po
                     step.layer = None  # training=False in both modes: the identity
             steps = [s for s in steps if s.layer is not None]
         spec, weights = assemble(name, shape, steps)
-        gap = check_logits(module, spec, weights, shape, device, dtype)
+        gap = check_logits(module, spec, weights, shape, device, dtype, output)
     finally:
         module.train(was_training)
     return Ported(spec, weights, tracer, gap)
@@ -160,7 +164,7 @@ def layer_fields(layer: Layer) -> dict[str, Any]:
 
 
 def check_logits(module: nn.Module, spec: Spec, weights: dict[str, np.ndarray], shape: tuple,
-           device: torch.device, dtype: torch.dtype) -> float:
+                 device: torch.device, dtype: torch.dtype, output: int | None = None) -> float:
     """Max |Δ| between the module's logits and those of the torch port built from the spec
     with the weights, on a random batch in evaluation mode; raises beyond :data:`LOGIT_TOL`."""
     net = LeNet(spec, kernels="stock")
@@ -174,6 +178,8 @@ def check_logits(module: nn.Module, spec: Spec, weights: dict[str, np.ndarray], 
         except Exception as e:
             raise PortError(f"{spec.name}: the module fails on a batch of {CHECK_BATCH}: "
                             f"{first_line(e)} (a batch size written into forward?)") from None
+        if output is not None:
+            want = want[output]
         got = net(x)
     if not isinstance(want, torch.Tensor) or tuple(want.shape) != tuple(got.shape):
         got_shape = tuple(want.shape) if isinstance(want, torch.Tensor) else type(want).__name__

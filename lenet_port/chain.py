@@ -45,8 +45,10 @@ def holds_tensor(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
 
 
-def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str) -> list[Step]:
-    """The chain of spec layers the graph computes, with the shapes it was seen to produce."""
+def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
+               output: int | None = None) -> list[Step]:
+    """The chain of spec layers the graph computes, with the shapes it was seen to produce;
+    ``output``: which element of a forward that returns a tuple holds the logits."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise PortError(f"{name}: forward takes {len(placeholders)} inputs; a spec's network "
@@ -57,11 +59,19 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str) -> l
     for node in gm.graph.nodes:
         if node.op == "output":
             out = node.args[0]
-            if isinstance(out, (tuple, list)) and len(out) == 1:
+            several = isinstance(out, (tuple, list))
+            if output is not None:
+                if not several or not -len(out) <= output < len(out):
+                    count = f"{len(out)} values" if several else "one value"
+                    raise PortError(f"{name}: output={output}, but forward returns {count}")
+                out = out[output]
+            elif several and len(out) == 1:
                 out = out[0]
             if out is not head:
+                hint = ("; if one of them is the logits, pick it with output=I (--output-index I)"
+                        if several and output is None else "")
                 raise PortError(f"{name}: forward returns {out!r}, not the output of its last "
-                                "layer; a spec's network returns its logits alone")
+                                f"layer; a spec's network returns its logits alone{hint}")
             continue
         chain = [n for n in node.all_input_nodes if n in derived]
         if node.op in ("placeholder", "get_attr") or not chain:

@@ -267,7 +267,7 @@ class Bad(nn.Module):
     ("half_flatten", r"reshapes \(3, 4, 8, 8\) to \(6, 128\).*flattening"),
     ("pool_padding", r"pooling with padding 1"),
     ("batch_in_forward", r"batch size written into forward"),
-    ("tuple", r"forward returns .*not the output of its last layer"),
+    ("tuple", r"forward returns .*not the output of its last layer.*pick it with output=I"),
 ])
 def test_what_a_spec_cannot_hold_is_one_clear_error(what: str, message: str) -> None:
     with pytest.raises(PortError, match=message) as caught:
@@ -428,3 +428,34 @@ def test_a_reshape_that_changes_nothing_is_the_identity() -> None:
 
     with pytest.raises(PortError, match=r"reshapes \(3, 1, 12, 12\) to \(3, 1, 6, 24\)"):
         to_spec(ViewOther(), (1, 12, 12))
+
+
+def test_a_forward_that_returns_a_tuple_ports_the_element_asked_for(tmp_path, capsys) -> None:
+    """``return logits, features``: output=0 ports the logits (the check compares them with
+    element 0 of what the module returns); another element or index is one clear error."""
+    spec, _ = to_spec(Bad("tuple"), (1, 8, 8), output=0)
+    assert [layer.type for layer in spec.layers] == ["conv", "conv", "flatten", "linear"]
+    with pytest.raises(PortError, match="not the output of its last layer"):
+        to_spec(Bad("tuple"), (1, 8, 8), output=1)
+    with pytest.raises(PortError, match=r"output=2, but forward returns 2 values"):
+        to_spec(Bad("tuple"), (1, 8, 8), output=2)
+    with pytest.raises(PortError, match=r"output=0, but forward returns one value"):
+        to_spec(Bad("plain"), (1, 8, 8), output=0)
+    source = tmp_path / "pair.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        class Pair(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(16, 3)
+
+            def forward(self, x):
+                features = torch.flatten(x, 1)
+                return self.fc(features), features
+        """))
+    argv = [f"{source}:Pair", "--input-shape", "1,4,4", "-o", str(tmp_path / "pair.json")]
+    assert main(argv) == 2 and "--output-index I" in capsys.readouterr().err
+    assert main([*argv, "--output-index", "0"]) == 0
+    assert json.loads((tmp_path / "pair.json").read_text())["layers"][-1]["type"] == "linear"
