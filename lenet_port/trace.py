@@ -70,13 +70,20 @@ def run_graph(gm: fx.GraphModule, x: torch.Tensor, name: str) -> dict[fx.Node, A
 
 
 def source_line(node: fx.Node) -> str:
-    """' at FILE:LINE: code' for the last frame of the node's stack outside torch, if known."""
-    frames = [m for m in _FRAME.finditer(node.meta.get("stack_trace") or "")
+    """' at FILE:LINE: code' for the node's line in the module's own forward (the caller's,
+    where a submodule computes it: the line that calls the submodule), then the innermost
+    line outside torch when that is another one; empty if unknown."""
+    frames = [m.groups() for m in _FRAME.finditer(node.meta.get("stack_trace") or "")
               if not m.group(1).startswith(_TORCH_DIR)]
     if not frames:
         return ""
-    file, line, code = frames[-1].groups()
-    return f" at {Path(file).name}:{line}: {code.strip()}"
+
+    def at(frame: tuple[str, str, str]) -> str:
+        file, line, code = frame
+        return f"{Path(file).name}:{line}: {code.strip()}"
+
+    outer, inner = frames[0], frames[-1]
+    return f" at {at(outer)}" + (f" (inside: {at(inner)})" if inner != outer else "")
 
 
 def op_name(node: fx.Node) -> str:

@@ -5,6 +5,7 @@ hold is one clear error."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections import OrderedDict
 
@@ -459,3 +460,35 @@ def test_a_forward_that_returns_a_tuple_ports_the_element_asked_for(tmp_path, ca
     assert main(argv) == 2 and "--output-index I" in capsys.readouterr().err
     assert main([*argv, "--output-index", "0"]) == 0
     assert json.loads((tmp_path / "pair.json").read_text())["layers"][-1]["type"] == "linear"
+
+
+def test_a_shared_submodule_is_named_by_its_callers_lines() -> None:
+    """A block applied twice: the refusal quotes the two lines of forward that call it, each
+    with the line inside the block."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x))
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2_2 = nn.Conv2d(1, 2, 3, padding=1), Block()
+            self.fc = nn.Linear(2 * 8 * 8, 3)
+
+        def forward(self, x):
+            output = self.c2_2(self.c1(x))
+            output = self.c2_2(output)
+            return self.fc(output.flatten(1))
+
+    with pytest.raises(PortError) as caught:
+        to_spec(Twice(), (1, 8, 8))
+    inner = r"\(inside: test_porter.py:\d+: return torch.relu\(self.conv\(x\)\)\)"
+    assert re.search(r"c2_2.conv \(Conv2d\) at test_porter.py:\d+: output = "
+                     r"self.c2_2\(output\) " + inner + r": c2_2.conv is applied a second time "
+                     r"\(its first use: c2_2.conv \(Conv2d\) at test_porter.py:\d+: output = "
+                     r"self.c2_2\(self.c1\(x\)\) " + inner, str(caught.value)), caught.value
