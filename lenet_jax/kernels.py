@@ -33,10 +33,10 @@ def resolve(kernels: str) -> str:
     return kernels
 
 
-def forward(net: Any, x: jax.Array, rngs: Any = None) -> jax.Array:
-    """``net``'s logits for NHWC ``x``, fused where a formulation applies, else by ``net``'s own
-    layers (dropout drawing from ``rngs``)."""
-    layers, i = net.spec.layers, 0
+def forward(net: Any, x: jax.Array, rngs: Any = None, end: int | None = None) -> jax.Array:
+    """``net``'s output for NHWC ``x`` (its first ``end`` layers), fused where a formulation
+    applies, else by ``net``'s own layers (dropout drawing from ``rngs``)."""
+    layers, i = net.spec.layers[:end], 0
     while i < len(layers):
         span = conv_pool_span(layers, i)
         layer = layers[i]

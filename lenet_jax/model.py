@@ -2,9 +2,10 @@
 
 Parameterised layers are submodules named as in the spec (``net.conv1``, ``net.bn1``);
 activations, dropout, pooling and flatten are applied functionally in ``__call__``. Input NHWC
-float32, output logits (N, classes). ``net.train()`` (the default) / ``net.eval()`` switch
-batch_norm between batch and running statistics and dropout on and off, as in Flax; dropout
-draws from ``rngs`` given to the call, else from the model's own stream.
+float32, output logits (N, classes), or log-probabilities or probabilities when the spec ends in
+log_softmax or softmax (``net(x, logits=True)`` stops before). ``net.train()`` (the default) /
+``net.eval()`` switch batch_norm between batch and running statistics and dropout on and off,
+as in Flax; dropout draws from ``rngs`` given to the call, else from the model's own stream.
 
 ``kernels="stock"`` computes every layer with Flax's own layers (``nnx.Conv``, ``nnx.max_pool``,
 …), the line-by-line translation of the torch port; ``"fused"`` computes it with the tuned
@@ -36,6 +37,8 @@ from lenet_spec import (
     ELU,
     GELU,
     INITS,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
     AvgPool,
     BatchNorm,
     Conv,
@@ -45,12 +48,15 @@ from lenet_spec import (
     LayerInfo,
     LeakyReLU,
     Linear,
+    LogSoftmax,
     MaxPool,
     ReLU,
     Sigmoid,
     SiLU,
+    Softmax,
     Spec,
     Tanh,
+    adaptive_windows,
     check_weights,
     chw_to_hwc,
     hwc_to_chw,
@@ -101,6 +107,9 @@ class LeNet(nnx.Module):
         self.spec = spec
         self.kernels = fused.resolve(kernels)
         self.deterministic = False  # dropout off when true: net.eval() sets it, net.train() not
+        # flattened H, W, C is the canonical C, H, W once the next linear's rows are permuted;
+        # with no linear after it (logits straight from a flatten) it flattens C, H, W
+        self.flatten_hwc = any(info.flattened_from for info in spec.infos)
         for info in spec.infos:
             layer, channels = info.layer, info.in_shape[0]
             if isinstance(layer, BatchNorm):
@@ -123,11 +132,15 @@ class LeNet(nnx.Module):
         if any(isinstance(layer, (Dropout, Dropout2d)) for layer in spec.layers):
             self.rngs = rngs  # the stream dropout draws from when a call brings none
 
-    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None,
+                 logits: bool = False) -> jax.Array:
+        """What the spec's network returns for NHWC ``x``; with ``logits``, what it returns
+        before a final log_softmax or softmax."""
         check_input(self.spec, x)
+        end = self.spec.logits_end if logits else len(self.spec.layers)
         if self.kernels == "fused":
-            return fused.forward(self, x, rngs)
-        for layer in self.spec.layers:
+            return fused.forward(self, x, rngs, end)
+        for layer in self.spec.layers[:end]:
             x = self.apply_layer(layer, x, rngs)
         return x
 
@@ -143,8 +156,15 @@ class LeNet(nnx.Module):
             return nnx.max_pool(x, layer.kernel_size, layer.stride)
         if isinstance(layer, AvgPool):
             return nnx.avg_pool(x, layer.kernel_size, layer.stride)
+        if isinstance(layer, (AdaptiveMaxPool, AdaptiveAvgPool)):
+            return adaptive_pool(x, layer.output_size, isinstance(layer, AdaptiveMaxPool))
         if isinstance(layer, Flatten):
-            return x.reshape(x.shape[0], -1)
+            return x.reshape(x.shape[0], -1) if self.flatten_hwc else \
+                x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+        if isinstance(layer, LogSoftmax):
+            return jax.nn.log_softmax(x, axis=-1)
+        if isinstance(layer, Softmax):
+            return jax.nn.softmax(x, axis=-1)
         raise TypeError(f"unknown layer {layer!r}")
 
     def dropout(self, layer: Dropout | Dropout2d, x: jax.Array,
@@ -158,6 +178,36 @@ class LeNet(nnx.Module):
         keep = keep_mask((rngs or self.rngs).dropout(), layer.p, shape)
         return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / (1 - layer.p),
                               jnp.zeros_like(x))
+
+
+def adaptive_pool(x: jax.Array, size: tuple[int, int], take_max: bool) -> jax.Array:
+    """Adaptive max- or average-pooling of NHWC ``x`` to ``size`` over torch's windows
+    (:func:`~lenet_spec.adaptive_windows`), windows of unequal size included. A max sends its
+    gradient to the first maximum of its window in row-major order, as torch's does."""
+    n, h, w, c = x.shape
+    (rows, row_ok), (cols, col_ok) = _window_index(h, size[0]), _window_index(w, size[1])
+    # (n, out_h, k_h, out_w, k_w, c): every window padded to the largest, the padding masked
+    win = x[:, rows][:, :, :, cols]
+    ok = (row_ok[:, :, None, None] & col_ok[None, None, :, :])[None, ..., None]
+    (oh, kh), (ow, kw) = rows.shape, cols.shape
+    win = win.transpose(0, 1, 3, 2, 4, 5).reshape(n, oh, ow, kh * kw, c)
+    ok = ok.transpose(0, 1, 3, 2, 4, 5).reshape(1, oh, ow, kh * kw, 1)
+    if take_max:
+        win = jnp.where(ok, win, -jnp.inf)
+        first = jnp.argmax(win, axis=3, keepdims=True)
+        return jnp.take_along_axis(win, first, axis=3)[:, :, :, 0]
+    count = ok.sum(axis=3).astype(x.dtype)
+    return jnp.where(ok, win, 0).sum(axis=3) / count
+
+
+def _window_index(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per window: the indices it covers, padded with its last to the longest window's length,
+    and which of them are real."""
+    windows = adaptive_windows(size, out)
+    k = max(end - start for start, end in windows)
+    index = np.array([[min(start + j, end - 1) for j in range(k)] for start, end in windows])
+    real = np.array([[start + j < end for j in range(k)] for start, end in windows])
+    return index, real
 
 
 def keep_mask(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:

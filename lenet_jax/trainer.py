@@ -25,7 +25,7 @@ from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_train.checkpoints import State
 from lenet_train.errors import StateError
-from lenet_train.options import EVAL_BATCH
+from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.paths import cache_root
 from lenet_train.run import Run
 
@@ -47,8 +47,10 @@ def split_for_training(net: nnx.Module):
 
 
 def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss, seed: int = 0):
-    """The jitted train step on one batch, its ``lax.scan`` over several, and the eval step.
+               tx: optax.GradientTransformation, loss, seed: int = 0, on_logits: bool = True):
+    """The jitted train step on one batch, its ``lax.scan`` over several, and the eval step;
+    ``loss`` of the logits before a final log_softmax/softmax if ``on_logits``, else of the
+    network's output.
 
     A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
     to (the new state, loss, correct count); the state is donated."""
@@ -57,7 +59,8 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
     def loss_and_aux(params, stats, rest, x, y, step):
         # copy: fresh Variables of this trace level, which batch_norm may update
         model = nnx.merge(graphdef, params, stats, rest, copy=True)
-        logits = model(x, rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step)))
+        logits = model(x, rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step)),
+                       logits=on_logits)
         return loss(logits, y), (logits, nnx.state(model, nnx.BatchStat))
 
     def step(state, rest, images, labels, idx, i):
@@ -86,7 +89,7 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
 
     @jax.jit
     def eval_step(params, stats, rest, x, y):
-        logits = nnx.merge(eval_graphdef, params, stats, rest)(x)
+        logits = nnx.merge(eval_graphdef, params, stats, rest)(x, logits=on_logits)
         return loss(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
 
     return train_step, train_steps, eval_step
@@ -137,7 +140,8 @@ class JaxBackend(distributed.Processes):
             except ValueError as e:
                 raise StateError(str(e)) from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
-            self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed)
+            self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed,
+            loss_on_logits(args.loss))
         replicated, self.split = distributed.shardings(args.batch_size)
         self.replicated = replicated
         self.train_state, self.rest = distributed.replicate(((params, stats, opt_state), rest),

@@ -13,7 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from lenet_spec import ELU, Dropout, Dropout2d, LeakyReLU, MaxPool, ReLU, Spec
+from lenet_spec import (
+    ELU,
+    AdaptiveMaxPool,
+    Dropout,
+    Dropout2d,
+    LeakyReLU,
+    MaxPool,
+    ReLU,
+    Spec,
+    adaptive_windows,
+)
+from lenet_train.options import loss_on_logits
 
 LOGIT_TOL = 1e-5
 """Max |Δ| of logits (and of any layer's output, relative to max(1, max |output|))."""
@@ -80,22 +91,38 @@ def near_kinks(spec: Spec, net: Any, x: np.ndarray) -> np.ndarray:
         outputs = [o.numpy() for o in layer_outputs(copy.deepcopy(net), torch.from_numpy(x))]
     found = np.zeros(len(x), bool)
     for i, layer in enumerate(spec.layers):
-        if not (isinstance(layer, MaxPool) or _kinked(layer)):
+        if not (isinstance(layer, (MaxPool, AdaptiveMaxPool)) or _kinked(layer)):
             continue
         inp = x if i == 0 else outputs[i - 1]
         scale = np.abs(inp).reshape(len(x), -1).max(axis=1)
-        if not isinstance(layer, MaxPool):
+        if _kinked(layer):
             flat = inp.reshape(len(x), -1)
             found |= ((flat != 0) & (np.abs(flat) <= NEAR_KINK * scale[:, None])).any(axis=1)
             continue
-        (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
-        ho, wo = (inp.shape[2] - kh) // sh + 1, (inp.shape[3] - kw) // sw + 1
-        windows = np.lib.stride_tricks.sliding_window_view(inp, (kh, kw), axis=(2, 3))
-        windows = windows[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
-        top2 = np.sort(windows.reshape(*windows.shape[:4], -1), axis=-1)[..., -2:]
-        gap = top2[..., 1] - top2[..., 0]
-        found |= ((gap > 0) & (gap <= NEAR_KINK * scale[:, None, None, None])).any(axis=(1, 2, 3))
+        for top2 in _window_top2(layer, inp):  # (N, C, the windows' top two values)
+            gap = top2[..., 1] - top2[..., 0]
+            found |= ((gap > 0) & (gap <= NEAR_KINK * scale[:, None, None])).any(axis=(1, 2))
     return found
+
+
+def _window_top2(layer: Any, inp: np.ndarray) -> list[np.ndarray]:
+    """The two largest values of each of a max-pool's windows over NCHW ``inp``, as arrays
+    (N, C, windows, 2) (one per window size)."""
+    if isinstance(layer, AdaptiveMaxPool):
+        (oh, ow), (h, w) = layer.output_size, inp.shape[2:]
+        tops = []
+        for r0, r1 in adaptive_windows(h, oh):
+            for c0, c1 in adaptive_windows(w, ow):
+                win = inp[:, :, r0:r1, c0:c1].reshape(*inp.shape[:2], 1, -1)
+                tops.append(np.sort(win, axis=-1)[..., -2:] if win.shape[-1] > 1 else
+                            np.concatenate([win, win], axis=-1))
+        return tops
+    (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+    ho, wo = (inp.shape[2] - kh) // sh + 1, (inp.shape[3] - kw) // sw + 1
+    windows = np.lib.stride_tricks.sliding_window_view(inp, (kh, kw), axis=(2, 3))
+    windows = windows[:, :, : (ho - 1) * sh + 1 : sh, : (wo - 1) * sw + 1 : sw]
+    windows = windows.reshape(*inp.shape[:2], ho * wo, kh * kw)
+    return [np.sort(windows, axis=-1)[..., -2:]]
 
 
 class NoClearBatch(RuntimeError):
@@ -203,7 +230,8 @@ def torch_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
     from lenet_torch.loss import loss_fn
 
     net.zero_grad()
-    value = loss_fn(loss)(net(torch.from_numpy(x)), torch.from_numpy(y))
+    value = loss_fn(loss)(net(torch.from_numpy(x), logits=loss_on_logits(loss)),
+                          torch.from_numpy(y))
     value.backward()
     grads = {k: p.grad.numpy().copy() for k, p in net.named_parameters()}
     return value.item(), grads
@@ -232,7 +260,8 @@ def jax_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
     from lenet_jax.loss import loss_fn
 
     def f(model: Any) -> Any:
-        return loss_fn(loss)(model(jnp.asarray(nhwc(x))), jnp.asarray(y))
+        return loss_fn(loss)(model(jnp.asarray(nhwc(x)), logits=loss_on_logits(loss)),
+                             jnp.asarray(y))
 
     value, grads = nnx.value_and_grad(f)(net)
     return float(value), jax_canonical(net, grads)
@@ -240,11 +269,14 @@ def jax_loss_and_grads(net: Any, x: np.ndarray, y: np.ndarray,
 
 def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 20,
                  batch: int = 16, first_seed: int = 100, loss: str = "ce",
-                 say: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                 say: Any = None, record: list | None = None,
+                 replay: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``steps`` optimizer steps (``opt``: make_optimizer's arguments) of the torch net ``t``
     and the JAX net ``j`` (in training mode, dropout off) on the same batches, batch k drawn
     from seed ``first_seed + k`` clear of kinks under ``t``'s weights; the per-step losses of
-    each. The nets end at their trained weights."""
+    each. The nets end at their trained weights. The batches are appended to ``record``;
+    ``replay`` gives them instead (cast to the nets' precision: a float64 run of the same
+    steps)."""
     # frameworks load on first use: the spec tests import this module without them
     import jax.numpy as jnp
     import torch
@@ -257,18 +289,25 @@ def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 2
 
     t_opt, j_opt = torch_optimizer(t, **opt), jax_optimizer(j, **opt)
     t_loss, j_loss = torch_loss_fn(loss), jax_loss_fn(loss)
+    on_logits = loss_on_logits(loss)
 
     @nnx.jit
     def j_step(model: Any, optimizer: Any, x: Any, y: Any) -> Any:
-        value, grads = nnx.value_and_grad(lambda m: j_loss(m(x), y))(model)
+        value, grads = nnx.value_and_grad(lambda m: j_loss(m(x, logits=on_logits), y))(model)
         optimizer.update(model, grads)
         return value
 
     losses_t, losses_j = [], []
     for step in range(steps):
-        x, y = clear_batch(spec, t, batch, first_seed + step)
+        if replay is not None:
+            x, y = replay[step]
+            x = x.astype(next(t.parameters()).detach().numpy().dtype)
+        else:
+            x, y = clear_batch(spec, t, batch, first_seed + step)
+        if record is not None:
+            record.append((x, y))
         t_opt.zero_grad()
-        value = t_loss(t(torch.from_numpy(x)), torch.from_numpy(y))
+        value = t_loss(t(torch.from_numpy(x), logits=on_logits), torch.from_numpy(y))
         value.backward()
         t_opt.step()
         losses_t.append(value.item())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -37,9 +38,20 @@ TRAJECTORY = "SGD trajectory (lr 0.01, momentum 0.9, weight decay 5e-4)"
 STATISTICS = "batch_norm running statistics after the trajectory"
 
 
+ROUNDING_MULTIPLE = 2.0
+"""A float32 difference that a fixed bound does not cover is still rounding, not a divergence,
+when it is at most this multiple of the two sides' own float32 errors, each measured against
+the same computation in float64 (same port, same kernels, same data). If both ports compute the
+same function, |torch − JAX| ≤ torch's error + JAX's error + their float64 difference (the
+triangle inequality, element by element), and the float64 difference is float64 rounding
+(~1e-16 relative); a port computing something else moves its float64 result as much as its
+float32 one, so the gap exceeds its own rounding."""
+
+
 @dataclass
 class Row:
-    """One comparison: max |Δ| between the ports against its bound."""
+    """One comparison: max |Δ| between the ports' float32 results; the fixed bound; each side's
+    own float32 error against its float64 result (NaN when not measured)."""
 
     section: str
     layer: str
@@ -48,14 +60,27 @@ class Row:
     gap: float
     scale: float
     bound: float
+    err_torch: float = math.nan
+    err_jax: float = math.nan
 
     @property
     def rel(self) -> float:
         return self.gap / self.scale if self.scale > 0 else self.gap
 
     @property
+    def rounding(self) -> float:
+        """The gap float32 rounding explains: ROUNDING_MULTIPLE × the two sides' own errors."""
+        errors = [e for e in (self.err_torch, self.err_jax) if not math.isnan(e)]
+        return ROUNDING_MULTIPLE * sum(errors) if len(errors) == 2 else 0.0
+
+    @property
+    def limit(self) -> float:
+        """The larger of the fixed bound and the rounding the float64 reference measured."""
+        return max(self.bound, self.rounding)
+
+    @property
     def ok(self) -> bool:
-        return self.gap <= self.bound  # NaN is not ok
+        return self.gap <= self.limit  # NaN is not ok
 
 
 @dataclass
@@ -78,34 +103,43 @@ class Report:
         """``parity: ok (…)`` or ``parity: first divergence at LAYER (…)``."""
         bad = self.first_failure
         if bad is not None:
+            errors = ("" if math.isnan(bad.err_torch) else
+                      f"; float32 errors against float64: torch {bad.err_torch:.3g}, JAX "
+                      f"{bad.err_jax:.3g}")
             return (f"parity: first divergence at {bad.layer} ({bad.section}: {bad.name} max "
-                    f"|Δ| {bad.gap:.3g} > bound {bad.bound:.3g})")
+                    f"|Δ| {bad.gap:.3g} > bound {bad.limit:.3g}{errors})")
         parts = []
         for section, what in ((FORWARD, "forward"), (GRADIENTS, "gradients"),
                               (TRAJECTORY, "trajectory"), (STATISTICS, "statistics")):
             rows = [r for r in self.rows if r.section == section]
             if rows:
-                worst = max(rows, key=lambda r: r.gap / r.bound if r.bound > 0 else 0)
+                worst = max(rows, key=lambda r: r.gap / r.limit if r.limit > 0 else 0)
+                share = worst.gap / worst.limit if worst.limit > 0 else 0.0
                 parts.append(f"{what}: {len(rows)} checks, worst {worst.name} at "
-                             f"{worst.gap / worst.bound:.2g} of its bound")
+                             f"{share:.2g} of its bound")
         return f"parity: ok ({'; '.join(parts)})"
 
     def table(self) -> str:
         """The rows as a table, one block per section, then the verdict."""
-        head = ("", "kind / shape", "max |Δ|", "rel Δ", "bound", "")
+        head = ("", "kind / shape", "max |Δ|", "torch err", "JAX err", "bound", "")
         lines = [*self.notes]
         for section in dict.fromkeys(r.section for r in self.rows):
             rows = [r for r in self.rows if r.section == section]
-            cells = [head] + [(r.name, r.detail, f"{r.gap:.3g}", f"{r.rel:.3g}",
-                               f"{r.bound:.3g}", "ok" if r.ok else "DIVERGES") for r in rows]
+            cells = [head] + [(r.name, r.detail, f"{r.gap:.3g}", _err(r.err_torch),
+                               _err(r.err_jax), f"{r.limit:.3g}", "ok" if r.ok else "DIVERGES")
+                              for r in rows]
             widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-            align = ["<", "<", ">", ">", ">", "<"]
+            align = ["<", "<", ">", ">", ">", ">", "<"]
             lines += ["", section]
             for c in cells:
                 lines.append("  ".join(f"{v:{a}{w}}" for v, a, w in
                                        zip(c, align, widths, strict=True)).rstrip())
         lines += ["", self.verdict()]
         return "\n".join(lines)
+
+
+def _err(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.3g}"
 
 
 def _flat_orders(spec: Spec) -> list[tuple[int, ...] | None]:
@@ -142,15 +176,56 @@ def to_jax_layout(x: np.ndarray, flat_from: tuple[int, ...] | None) -> np.ndarra
     return x
 
 
-def _row(section: str, layer: str, name: str, detail: str, a: np.ndarray, b: np.ndarray,
-         bound: Callable[[float], float]) -> Row:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        return Row(section, layer, name, f"{detail} (shapes {a.shape} vs {b.shape})",
-                   math.inf, 0.0, 0.0)
-    scale = float(np.abs(a).max()) if a.size else 0.0
-    gap = float(np.abs(a - b).max()) if a.size else 0.0
-    return Row(section, layer, name, detail, gap, scale, bound(scale))
+@dataclass
+class Cmp:
+    """One quantity as each port computed it, before the rows compare two precisions of it."""
+
+    section: str
+    layer: str
+    name: str
+    detail: str
+    torch: np.ndarray
+    jax: np.ndarray
+    bound: Callable[[float], float]
+    relative: bool = False  # compared relative to the torch value, element by element
+
+
+def _cmp(section: str, layer: str, name: str, detail: str, a: Any, b: Any,
+         bound: Callable[[float], float], relative: bool = False) -> Cmp:
+    return Cmp(section, layer, name, detail, np.asarray(a, np.float64),
+               np.asarray(b, np.float64), bound, relative)
+
+
+def _maxdiff(a: np.ndarray, b: np.ndarray, scale_by: np.ndarray | None = None) -> float:
+    if not a.size:
+        return 0.0
+    d = np.abs(a - b)
+    if scale_by is not None:
+        d = d / np.maximum(np.abs(scale_by), 1e-30)
+    return float(d.max())
+
+
+def _rows(c32: list[Cmp], c64: list[Cmp] | None) -> list[Row]:
+    """Rows from the float32 comparisons, with each side's float32 error against its float64
+    result where ``c64`` (the same comparisons, in float64) is given."""
+    rows = []
+    for i, c in enumerate(c32):
+        a, b = c.torch, c.jax
+        if a.shape != b.shape:
+            rows.append(Row(c.section, c.layer, c.name, f"{c.detail} (shapes {a.shape} vs "
+                            f"{b.shape})", math.inf, 0.0, 0.0))
+            continue
+        rel = a if c.relative else None
+        scale = 1.0 if c.relative else (float(np.abs(a).max()) if a.size else 0.0)
+        row = Row(c.section, c.layer, c.name, c.detail, _maxdiff(a, b, rel), scale,
+                  c.bound(scale))
+        if c64 is not None:
+            r = c64[i]
+            if (r.section, r.name) != (c.section, c.name) or r.torch.shape != a.shape:
+                raise AssertionError(f"float64 pass out of step at {c.name}")
+            row.err_torch, row.err_jax = _maxdiff(a, r.torch, rel), _maxdiff(b, r.jax, rel)
+        rows.append(row)
+    return rows
 
 
 def _layer(info: LayerInfo) -> str:
@@ -163,12 +238,17 @@ def _output_bound(scale: float) -> float:
 
 
 def _grad_bound(scale: float) -> float:
+    return GRAD_TOL * scale
+
+
+def _floored_grad_bound(scale: float) -> float:
+    """Without a float64 reference: the tests' fixed floor for gradients that cancel."""
     return GRAD_TOL * scale + GRAD_FLOOR
 
 
 def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights | None = None,
           *, steps: int = 20, batch: int = 16, seed: int = 0, single_step: bool = False,
-          kernels: tuple[str, str] = ("auto", "auto"),
+          kernels: tuple[str, str] = ("auto", "auto"), reference: bool = True,
           progress: Callable[[str], None] | None = None) -> Report:
     """Both ports of ``spec`` compared: every layer's output in evaluation mode, the loss and
     every gradient in training mode (dropout off: two frameworks cannot draw the same masks),
@@ -179,6 +259,11 @@ def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights
     ``single_step`` feeds every layer the torch port's input to it (and, backwards, its output
     gradient), so a layer's row measures that layer alone. Batches are random and kept clear
     of kinks (max-pool near-ties, activations near 0), as in the tests.
+
+    With ``reference`` (the default) everything is computed again in float64 by both ports on
+    the same batches, and a row's bound grows to :data:`ROUNDING_MULTIPLE` × the two sides'
+    own float32 errors where the fixed bound is tighter than float32 rounding can meet (a
+    gradient that is zero in exact arithmetic, a long trajectory).
     """
     # frameworks load on first use: the command line reads its flags first
     import lenet_jax
@@ -209,28 +294,63 @@ def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights
                                  if gaps and gaps[worst] > 0 else ""),
     ]
 
-    def twins(s: Spec, mode: str) -> tuple:
-        tn = lenet_torch.build(s, kernels=kernels[0])
-        jn = lenet_jax.build(s, kernels=kernels[1])
-        lenet_torch.set_weights(tn, torch_weights)
-        lenet_jax.set_weights(jn, jax_weights)
-        for net in (tn, jn):
-            net.train() if mode == "train" else net.eval()
-        return tn, jn
+    memo: dict[str, Any] = {}  # the float32 pass's batches, replayed in float64
 
-    say("forward")
-    _forward(report, spec, *twins(spec, "eval"), batch, seed, single_step)
-    bare = without_dropout(spec)
-    say("gradients")
-    _gradients(report, bare, *twins(bare, "train"), batch, seed, single_step)
-    if steps:
-        say("trajectory")
-        _trajectory(report, bare, *twins(bare, "train"), steps, batch, seed, say)
+    def compare(precision: str) -> list[Cmp]:
+        dtype = np.float32 if precision == "float32" else np.float64
+
+        def twins(s: Spec, mode: str) -> tuple:
+            tn = lenet_torch.build(s, kernels=kernels[0])
+            jn = lenet_jax.build(s, kernels=kernels[1])
+            lenet_torch.set_weights(tn, torch_weights)
+            lenet_jax.set_weights(jn, jax_weights)
+            if dtype == np.float64:
+                tn.double()
+                _jax_float64(jn)
+            for net in (tn, jn):
+                net.train() if mode == "train" else net.eval()
+            return tn, jn
+
+        cmps: list[Cmp] = []
+        say(f"forward ({precision})")
+        cmps += _forward(spec, *twins(spec, "eval"), batch, seed, single_step, dtype)
+        bare = without_dropout(spec)
+        say(f"gradients ({precision})")
+        cmps += _gradients(bare, *twins(bare, "train"), batch, seed, single_step, memo,
+                           _grad_bound if reference else _floored_grad_bound)
+        if steps:
+            say(f"trajectory ({precision})")
+            cmps += _trajectory(bare, *twins(bare, "train"), steps, batch, seed, say, memo)
+        return cmps
+
+    import jax
+
+    c32 = compare("float32")
+    c64 = None
+    if reference:
+        with jax.enable_x64(True):
+            c64 = compare("float64")
+        report.notes.append(
+            "bound: the larger of the fixed bound and "
+            f"{ROUNDING_MULTIPLE:g} × (torch err + JAX err), each side's float32 error against "
+            "the same computation in float64")
+    report.rows += _rows(c32, c64)
     return report
 
 
-def _forward(report: Report, spec: Spec, t, j, batch: int, seed: int,
-             single_step: bool) -> None:
+def _jax_float64(net: Any) -> None:
+    """``net``'s floating-point state in float64 (inside ``jax.enable_x64``)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(net)
+    nnx.update(net, jax.tree.map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
+
+
+def _forward(spec: Spec, t, j, batch: int, seed: int, single_step: bool,
+             dtype: type = np.float32) -> list[Cmp]:
     # frameworks load on first use: the command line reads its flags first
     import jax.numpy as jnp
     import torch
@@ -239,6 +359,8 @@ def _forward(report: Report, spec: Spec, t, j, batch: int, seed: int,
     from lenet_torch.model import layer_outputs as torch_layer_outputs
 
     x, _ = random_batch(spec, batch, seed)
+    x = x.astype(dtype)
+    cmps = []
     with torch.no_grad():
         outs_t = [o.numpy() for o in torch_layer_outputs(t, torch.from_numpy(x))]
         logits_t = t(torch.from_numpy(x)).numpy()
@@ -251,33 +373,35 @@ def _forward(report: Report, spec: Spec, t, j, batch: int, seed: int,
     else:
         outs_j = jax_layer_outputs(j, jnp.asarray(nhwc(x)))
     for info, out_t, out_j, order in zip(spec.infos, outs_t, outs_j, orders, strict=True):
-        report.rows.append(_row(FORWARD, _layer(info), _layer(info),
-                                f"{info.kind}, {fmt_shape(info.out_shape)}", out_t,
-                                to_torch_layout(out_j, order), _output_bound))
+        cmps.append(_cmp(FORWARD, _layer(info), _layer(info),
+                         f"{info.kind}, {fmt_shape(info.out_shape)}", out_t,
+                         to_torch_layout(np.asarray(out_j), order), _output_bound))
     logits_j = np.asarray(j(jnp.asarray(nhwc(x))))
-    report.rows.append(_row(FORWARD, "logits", "logits (whole network)",
-                            "kernels as built", logits_t, logits_j,
-                            _output_bound))
+    cmps.append(_cmp(FORWARD, "logits", f"{spec.output.replace('_', '-')} (whole network)",
+                     "kernels as built", logits_t, logits_j, _output_bound))
+    return cmps
 
 
-def _gradients(report: Report, spec: Spec, t, j, batch: int, seed: int,
-               single_step: bool) -> None:
-    x, y = clear_batch(spec, t, batch, seed + 1)
-    if not single_step:
-        lt, gt = torch_loss_and_grads(t, x, y, "ce")
-        lj, gj = jax_loss_and_grads(j, x, y, "ce")
-        report.rows.append(Row(GRADIENTS, "loss", "loss", "cross-entropy", abs(lt - lj),
-                               abs(lt), LOSS_TOL * max(1.0, abs(lt))))
-        owner = {k: info.label for info in spec.infos for k in info.params}
-        for k, shape in spec.param_shapes.items():
-            report.rows.append(_row(GRADIENTS, owner[k], k, fmt_shape(shape), gt[k], gj[k],
-                                    _grad_bound))
-        return
-    _gradients_per_layer(report, spec, t, j, x, y)
+def _gradients(spec: Spec, t, j, batch: int, seed: int, single_step: bool,
+               memo: dict[str, Any], bound: Callable[[float], float]) -> list[Cmp]:
+    if "gradients" not in memo:
+        memo["gradients"] = clear_batch(spec, t, batch, seed + 1)
+    x, y = memo["gradients"]
+    x = x.astype(next(t.parameters()).detach().numpy().dtype)
+    if single_step:
+        return _gradients_per_layer(spec, t, j, x, y, bound)
+    lt, gt = torch_loss_and_grads(t, x, y, "ce")
+    lj, gj = jax_loss_and_grads(j, x, y, "ce")
+    cmps = [_cmp(GRADIENTS, "loss", "loss", "cross-entropy", lt, lj,
+                 lambda scale: LOSS_TOL * max(1.0, scale))]
+    owner = {k: info.label for info in spec.infos for k in info.params}
+    for k, shape in spec.param_shapes.items():
+        cmps.append(_cmp(GRADIENTS, owner[k], k, fmt_shape(shape), gt[k], gj[k], bound))
+    return cmps
 
 
-def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
-                         y: np.ndarray) -> None:
+def _gradients_per_layer(spec: Spec, t, j, x: np.ndarray, y: np.ndarray,
+                         bound: Callable[[float], float]) -> list[Cmp]:
     """Each layer's backward pass alone: its input and the gradient of the loss with respect
     to its output, both from torch, through the JAX layer; parameter and input gradients."""
     # frameworks load on first use: the command line reads its flags first
@@ -292,7 +416,7 @@ def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
 
     xt = torch.from_numpy(x).requires_grad_(True)
     h, ins, outs = xt, [], []
-    for layer in spec.layers:
+    for layer in spec.layers[:spec.logits_end]:  # the loss is of the logits
         ins.append(h)
         h = t.apply_layer(layer, h)
         h.retain_grad()
@@ -301,12 +425,11 @@ def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
     loss = torch_loss("ce")(h, torch.from_numpy(y))
     loss.backward()
     lj = float(jax_loss("ce")(jnp.asarray(h.detach().numpy()), jnp.asarray(y)))
-    report.rows.append(Row(GRADIENTS, "loss", "loss (of the torch logits)", "cross-entropy",
-                           abs(loss.item() - lj), abs(loss.item()),
-                           LOSS_TOL * max(1.0, abs(loss.item()))))
+    cmps = [_cmp(GRADIENTS, "loss", "loss (of the torch logits)", "cross-entropy", loss.item(),
+                 lj, lambda scale: LOSS_TOL * max(1.0, scale))]
     grads_t = {k: p.grad.numpy() for k, p in t.named_parameters()}
     orders = _flat_orders(spec)
-    for i, info in enumerate(spec.infos):
+    for i, info in enumerate(spec.infos[:spec.logits_end]):
         order_in = orders[i - 1] if i else None
         xin = jnp.asarray(to_jax_layout(ins[i].detach().numpy(), order_in))
         cot = jnp.asarray(to_jax_layout(outs[i].grad.numpy(), orders[i]))
@@ -318,39 +441,40 @@ def _gradients_per_layer(report: Report, spec: Spec, t, j, x: np.ndarray,
         gnet, gx = nnx.grad(f, argnums=(0, 1))(j, xin)
         input_grad = ins[i].grad
         if input_grad is not None:
-            report.rows.append(_row(GRADIENTS, _layer(info), f"{_layer(info)} input",
-                                    f"{info.kind}, {fmt_shape(info.in_shape)}",
-                                    input_grad.numpy(), to_torch_layout(jax.device_get(gx),
-                                                                        order_in),
-                                    _grad_bound))
+            cmps.append(_cmp(GRADIENTS, _layer(info), f"{_layer(info)} input",
+                             f"{info.kind}, {fmt_shape(info.in_shape)}", input_grad.numpy(),
+                             to_torch_layout(np.asarray(jax.device_get(gx)), order_in),
+                             bound))
         if info.params:
             canonical = jax_canonical(j, gnet)
             for k, shape in info.params.items():
-                report.rows.append(_row(GRADIENTS, info.label, k, fmt_shape(shape),
-                                        grads_t[k], canonical[k], _grad_bound))
+                cmps.append(_cmp(GRADIENTS, info.label, k, fmt_shape(shape), grads_t[k],
+                                 canonical[k], bound))
+    return cmps
 
 
-def _trajectory(report: Report, spec: Spec, t, j, steps: int, batch: int, seed: int,
-                say: Callable[[str], None]) -> None:
+def _trajectory(spec: Spec, t, j, steps: int, batch: int, seed: int,
+                say: Callable[[str], None], memo: dict[str, Any]) -> list[Cmp]:
     # frameworks load on first use: the command line reads its flags first
     import lenet_jax
     import lenet_torch
 
-    lt, lj = trajectories(spec, t, j, SGD, steps, batch, seed + 100, "ce", say)
-    rel = np.abs(lt - lj) / np.maximum(np.abs(lt), 1e-30)
-    k = int(np.argmax(rel)) if len(rel) else 0
-    report.rows.append(Row(TRAJECTORY, "loss", f"losses, {steps} steps",
-                           f"relative; worst at step {k + 1}", float(rel[k]), 1.0,
-                           TRAJ_LOSS_TOL))
+    replay = memo.get("trajectory")
+    record = None if replay is not None else memo.setdefault("trajectory", [])
+    lt, lj = trajectories(spec, t, j, SGD, steps, batch, seed + 100, "ce", say,
+                          record=record, replay=replay)
+    cmps = [_cmp(TRAJECTORY, "loss", f"losses, {steps} steps", "relative, worst step", lt, lj,
+                 lambda _: TRAJ_LOSS_TOL, relative=True)]
     wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
     owner = {k: info.label for info in spec.infos for k in (*info.params, *info.buffers)}
     for name, shape in spec.param_shapes.items():
-        report.rows.append(_row(TRAJECTORY, owner[name], name, fmt_shape(shape), wt[name],
-                                wj[name], lambda _: TRAJ_PARAM_TOL))
+        cmps.append(_cmp(TRAJECTORY, owner[name], name, fmt_shape(shape), wt[name], wj[name],
+                         lambda _: TRAJ_PARAM_TOL))
     for name, shape in spec.buffer_shapes.items():
         if name.endswith("num_batches_tracked"):
-            report.rows.append(Row(STATISTICS, owner[name], name, "count",
-                                   abs(float(wt[name]) - float(wj[name])), float(wt[name]), 0.0))
+            cmps.append(_cmp(STATISTICS, owner[name], name, "count", wt[name], wj[name],
+                             lambda _: 0.0))
             continue
-        report.rows.append(_row(STATISTICS, owner[name], name, fmt_shape(shape), wt[name],
-                                wj[name], lambda scale: STATS_TOL * scale))
+        cmps.append(_cmp(STATISTICS, owner[name], name, fmt_shape(shape), wt[name], wj[name],
+                         lambda scale: STATS_TOL * scale))
+    return cmps

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lenet_port.chain import Step, dropout_flags, read_chain
-from lenet_port.errors import SUPPORTED, PortError, first_line
+from lenet_port.errors import SUPPORTED, PortError, batch_shape, first_line
 from lenet_port.trace import quiet, run_graph, trace_module
 from lenet_spec import BatchNorm, Conv, Layer, Linear, Spec, SpecError, canonical_dtype
 from lenet_torch.model import LeNet, set_weights
@@ -85,7 +85,8 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
             with torch.no_grad(), quiet():
                 module(x)
         except Exception as e:
-            raise PortError(f"{name}: running it on a batch of shape {tuple(x.shape)} failed: "
+            raise PortError(f"{name}: running it on a batch of {batch_shape(tuple(x.shape), TRACE_BATCH)} "
+                            f"images failed: "
                             f"{first_line(e)}") from None
         gm, tracer = trace_module(module, x)
         steps = read_chain(module, gm, run_graph(gm, x, name), name, output)
@@ -183,8 +184,10 @@ def check_logits(module: nn.Module, spec: Spec, weights: dict[str, np.ndarray], 
         got = net(x)
     if not isinstance(want, torch.Tensor) or tuple(want.shape) != tuple(got.shape):
         got_shape = tuple(want.shape) if isinstance(want, torch.Tensor) else type(want).__name__
-        raise PortError(f"{spec.name}: the module returns {got_shape} for a batch of "
-                        f"{CHECK_BATCH}; the spec's network {tuple(got.shape)}")
+        if isinstance(want, torch.Tensor):
+            got_shape = batch_shape(got_shape, CHECK_BATCH)
+        raise PortError(f"{spec.name}: the module returns {got_shape}; the spec's network "
+                        f"{batch_shape(tuple(got.shape), CHECK_BATCH)}")
     want = want.detach().cpu().float()
     gap = float((want - got).abs().max())
     bound = LOGIT_TOL * max(1.0, float(want.abs().max()))

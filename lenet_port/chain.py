@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from lenet_port.errors import SUPPORTED, PortError
+from lenet_port.errors import SUPPORTED, PortError, batch_shape
 from lenet_port.ops import (
     DROPOUTS,
     IDENTITIES,
@@ -76,6 +76,9 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
         chain = [n for n in node.all_input_nodes if n in derived]
         if node.op in ("placeholder", "get_attr") or not chain:
             continue  # parameters, constants, buffer updates
+        if (op_key(node) == "getitem" and not node.users and node.args[1] != 0
+                and isinstance(env[node.args[0]], (tuple, list))):
+            continue  # an unused second result: a max-pool's indices, batch norm's statistics
         derived.add(node)
         if not holds_tensor(env[node]):
             continue  # x.size(), shape arithmetic, guards
@@ -90,7 +93,7 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
                 f"({head.name}): a residual or a branch, from {describe(other, gm)}; a spec is one "
                 f"chain of layers")
         if not isinstance(env[node], torch.Tensor) and op_key(node) not in (
-                "_native_batch_norm_legit_no_training",):
+                "_native_batch_norm_legit_no_training", "adaptive_max_pool2d"):
             raise PortError(f"{where}: returns {type(env[node]).__name__}, not one tensor "
                             f"(return_indices?); {SUPPORTED}")
         step = read_node(node, module, gm, env, head, where)
@@ -109,7 +112,7 @@ def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, h
     key = "" if node.op == "call_module" else op_key(node)
     if key in INDEXING:
         if key == "getitem" and isinstance(x, (tuple, list)) and node.args[1] == 0:
-            return None  # the output of a batch norm that returns (out, mean, invstd)
+            return None  # the output of an op that returns (out, mean, invstd) or (out, indices)
         raise PortError(f"{where}: indexing or slicing a tensor of the network is not "
                         f"supported; {SUPPORTED}")
     if key in IDENTITIES or (node.op == "call_module"
@@ -121,12 +124,15 @@ def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, h
             return Step(Flatten(), where, out_shape[1:])
         if out_shape == in_shape:  # a reshape that changes nothing, at any rank: the identity
             return None
-        raise PortError(f"{where}: reshapes {in_shape} to {out_shape}; the only reshape a spec "
+        n = in_shape[0]
+        raise PortError(f"{where}: reshapes {batch_shape(in_shape, n)} to "
+                        f"{batch_shape(out_shape, n)}; "
+                        f"the only reshape a spec "
                         f"holds is flattening (N, C, H, W) to (N, C·H·W) (the batch axis kept); "
                         f"{SUPPORTED}")
     if node.op == "call_module":
         path = str(node.target)
-        layer, state = from_module(gm.get_submodule(path), path, where)
+        layer, state = from_module(gm.get_submodule(path), path, where, out_shape)
         found = Found(layer, state, path)
     else:
         found = from_call(Call(node, env, module, where))

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 SUPPORTED = (
     "supported: nn.Conv2d, nn.Linear, nn.BatchNorm1d/2d, nn.Dropout, nn.Dropout2d, "
-    "nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.ReLU/Tanh/Sigmoid/GELU/LeakyReLU/"
-    "ELU/SiLU and their functional forms (F.relu, torch.relu, x.relu(), F.max_pool2d, "
-    "F.avg_pool2d, F.dropout, F.dropout2d, …); flattening to (N, C·H·W) by torch.flatten(x, 1), "
-    "x.flatten(1), x.view(…) or x.reshape(…); nn.Sequential, nested modules — one chain of "
-    "layers from the input to the logits"
+    "nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, "
+    "nn.Identity, nn.ReLU/Tanh/Sigmoid/GELU/LeakyReLU/ELU/SiLU, a final nn.LogSoftmax or "
+    "nn.Softmax over dim 1, and their functional forms (F.relu, torch.relu, x.relu(), "
+    "F.max_pool2d, F.adaptive_avg_pool2d, F.dropout, F.log_softmax, …); flattening to "
+    "(N, C·H·W) by torch.flatten(x, 1), x.flatten(1), x.view(…) or x.reshape(…); a reshape "
+    "that changes nothing; nn.Sequential, nested modules — one chain of layers from the input "
+    "to the output"
 )
+
+
+def batch_shape(shape: tuple[int, ...], batch: int) -> str:
+    """A tensor's shape, seen on a batch of ``batch`` images, as the user's batch of N would have
+    it: (N, C, H, W), a first size that is k times the batch as kN."""
+    first = shape[0] if shape else None
+    if first == batch:
+        head = "N"
+    elif first and first % batch == 0:
+        head = f"{first // batch}N"
+    else:
+        head = str(first)
+    return "(" + ", ".join([head, *map(str, shape[1:])]) + ")"
 
 
 class PortError(ValueError):

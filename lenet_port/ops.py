@@ -19,6 +19,8 @@ from lenet_port.trace import op_key, op_name
 from lenet_spec import (
     ELU,
     GELU,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
     AvgPool,
     BatchNorm,
     Conv,
@@ -27,10 +29,12 @@ from lenet_spec import (
     Layer,
     LeakyReLU,
     Linear,
+    LogSoftmax,
     MaxPool,
     ReLU,
     Sigmoid,
     SiLU,
+    Softmax,
     Tanh,
 )
 
@@ -90,6 +94,21 @@ def _avg_pool_module(sub: nn.AvgPool2d, where: str) -> Held:
                       extra={"divisor_override": (sub.divisor_override, None)}), {}
 
 
+def _softmax_dim(dim: Any, where: str, kind: type[Layer]) -> Layer:
+    """A softmax over dim 1 of the (N, classes) logits as the spec's output layer."""
+    if dim not in (1, -1, None):  # None: torch's implicit dim, 1 for an (N, K) tensor
+        raise PortError(f"{where}: {kind.type} over dim {dim}; the spec's {kind.type} is over "
+                        "the classes, dim 1 of the (N, classes) logits")
+    return kind()
+
+
+def _adaptive_module(sub: nn.Module, where: str, out_shape: tuple[int, ...]) -> Held:
+    kind = AdaptiveMaxPool if isinstance(sub, nn.AdaptiveMaxPool2d) else AdaptiveAvgPool
+    if getattr(sub, "return_indices", False):
+        raise PortError(f"{where}: return_indices=True returns the indices too; {SUPPORTED}")
+    return kind(out_shape[-2:]), {}  # as seen: output_size with None keeps that size
+
+
 MODULES: dict[type[nn.Module], Callable[[Any, str], Held]] = {
     nn.ReLU: lambda m, where: (ReLU(), {}),
     nn.Tanh: lambda m, where: (Tanh(), {}),
@@ -107,12 +126,17 @@ MODULES: dict[type[nn.Module], Callable[[Any, str], Held]] = {
     nn.Dropout2d: lambda m, where: (Dropout2d(m.p), {}),
     nn.MaxPool2d: _max_pool_module,
     nn.AvgPool2d: _avg_pool_module,
+    nn.LogSoftmax: lambda m, where: (_softmax_dim(m.dim, where, LogSoftmax), {}),
+    nn.Softmax: lambda m, where: (_softmax_dim(m.dim, where, Softmax), {}),
 }
 """The leaf modules a spec holds, by exact type (a subclass may compute something else)."""
 
 
-def from_module(sub: nn.Module, path: str, where: str) -> Held:
-    """The spec layer of a leaf module and the tensors it holds (None: the identity)."""
+def from_module(sub: nn.Module, path: str, where: str, out_shape: tuple[int, ...]) -> Held:
+    """The spec layer of a leaf module that gave ``out_shape`` and the tensors it holds (None:
+    the identity)."""
+    if type(sub) in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
+        return _adaptive_module(sub, where, out_shape)
     read = MODULES.get(type(sub))
     if read is None:
         if isinstance(sub, nn.Identity):
@@ -213,6 +237,28 @@ def _avg_pool(call: Call) -> Found:
                             extra={"divisor_override": (a["divisor_override"], None)}), {})
 
 
+def _adaptive_pool(call: Call) -> Found:
+    a = call.bind(["output_size", "return_indices"], {"return_indices": False})
+    if a["return_indices"]:
+        raise PortError(f"{call.where}: return_indices=True returns the indices too; "
+                        f"{SUPPORTED}")
+    kind = AdaptiveMaxPool if "max" in op_key(call.node) else AdaptiveAvgPool
+    out = call.env[call.node]
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return Found(kind(tuple(out.shape[-2:])), {})  # as seen: a None in output_size keeps a size
+
+
+def _softmax(call: Call) -> Found:
+    key = op_key(call.node)
+    kind = LogSoftmax if "log" in key else Softmax
+    names = ["dim", "half_to_float"] if key.startswith("_") else ["dim", "_stacklevel", "dtype"]
+    a = call.bind(names, {"dim": None, "_stacklevel": 3, "dtype": None, "half_to_float": False})
+    if a.get("dtype") is not None:
+        raise PortError(f"{call.where}: {kind.type} in dtype {a['dtype']}; the spec's network "
+                        "computes in float32")
+    return Found(_softmax_dim(a["dim"], call.where, kind), {})
+
+
 def _conv_or_linear(call: Call) -> Found:
     names = ["weight", "bias", "stride", "padding", "dilation", "groups"]
     a = call.bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1})
@@ -274,6 +320,9 @@ OPS: dict[str, Callable[[Call], Found]] = {
     **dict.fromkeys(DROPOUTS, _dropout),
     "max_pool2d": _max_pool,
     "avg_pool2d": _avg_pool,
+    **dict.fromkeys(("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"),
+                    _adaptive_pool),
+    **dict.fromkeys(("softmax", "_softmax", "log_softmax", "_log_softmax"), _softmax),
     "conv2d": _conv_or_linear, "linear": _conv_or_linear,
     "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
 }

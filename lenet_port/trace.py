@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lenet_port.errors import PortError, first_line
+from lenet_port.errors import PortError, batch_shape, first_line
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
@@ -64,7 +64,8 @@ def run_graph(gm: fx.GraphModule, x: torch.Tensor, name: str) -> dict[fx.Node, A
             warnings.simplefilter("ignore")
             interpreter.run(x)
     except Exception as e:
-        raise PortError(f"{name}: running it on a batch of shape {tuple(x.shape)} failed: "
+        raise PortError(f"{name}: running it on a batch of {batch_shape(tuple(x.shape), len(x))} "
+                        f"images failed: "
                         f"{first_line(e)}") from None
     return interpreter.env
 
@@ -113,6 +114,9 @@ def op_key(node: fx.Node) -> str:
         return target._schema.name.split("::")[-1]
     if target is F.max_pool2d or target is F.max_pool2d_with_indices:
         return "max_pool2d"
+    if target in (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices,
+                  F._adaptive_max_pool2d):
+        return "adaptive_max_pool2d"
     if target is operator.getitem:
         return "getitem"
     return getattr(target, "__name__", "")

@@ -135,6 +135,51 @@ class AvgPool(_Pool):
 
 
 @dataclass(frozen=True)
+class _AdaptivePool:
+    output_size: Pair
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_size", _pair(self.output_size, "output_size"))
+
+
+@dataclass(frozen=True)
+class AdaptiveMaxPool(_AdaptivePool):
+    """Max pooling to an ``output_size`` map, whatever the input's size: output row i covers
+    input rows ⌊i·H/out⌋ to ⌈(i+1)·H/out⌉ (exclusive), likewise columns (torch's windows)."""
+
+    type: ClassVar[str] = "adaptive_max_pool"
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool(_AdaptivePool):
+    """Average pooling to an ``output_size`` map, over :class:`AdaptiveMaxPool`'s windows."""
+
+    type: ClassVar[str] = "adaptive_avg_pool"
+
+
+def adaptive_windows(size: int, out: int) -> list[tuple[int, int]]:
+    """The [start, end) of each of ``out`` adaptive-pool windows over ``size`` positions:
+    ⌊i·size/out⌋ to ⌈(i+1)·size/out⌉, as torch computes them."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+@dataclass(frozen=True)
+class LogSoftmax:
+    """An output layer: log-probabilities, x − log Σ exp(x) over the classes. Training computes
+    the cross-entropy from the logits before it (the NLL of these log-probabilities)."""
+
+    type: ClassVar[str] = "log_softmax"
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """An output layer: probabilities, exp(x) / Σ exp(x) over the classes. Training computes the
+    cross-entropy from the logits before it, never a softmax of the probabilities."""
+
+    type: ClassVar[str] = "softmax"
+
+
+@dataclass(frozen=True)
 class ReLU:
     """max(x, 0)."""
 
@@ -273,17 +318,22 @@ class Dropout2d(_Dropout):
     type: ClassVar[str] = "dropout2d"
 
 
-Layer = Union[Conv, MaxPool, AvgPool, ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU,  # noqa: UP007
-              SiLU, Flatten, Linear, BatchNorm, Dropout, Dropout2d]
+Layer = Union[Conv, MaxPool, AvgPool, AdaptiveMaxPool, AdaptiveAvgPool, ReLU,  # noqa: UP007
+              Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU, Flatten, Linear, BatchNorm, Dropout,
+              Dropout2d, LogSoftmax, Softmax]
 LAYER_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (Conv, MaxPool, AvgPool, ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU,
-                              SiLU, Flatten, Linear, BatchNorm, Dropout, Dropout2d)
+    cls.type: cls for cls in (Conv, MaxPool, AvgPool, AdaptiveMaxPool, AdaptiveAvgPool, ReLU,
+                              Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU, Flatten, Linear,
+                              BatchNorm, Dropout, Dropout2d, LogSoftmax, Softmax)
 }
 ACTIVATION_TYPES = (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU)
 PARAMETERISED = (Conv, Linear, BatchNorm)
 """The named layers: those with parameters or buffers."""
 ELEMENTWISE = (*ACTIVATION_TYPES, Dropout, Dropout2d)
 """Layers that keep a tensor's shape and the order of its elements' meaning."""
+OUTPUT_TYPES = (LogSoftmax, Softmax)
+"""Layers a network may end in, after its logits: what it returns is then not the logits."""
+ADAPTIVE_POOLS = (AdaptiveMaxPool, AdaptiveAvgPool)
 
 
 def is_monotone(layer: Layer) -> bool:
@@ -302,7 +352,7 @@ def is_monotone(layer: Layer) -> bool:
 
 def infer(layer: Layer, shape: Shape, where: str) -> tuple[Shape, int]:
     """Output shape and MACs (per image) of ``layer`` on an input of ``shape``."""
-    if isinstance(layer, (Conv, MaxPool, AvgPool, Dropout2d)) and len(shape) != 3:
+    if isinstance(layer, (Conv, MaxPool, AvgPool, *ADAPTIVE_POOLS, Dropout2d)) and len(shape) != 3:
         raise SpecError(
             f"{where}: needs a spatial C×H×W input but gets a flat vector of {shape[0]} "
             f"(remove the flatten before it, or move it after this layer"
@@ -327,6 +377,11 @@ def infer(layer: Layer, shape: Shape, where: str) -> tuple[Shape, int]:
                             f"{c} channels")
         taps = (c // layer.groups) * math.prod(layer.kernel_size)
         return (layer.out_channels, ho, wo), layer.out_channels * ho * wo * taps
+    if isinstance(layer, ADAPTIVE_POOLS):
+        return (shape[0], *layer.output_size), 0
+    if isinstance(layer, OUTPUT_TYPES) and len(shape) != 1:
+        raise SpecError(f"{where}: an output layer over the classes needs a flat (N, classes) "
+                        f"input but gets {fmt_shape(shape)} (add a flatten before it)")
     if isinstance(layer, Flatten):
         if len(shape) != 3:
             raise SpecError(f"{where}: input is already flat ({shape[0]} features)")
@@ -359,6 +414,8 @@ def kind(layer: Layer) -> str:
         extra = f" {fmt_pair(layer.kernel_size)}"
         if layer.stride != layer.kernel_size:
             extra += f" s{fmt_pair(layer.stride)}"
+    elif isinstance(layer, ADAPTIVE_POOLS):
+        extra = f" to {fmt_pair(layer.output_size)}"
     elif isinstance(layer, Linear) and not layer.bias:
         extra = " no bias"
     elif isinstance(layer, (Dropout, Dropout2d)):

@@ -18,6 +18,7 @@ from typing import Any
 from lenet_spec.datasets import SHAPES, fitting
 from lenet_spec.layers import (
     LAYER_TYPES,
+    OUTPUT_TYPES,
     PARAMETERISED,
     BatchNorm,
     Conv,
@@ -164,6 +165,10 @@ class Spec:
             label = getattr(layer, "name", None) or layer.type
             where = getattr(layer, "name", None) or f"layer {i} ({layer.type})"
             out, macs = infer(layer, shape, where)
+            if isinstance(layer, OUTPUT_TYPES) and i != len(self.layers) - 1:
+                raise SpecError(f"{where}: {layer.type} is an output layer and must be the "
+                                f"network's last (it is followed by {len(self.layers) - 1 - i} "
+                                "more)")
             if isinstance(layer, BatchNorm) and source in ("the network input", "a flatten"):
                 raise SpecError(
                     f"{where}: batch_norm normalises a conv's channels or a linear layer's "
@@ -185,10 +190,12 @@ class Spec:
         if len(shape) != 1:
             raise SpecError(
                 f"{self.name}: the network ends in a {fmt_shape(shape)} tensor; "
-                "it must end flat (N, classes): add a flatten and a linear layer"
+                "it must end flat (N, classes): add a flatten (and a linear layer unless the "
+                "flattened map's size is the class count)"
             )
-        if not any(isinstance(layer, Linear) for layer in self.layers):
-            raise SpecError(f"{self.name}: the network has no linear layer to produce logits")
+        if not any(params for info in infos for params in info.params):
+            raise SpecError(f"{self.name}: the network has no parameters to train (no conv, "
+                            "linear or affine batch_norm layer)")
         return tuple(infos)
 
     # -- what the ports and tests ask of a spec
@@ -200,6 +207,18 @@ class Spec:
     @property
     def num_classes(self) -> int:
         return self.output_shape[0]
+
+    @property
+    def output(self) -> str:
+        """What the network returns: ``"logits"``, or after an output layer ``"log_probs"``
+        (log_softmax) or ``"probs"`` (softmax)."""
+        last = self.layers[-1]
+        return {"log_softmax": "log_probs", "softmax": "probs"}.get(last.type, "logits")
+
+    @property
+    def logits_end(self) -> int:
+        """How many of the layers compute the logits: all but a final output layer."""
+        return len(self.layers) - (self.output != "logits")
 
     @property
     def param_shapes(self) -> dict[str, Shape]:

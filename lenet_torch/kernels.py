@@ -30,10 +30,10 @@ def resolve(kernels: str) -> str:
     return "stock" if kernels == "auto" else kernels
 
 
-def forward(net: Any, x: torch.Tensor) -> torch.Tensor:
-    """``net``'s logits for NCHW ``x``, fused where a formulation applies, else by ``net``'s own
-    layers."""
-    layers, i = net.spec.layers, 0
+def forward(net: Any, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
+    """``net``'s output for NCHW ``x`` (its first ``end`` layers), fused where a formulation
+    applies, else by ``net``'s own layers."""
+    layers, i = net.spec.layers[:end], 0
     while i < len(layers):
         span = conv_pool_span(layers, i)
         layer = layers[i]

@@ -2,7 +2,9 @@
 
 Parameterised layers are submodules named as in the spec (``net.conv1``); activations,
 pooling and flatten are applied functionally in ``forward``, as in the PyTorch tutorial.
-Input NCHW float32, output logits (N, classes). Parameters are already in canonical layout.
+Input NCHW float32, output logits (N, classes), or log-probabilities or probabilities when the
+spec ends in log_softmax or softmax (``net(x, logits=True)`` stops before). Parameters are
+already in canonical layout.
 ``kernels="stock"`` computes every layer with torch's own layers, ``"fused"`` with the tuned
 formulations of :mod:`lenet_torch.kernels` (the JAX port's); ``"auto"`` picks the faster.
 """
@@ -21,6 +23,8 @@ from lenet_spec import (
     ELU,
     GELU,
     INITS,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
     AvgPool,
     BatchNorm,
     Conv,
@@ -29,10 +33,12 @@ from lenet_spec import (
     Flatten,
     LeakyReLU,
     Linear,
+    LogSoftmax,
     MaxPool,
     ReLU,
     Sigmoid,
     SiLU,
+    Softmax,
     Spec,
     Tanh,
     canonical_dtype,
@@ -80,11 +86,14 @@ class LeNet(nn.Module):
                 continue
             setattr(self, layer.name, module)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        """What the spec's network returns for NCHW ``x``; with ``logits``, what it returns
+        before a final log_softmax or softmax."""
         check_input(self.spec, x)
+        end = self.spec.logits_end if logits else len(self.spec.layers)
         if self.kernels == "fused":
-            return fused.forward(self, x)
-        for layer in self.spec.layers:
+            return fused.forward(self, x, end)
+        for layer in self.spec.layers[:end]:
             x = self.apply_layer(layer, x)
         return x
 
@@ -102,8 +111,16 @@ class LeNet(nn.Module):
             return F.max_pool2d(x, layer.kernel_size, layer.stride)
         if isinstance(layer, AvgPool):
             return F.avg_pool2d(x, layer.kernel_size, layer.stride)
+        if isinstance(layer, AdaptiveMaxPool):
+            return F.adaptive_max_pool2d(x, layer.output_size)
+        if isinstance(layer, AdaptiveAvgPool):
+            return F.adaptive_avg_pool2d(x, layer.output_size)
         if isinstance(layer, Flatten):
             return torch.flatten(x, 1)
+        if isinstance(layer, LogSoftmax):
+            return F.log_softmax(x, dim=1)
+        if isinstance(layer, Softmax):
+            return F.softmax(x, dim=1)
         raise TypeError(f"unknown layer {layer!r}")
 
 

@@ -18,19 +18,20 @@ from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
 from lenet_train.checkpoints import State
 from lenet_train.errors import StateError
-from lenet_train.options import EVAL_BATCH
+from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.run import Run
 
 
-def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss):
+def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss, on_logits: bool = True):
     """The train step: one optimizer step on (x, y) at learning rate ``lr``; returns the loss
-    and the correct count as device tensors."""
+    (of the logits before a final log_softmax/softmax if ``on_logits``, else of the network's
+    output) and the correct count as device tensors."""
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: float):
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        logits = model(x)
+        logits = model(x, logits=on_logits)
         value = loss(logits, y)
         value.backward()
         opt.step()
@@ -78,7 +79,8 @@ class TorchBackend(distributed.Processes):
         model = distributed.wrap(net, self.layout, device)
         self.model = torch.compile(model) if self.compile else model
         self.loss = loss_fn(args.loss)
-        self.step = make_step(self.model, self.opt, self.loss)
+        self.on_logits = loss_on_logits(args.loss)
+        self.step = make_step(self.model, self.opt, self.loss, self.on_logits)
         self.lrs = run.lr_table()
         self.train_x, self.train_y, self.test_x, self.test_y = (
             torch.from_numpy(a).to(device)
@@ -105,7 +107,7 @@ class TorchBackend(distributed.Processes):
         total_loss, correct = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(self.test_x), EVAL_BATCH):
-                logits = self.model(self.test_x[i : i + EVAL_BATCH])
+                logits = self.model(self.test_x[i : i + EVAL_BATCH], logits=self.on_logits)
                 labels = self.test_y[i : i + EVAL_BATCH]
                 total_loss += self.loss(logits, labels).item() * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()

@@ -19,6 +19,7 @@ from lenet_spec import (
 from lenet_train.checkpoints import CHECKPOINT
 from lenet_train.cli import default_workdir, total_steps
 from lenet_train.data import DataError, load, normalisation, prepare
+from lenet_train.data.catalog import DATASETS
 from lenet_train.distributed import Layout
 from lenet_train.errors import fail
 from lenet_train.run import Run
@@ -71,6 +72,10 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
         fits = fitting(spec.input_shape)
         fail(f"spec {spec.name} {why}" + (f" (it fits --dataset {' or '.join(fits)})" if fits
                                           else ""))
+    classes = DATASETS[args.dataset].classes
+    if spec.num_classes != classes:
+        fail(f"spec {spec.name} ends in {spec.num_classes} outputs; {args.dataset} has {classes} "
+             "classes (its last layer must give one output per class)")
     try:
         train = load(args.dataset, "train", args.data_dir)
         test = load(args.dataset, "test", args.data_dir)

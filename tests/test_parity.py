@@ -45,7 +45,22 @@ from lenet_parity.battery import (  # the tolerances, one copy for the tests and
     TRAJ_PARAM_TOL,
     trajectories,
 )
-from lenet_spec import PRESETS, Flatten, Linear, MaxPool, ReLU, Spec
+from lenet_spec import (
+    PRESETS,
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
+    BatchNorm,
+    Conv,
+    Dropout,
+    Flatten,
+    Linear,
+    LogSoftmax,
+    MaxPool,
+    ReLU,
+    Softmax,
+    Spec,
+    Tanh,
+)
 
 
 def _logit_parity(spec: Spec, kernels: tuple[str, str], seed: int = 0) -> None:
@@ -362,3 +377,84 @@ def test_module_basics_side_by_side(capsys) -> None:
     assert set(hooked) == {info.label for info in spec.infos if info.params}
     printed = capsys.readouterr().out
     assert "conv1      torch (8, 6, 28, 28)   hook (8, 6, 28, 28)   jax (8, 28, 28, 6)" in printed
+
+
+# ------------------------------------------------------------- the forms published models use
+
+FORMS = {
+    # pytorch/examples' MNIST Net: log-probabilities out, trained with nll_loss
+    "log_softmax": Spec("log_softmax", (1, 16, 16), (
+        Conv(4, 3), ReLU(), MaxPool(2), Flatten(), Linear(12), ReLU(), Dropout(0.25),
+        Linear(10), LogSoftmax())),
+    # a softmax head over a batch-normed MLP (no bias before the batch_norm: its gradient is
+    # zero in exact arithmetic, float32 noise in both ports; lenet_parity judges that case)
+    "softmax": Spec("softmax", (1, 12, 12), (
+        Conv(3, 3, stride=2), Tanh(), Flatten(), Linear(8, bias=False), BatchNorm(), ReLU(),
+        Linear(10),
+        Softmax())),
+    # the nn tutorial's Mnist_CNN: strided convs, an adaptive average to 1×1, logits from the
+    # flatten (no linear layer)
+    "all_conv": Spec("all_conv", (1, 14, 14), (
+        Conv(8, 3, stride=2, padding=1), ReLU(), Conv(10, 3, stride=2, padding=1), ReLU(),
+        AdaptiveAvgPool(1), Flatten())),
+    # Opacus' CIFAR-10 net: adaptive pools whose sizes do not divide the map (13 → 5, 6 → 4)
+    "adaptive": Spec("adaptive", (3, 15, 15), (
+        Conv(6, 3, bias=False), BatchNorm(), ReLU(), AdaptiveMaxPool(5), Conv(8, 2), ReLU(),
+        AdaptiveAvgPool((4, 3)), Flatten(), Linear(10))),
+    # logits from a flatten of an H×W map (the channel order differs from JAX's NHWC layout)
+    "flat_logits": Spec("flat_logits", (1, 9, 9), (
+        Conv(1, 3, padding=1), ReLU(), AdaptiveMaxPool((2, 5)), Flatten())),
+}
+
+
+@pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("fused", "fused")))
+@pytest.mark.parametrize("name", fast_only(list(FORMS), "adaptive"))
+def test_logits_of_published_forms(name: str, kernels: tuple[str, str]) -> None:
+    """As the presets: what the network returns (log-probabilities, probabilities, logits
+    from a flatten, adaptive pools), within LOGIT_TOL, both ways."""
+    _logit_parity(FORMS[name], kernels)
+
+
+@pytest.mark.parametrize("loss", fast_only(["ce", "mse"], "ce"))
+@pytest.mark.parametrize("name", fast_only(list(FORMS), "log_softmax"))
+def test_gradients_of_published_forms(name: str, loss: str) -> None:
+    """As the presets, each pairing of kernels: ce of the logits before an output layer, mse
+    of what the network returns (probabilities, log-probabilities). With the random specs'
+    GRAD_FLOOR: flat_logits' conv bias shifts every logit alike, which cross-entropy ignores,
+    so its gradient is 0 in exact arithmetic and float32 noise in each port (measured
+    −1.1e-8 in torch, −1.8e-8 in JAX)."""
+    for kernels in (("stock", "stock"), ("fused", "fused")):
+        _grad_parity(FORMS[name], loss, kernels, floor=GRAD_FLOOR)
+
+
+@pytest.mark.parametrize("name", fast_only(list(FORMS), "adaptive"))
+def test_trajectories_of_published_forms(name: str) -> None:
+    """As the presets: 20 SGD steps, losses within TRAJ_LOSS_TOL relative, parameters within
+    TRAJ_PARAM_TOL."""
+    spec = FORMS[name]
+    lt, lj, t, j = _trajectories(spec, TRAJECTORY["sgd"], ("fused", "fused"))
+    assert np.all(np.abs(lt - lj) <= TRAJ_LOSS_TOL * np.abs(lt))
+    wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
+    params = spec.param_shapes
+    assert max_abs_diff({k: wt[k] for k in params}, {k: wj[k] for k in params}) <= TRAJ_PARAM_TOL
+    assert buffers_gap(wj, wt, spec) <= STATS_TOL
+
+
+def test_cross_entropy_of_an_output_layer_is_the_nll_of_what_it_returns() -> None:
+    """Training a log_softmax network on the logits before it is what its authors did with
+    F.nll_loss on its output; a softmax network's loss is −log p of the label, never a softmax
+    of the probabilities."""
+    from lenet_torch.loss import loss_fn
+
+    x, y = random_batch(FORMS["log_softmax"], 8, seed=1)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        net = lenet_torch.build(FORMS["log_softmax"]).eval()
+        trained_on = loss_fn("ce")(net(xt, logits=True), yt)
+        assert torch.equal(trained_on, torch.nn.functional.nll_loss(net(xt), yt))
+        net = lenet_torch.build(FORMS["softmax"]).eval()
+        trained_on = loss_fn("ce")(net(xt[:, :, :12, :12], logits=True), yt)
+        nll = -torch.log(net(xt[:, :, :12, :12]))[torch.arange(8), yt].mean()
+        assert abs(trained_on.item() - nll.item()) <= 1e-6 * nll.item()
+        double = loss_fn("ce")(net(xt[:, :, :12, :12]), yt)
+        assert abs(double.item() - nll.item()) > 1e-2  # the double softmax would be caught

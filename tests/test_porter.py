@@ -136,8 +136,64 @@ def flax_logits(spec, weights, x: torch.Tensor) -> np.ndarray:
     return np.asarray(net(jnp.asarray(x.numpy().transpose(0, 2, 3, 1))))
 
 
+class NllNet(nn.Module):
+    """pytorch/examples' MNIST style: log-probabilities out (trained there with F.nll_loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, 1), nn.Conv2d(4, 8, 3, 1)
+        self.dropout1, self.dropout2 = nn.Dropout(0.25), nn.Dropout(0.5)
+        self.fc1, self.fc2 = nn.Linear(8 * 6 * 6, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 16, 16)  # a reshape that changes nothing
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = self.dropout1(F.max_pool2d(x, 2))
+        x = self.dropout2(F.relu(self.fc1(torch.flatten(x, 1))))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class AllConvNet(nn.Module):
+    """The nn tutorial's Mnist_CNN style: strided convs, an average over the whole map, the
+    logits straight from the flatten (no linear layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 10, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        x = F.adaptive_avg_pool2d(x, 1)
+        return x.view(-1, x.size(1))
+
+
+def adaptive_sequential() -> nn.Module:
+    """Opacus' CIFAR-10 style: adaptive pools whose sizes do not divide the map, a softmax out."""
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveMaxPool2d(5),
+        nn.Conv2d(6, 8, 2), nn.ReLU(), nn.AdaptiveAvgPool2d((None, 3)), nn.Flatten(),
+        nn.Linear(8 * 4 * 3, 10), nn.Softmax(dim=-1))
+
+
+class LoopNet(TutorialNet):
+    """The tutorial's loop over x.size() (only torch.export reads it), with ATen's adaptive
+    max-pool (which returns the indices too) and log_softmax."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_max_pool2d(F.relu(self.conv1(x)), (14, 13))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, ceil_mode=False)
+        x = F.adaptive_avg_pool2d(x, 5)
+        x = x.view(-1, self.num_flat_features(x))
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x))))).log_softmax(1)
+
+
 CASES = {
     "tutorial": (TutorialNet, (1, 32, 32), "torch.export"),
+    "nll": (NllNet, (1, 16, 16), "torch.fx"),
+    "all_conv": (AllConvNet, (1, 14, 14), "torch.fx"),
+    "adaptive": (adaptive_sequential, (3, 15, 15), "torch.fx"),
+    "loop_adaptive": (LoopNet, (1, 32, 32), "torch.export"),
     "size_view": (SizeViewNet, (3, 32, 32), "torch.fx"),
     "ordered_sequential": (ordered_sequential, (1, 32, 32), "torch.fx"),
     "reshape_shape": (ReshapeNet, (2, 12, 12), "torch.fx"),
@@ -145,7 +201,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", fast_only(CASES, "norm"))
+@pytest.mark.parametrize("case", fast_only(CASES, "norm", "adaptive"))
 def test_round_trip_to_flax(case: str) -> None:
     """Each style goes to a spec and weights whose Flax model gives the module's logits."""
     make, shape, tracer = CASES[case]
@@ -265,7 +321,7 @@ class Bad(nn.Module):
     ("custom_autograd", r"\(operator.mul\).*x \* x.*operator.mul is not supported"),
     ("slice", r"indexing or slicing"),
     ("shared", r"indexing or slicing"),
-    ("half_flatten", r"reshapes \(3, 4, 8, 8\) to \(6, 128\).*flattening"),
+    ("half_flatten", r"reshapes \(N, 4, 8, 8\) to \(2N, 128\).*flattening"),
     ("pool_padding", r"pooling with padding 1"),
     ("batch_in_forward", r"batch size written into forward"),
     ("tuple", r"forward returns .*not the output of its last layer.*pick it with output=I"),
@@ -295,7 +351,7 @@ def test_weight_sharing_and_other_refusals() -> None:
                                nn.Flatten(), nn.Linear(2 * 4 * 4, 2))
     with pytest.raises(PortError, match="momentum=None"):
         to_spec(cumulative, (1, 6, 6))
-    with pytest.raises(PortError, match="running it on a batch of shape \\(3, 1, 5, 5\\) failed"):
+    with pytest.raises(PortError, match="running it on a batch of \\(N, 1, 5, 5\\) images failed"):
         to_spec(TutorialNet(), (1, 5, 5))
     with pytest.raises(PortError, match="input_shape must be"):
         to_spec(TutorialNet(), (32, 32))
@@ -427,7 +483,7 @@ def test_a_reshape_that_changes_nothing_is_the_identity() -> None:
         def forward(self, x):
             return super().forward(x.view(-1, 1, 6, 24).view(-1, 1, 12, 12))
 
-    with pytest.raises(PortError, match=r"reshapes \(3, 1, 12, 12\) to \(3, 1, 6, 24\)"):
+    with pytest.raises(PortError, match=r"reshapes \(N, 1, 12, 12\) to \(N, 1, 6, 24\)"):
         to_spec(ViewOther(), (1, 12, 12))
 
 
@@ -492,3 +548,54 @@ def test_a_shared_submodule_is_named_by_its_callers_lines() -> None:
                      r"self.c2_2\(output\) " + inner + r": c2_2.conv is applied a second time "
                      r"\(its first use: c2_2.conv \(Conv2d\) at test_porter.py:\d+: output = "
                      r"self.c2_2\(self.c1\(x\)\) " + inner, str(caught.value)), caught.value
+
+
+def test_output_layers_and_adaptive_pools_in_the_spec() -> None:
+    """What the published forms become: the output layer last, adaptive pools at the sizes
+    the module gave (a None in output_size keeps that size), logits from the flatten."""
+    spec, _ = to_spec(NllNet(), (1, 16, 16))
+    assert spec.layers[-1].type == "log_softmax" and spec.output == "log_probs"
+    assert spec.layers[0].type == "conv"  # the x.view(-1, 1, 16, 16) is the identity
+    spec, _ = to_spec(adaptive_sequential(), (3, 15, 15))
+    pools = [layer for layer in spec.layers if layer.type.startswith("adaptive")]
+    assert [(p.type, p.output_size) for p in pools] == [("adaptive_max_pool", (5, 5)),
+                                                        ("adaptive_avg_pool", (4, 3))]
+    assert spec.output == "probs"
+    spec, _ = to_spec(AllConvNet(), (1, 14, 14))
+    assert spec.layers[-1].type == "flatten" and spec.num_classes == 10
+    assert not any(isinstance(layer, Linear) for layer in spec.layers)
+
+
+class SoftmaxNet(nn.Module):
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.what = what
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.what in ("indices", "pooled"):
+            x = F.adaptive_max_pool2d(x, 4, return_indices=self.what == "indices")
+            x = x[0] if self.what == "indices" else x
+        y = self.fc(x.flatten(1))
+        if self.what == "dim0":
+            return F.softmax(y, dim=0)
+        if self.what == "not_last":
+            return F.relu(F.log_softmax(y, 1))
+        if self.what == "dtype":
+            return torch.softmax(y, 1, dtype=torch.float64)
+        return y.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("dim0", r"softmax over dim 0; the spec's softmax is over the classes, dim 1"),
+    ("not_last", r"log_softmax is an output layer and must be the network's last"),
+    ("indices", r"return_indices=True returns the indices too"),
+    ("dtype", r"softmax in dtype torch.float64"),
+])
+def test_what_an_output_layer_cannot_be(what: str, message: str) -> None:
+    with pytest.raises(PortError, match=message) as caught:
+        to_spec(SoftmaxNet(what), (1, 4, 4))
+    assert "\n" not in str(caught.value)
+    spec, _ = to_spec(SoftmaxNet("pooled"), (1, 8, 8))  # the functional forms that port
+    assert [layer.type for layer in spec.layers] == ["adaptive_max_pool", "flatten", "linear",
+                                                     "softmax"]

@@ -240,8 +240,25 @@ BAD = {
     "zero input size": (_spec(BASE, (1, 0, 32)), "input_shape [1, 0, 32]: each size must be"),
     "two-dim input": (_spec(BASE, (32, 32)), "input_shape must be [C, H, W]"),
     "unknown layer type": (
+        _spec([{"type": "lrn"}, *BASE]),
+        "layer 0: unknown type 'lrn'; expected one of conv, max_pool",
+    ),
+    "softmax on a map": (
         _spec([{"type": "softmax"}, *BASE]),
-        "layer 0: unknown type 'softmax'; expected one of conv, max_pool",
+        "layer 0 (softmax): an output layer over the classes needs a flat (N, classes) input "
+        "but gets 1×32×32",
+    ),
+    "log_softmax not last": (
+        _spec([*BASE, {"type": "log_softmax"}, {"type": "relu"}]),
+        "layer 2 (log_softmax): log_softmax is an output layer and must be the network's last",
+    ),
+    "adaptive pool of a flat vector": (
+        _spec([*BASE, {"type": "adaptive_avg_pool", "output_size": 1}]),
+        "layer 2 (adaptive_avg_pool): needs a spatial C×H×W input but gets a flat vector of 10",
+    ),
+    "adaptive pool to nothing": (
+        _spec([{"type": "adaptive_max_pool", "output_size": [2, 0]}, *BASE]),
+        "layer 0 (adaptive_max_pool): output_size must be at least 1",
     ),
     "dropout p of 1": (_spec([{"type": "dropout", "p": 1.0}, *BASE]),
                        "layer 0 (dropout): p must be in [0, 1), got 1.0"),
@@ -337,7 +354,7 @@ BAD = {
         _spec([{"type": "conv", "out_channels": 2, "kernel_size": 3}]),
         "the network ends in a 2×30×30 tensor; it must end flat",
     ),
-    "no linear": (_spec([{"type": "flatten"}]), "has no linear layer"),
+    "no parameters": (_spec([{"type": "flatten"}]), "has no parameters to train"),
     "double flatten": (_spec([{"type": "flatten"}, *BASE]), "input is already flat"),
     "layers not a list": (_spec({"type": "flatten"}), "'layers' must be a list"),
     "layer not an object": (_spec(["relu", *BASE]), "layer 0: must be a JSON object"),

@@ -292,3 +292,30 @@ def test_kernels_flag_trains_the_same_steps(tmp_path, mnist_dir, framework: str)
         losses[kernels] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
     assert len(losses["stock"]) == len(losses["fused"]) == 20
     assert np.all(np.abs(losses["fused"] - losses["stock"]) <= 1e-4 * losses["stock"])
+
+
+@SLOW
+@pytest.mark.parametrize("framework", PROGRAMS)
+def test_an_output_layer_trains_as_its_logits(tmp_path, mnist_dir, framework: str) -> None:
+    """A spec ending in log_softmax trains the same steps as the spec without it (cross-entropy
+    of the logits is the NLL of the log-probabilities); a spec whose outputs are not the
+    dataset's classes is one line naming both counts."""
+    base = PRESETS["lenet5"].to_dict()
+    losses = {}
+    for name, extra in (("logits", []), ("log_probs", [{"type": "log_softmax"}])):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**base, "name": name, "layers": base["layers"] + extra}))
+        workdir = tmp_path / name
+        _run(PROGRAMS[framework], "--spec", str(path), "--max-steps", "8", "--epochs", "1",
+             "--log-steps", "--train-size", "1024", "--data-dir", mnist_dir, "--workdir",
+             str(workdir))
+        losses[name] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
+    assert len(losses["logits"]) == 8
+    np.testing.assert_array_equal(losses["log_probs"], losses["logits"])
+    path = tmp_path / "seven.json"
+    layers = base["layers"][:-1] + [{**base["layers"][-1], "out_features": 7}]
+    path.write_text(json.dumps({**base, "name": "seven", "layers": layers}))
+    res = _run(PROGRAMS[framework], "--spec", str(path), "--data-dir", mnist_dir, "--workdir",
+               str(tmp_path / "seven_run"), check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "spec seven ends in 7 outputs; mnist has 10 classes" in res.stderr
