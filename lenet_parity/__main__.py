@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single-step", action="store_true",
                         help="feed every layer the torch port's input (and output gradient), "
                              "so that each row measures its layer alone")
+    parser.add_argument("--no-float64", action="store_true",
+                        help="skip the float64 reference (about half the time): fixed bounds "
+                             "only, with the gradients' absolute floor of 1.2e-7")
     parser.add_argument("--torch-kernels", choices=KERNELS, default="auto",
                         help="the torch side's kernels (stock: its own layers; fused: the "
                              "tuned formulations; auto: the faster here)")
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         report = check(spec, sides["torch"], sides["jax"], steps=args.steps, batch=args.batch,
                        seed=args.seed, single_step=args.single_step,
                        kernels=(args.torch_kernels, args.jax_kernels),
+                       reference=not args.no_float64,
                        progress=lambda what: print(f"  {what}…", file=sys.stderr, end="\r"))
     except NoClearBatch as e:
         print(f"\nerror: {e}: every random batch has an image within 1e-6 of a kink (a "

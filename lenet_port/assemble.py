@@ -85,8 +85,8 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
             with torch.no_grad(), quiet():
                 module(x)
         except Exception as e:
-            raise PortError(f"{name}: running it on a batch of {batch_shape(tuple(x.shape), TRACE_BATCH)} "
-                            f"images failed: "
+            shape_n = batch_shape(tuple(x.shape), TRACE_BATCH)
+            raise PortError(f"{name}: running it on a batch of {shape_n} images failed: "
                             f"{first_line(e)}") from None
         gm, tracer = trace_module(module, x)
         steps = read_chain(module, gm, run_graph(gm, x, name), name, output)

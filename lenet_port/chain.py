@@ -24,7 +24,7 @@ from lenet_port.ops import (
     from_module,
 )
 from lenet_port.trace import describe, op_key, op_name, quiet
-from lenet_spec import Flatten, Layer
+from lenet_spec import AdaptiveAvgPool, Flatten, Layer
 
 
 @dataclass
@@ -56,7 +56,11 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
     head = placeholders[0]
     derived = {head}
     steps: list[Step] = []
+    needed = _feeding(gm, output) if output is not None else None
     for node in gm.graph.nodes:
+        if needed is not None and node.op != "output" and node not in needed \
+                and not _in_place(node):
+            continue  # computes only another element of the returned tuple
         if node.op == "output":
             out = node.args[0]
             several = isinstance(out, (tuple, list))
@@ -96,40 +100,60 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
                 "_native_batch_norm_legit_no_training", "adaptive_max_pool2d"):
             raise PortError(f"{where}: returns {type(env[node]).__name__}, not one tensor "
                             f"(return_indices?); {SUPPORTED}")
-        step = read_node(node, module, gm, env, head, where)
+        steps += read_node(node, module, gm, env, head, where)
         head = node
-        if step is not None:
-            steps.append(step)
     return steps
 
 
+def _feeding(gm: fx.GraphModule, output: int) -> set[fx.Node]:
+    """The nodes that element ``output`` of the returned tuple is computed from."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, (tuple, list)) or not -len(out) <= output < len(out):
+        return set(gm.graph.nodes)  # the refusal is read_chain's
+    seen: set[fx.Node] = set()
+    todo = [out[output]] if isinstance(out[output], fx.Node) else []
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo += node.all_input_nodes
+    return seen
+
+
+def _in_place(node: fx.Node) -> bool:
+    """An op that writes into its input (relu_, inplace=True): it counts even unused."""
+    return op_key(node).endswith("_") or node.kwargs.get("inplace") is True
+
+
 def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, head: fx.Node,
-          where: str) -> Step | None:
-    """One node as a spec layer (None for the identity)."""
+          where: str) -> list[Step]:
+    """One node as spec layers (none for the identity; a global mean is two)."""
     x, y = env[head], env[node]
     in_shape = tuple(x.shape) if isinstance(x, torch.Tensor) else ()
     out_shape = tuple(y[0].shape if isinstance(y, (tuple, list)) else y.shape)
     key = "" if node.op == "call_module" else op_key(node)
     if key in INDEXING:
         if key == "getitem" and isinstance(x, (tuple, list)) and node.args[1] == 0:
-            return None  # the output of an op that returns (out, mean, invstd) or (out, indices)
+            return []  # the output of an op that returns (out, mean, invstd) or (out, indices)
         raise PortError(f"{where}: indexing or slicing a tensor of the network is not "
                         f"supported; {SUPPORTED}")
     if key in IDENTITIES or (node.op == "call_module"
                               and isinstance(gm.get_submodule(node.target), nn.Identity)):
-        return None
+        return []
     if key in RESHAPES or (node.op == "call_module"
                             and isinstance(gm.get_submodule(node.target), nn.Flatten)):
         if len(in_shape) == 4 and out_shape == (in_shape[0], math.prod(in_shape[1:])):
-            return Step(Flatten(), where, out_shape[1:])
+            return [Step(Flatten(), where, out_shape[1:])]
         if out_shape == in_shape:  # a reshape that changes nothing, at any rank: the identity
-            return None
+            return []
         n = in_shape[0]
         raise PortError(f"{where}: reshapes {batch_shape(in_shape, n)} to "
                         f"{batch_shape(out_shape, n)}; "
                         f"the only reshape a spec "
                         f"holds is flattening (N, C, H, W) to (N, C·H·W) (the batch axis kept); "
                         f"{SUPPORTED}")
+    if key == "mean" and len(in_shape) == 4:
+        return _global_mean(Call(node, env, module, where), in_shape, out_shape, where)
     if node.op == "call_module":
         path = str(node.target)
         layer, state = from_module(gm.get_submodule(path), path, where, out_shape)
@@ -137,9 +161,23 @@ def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, h
     else:
         found = from_call(Call(node, env, module, where))
     if found.layer is None:
-        return None
-    return Step(found.layer, where, out_shape[1:], found.owner,
-                {k: v for k, v in found.state.items() if v is not None}, found.flag)
+        return []
+    return [Step(found.layer, where, out_shape[1:], found.owner,
+                 {k: v for k, v in found.state.items() if v is not None}, found.flag)]
+
+
+def _global_mean(call: Call, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 where: str) -> list[Step]:
+    """x.mean((2, 3)) of an (N, C, H, W) map: an adaptive average to 1×1, then (unless
+    keepdim) a flatten."""
+    a = call.bind(["dim", "keepdim", "dtype"], {"dim": None, "keepdim": False, "dtype": None})
+    dims = a["dim"] if isinstance(a["dim"], (tuple, list)) else [a["dim"]]
+    if sorted(d % 4 for d in dims if d is not None) != [2, 3] or a["dtype"] is not None:
+        raise PortError(f"{where}: a mean over {a['dim']}; the spec holds the mean over the "
+                        f"spatial dims (2, 3) of an (N, C, H, W) map, a global average pool; "
+                        f"{SUPPORTED}")
+    pooled = Step(AdaptiveAvgPool(1), where, (in_shape[1], 1, 1))
+    return [pooled] if a["keepdim"] else [pooled, Step(Flatten(), where, out_shape[1:])]
 
 
 def dropout_flags(module: nn.Module, x: torch.Tensor, tracer: str) -> list[bool]:

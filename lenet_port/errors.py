@@ -9,8 +9,8 @@ SUPPORTED = (
     "nn.Softmax over dim 1, and their functional forms (F.relu, torch.relu, x.relu(), "
     "F.max_pool2d, F.adaptive_avg_pool2d, F.dropout, F.log_softmax, …); flattening to "
     "(N, C·H·W) by torch.flatten(x, 1), x.flatten(1), x.view(…) or x.reshape(…); a reshape "
-    "that changes nothing; nn.Sequential, nested modules — one chain of layers from the input "
-    "to the output"
+    "that changes nothing; x.mean((2, 3)) (a global average); nn.Sequential, nested modules "
+    "— one chain of layers from the input to the output"
 )
 
 

@@ -94,7 +94,10 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="learning rate per step: constant; cosine from the peak to 0; onecycle: "
                         "linear warm-up from lr/25 over 30%% of the steps, cosine to lr/25e4")
     p.add_argument("--loss", choices=LOSSES, default="ce",
-                   help="ce: softmax cross-entropy; mse: mean squared error to one-hot labels")
+                   help="ce: softmax cross-entropy of the logits (a spec ending in log_softmax "
+                        "or softmax: of the logits before it, which is the NLL of the "
+                        "log-probabilities it returns); mse: mean squared error of what the "
+                        "network returns to one-hot labels")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the initial weights and the batch order")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist",

@@ -101,7 +101,11 @@ def test_command_line(tmp_path, capsys) -> None:
     assert out.rstrip().splitlines()[-1].startswith("parity: first divergence at fc2 (forward")
     assert main(["lenet5", "--torch-weights", str(tmp_path / "a.pt"), "--jax-weights",
                  str(tmp_path / "a.safetensors"), "--steps", "1", "--batch", "4"]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "torch err" in out and "bound: the larger of the fixed bound" in out
+    assert main(["lenet5", "--steps", "1", "--batch", "4", "--no-float64"]) == 0
+    out = capsys.readouterr().out
+    assert "bound: the larger" not in out and "DIVERGES" not in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -186,6 +190,11 @@ def test_planted_bugs_are_named_at_their_layer(monkeypatch) -> None:
         self.momentum = layer.momentum  # Flax's convention, left unconverted
 
     monkeypatch.setattr(CanonicalBatchNorm, "__init__", flipped)
-    report = check(spec, steps=3, batch=8, seed=1)
+    lenet_jax.model._constructor.cache_clear()  # builds compiled with the correct one
+    try:
+        report = check(spec, steps=3, batch=8, seed=1)
+    finally:
+        monkeypatch.undo()
+        lenet_jax.model._constructor.cache_clear()
     assert report.verdict().startswith(
         "parity: first divergence at layer1_1 (batch_norm running statistics"), report.verdict()

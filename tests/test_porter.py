@@ -492,8 +492,8 @@ def test_a_forward_that_returns_a_tuple_ports_the_element_asked_for(tmp_path, ca
     element 0 of what the module returns); another element or index is one clear error."""
     spec, _ = to_spec(Bad("tuple"), (1, 8, 8), output=0)
     assert [layer.type for layer in spec.layers] == ["conv", "conv", "flatten", "linear"]
-    with pytest.raises(PortError, match="not the output of its last layer"):
-        to_spec(Bad("tuple"), (1, 8, 8), output=1)
+    with pytest.raises(PortError, match="the network ends in a 4×8×8 tensor; it must end flat"):
+        to_spec(Bad("tuple"), (1, 8, 8), output=1)  # the features: only the layers they need
     with pytest.raises(PortError, match=r"output=2, but forward returns 2 values"):
         to_spec(Bad("tuple"), (1, 8, 8), output=2)
     with pytest.raises(PortError, match=r"output=0, but forward returns one value"):
@@ -599,3 +599,33 @@ def test_what_an_output_layer_cannot_be(what: str, message: str) -> None:
     spec, _ = to_spec(SoftmaxNet("pooled"), (1, 8, 8))  # the functional forms that port
     assert [layer.type for layer in spec.layers] == ["adaptive_max_pool", "flatten", "linear",
                                                      "softmax"]
+
+
+class MeanNet(nn.Module):
+    """A global average by x.mean over H, W; a forward that also returns the probabilities."""
+
+    def __init__(self, dims: tuple = (2, 3), keepdim: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.dims, self.keepdim = dims, keepdim
+
+    def forward(self, x: torch.Tensor):
+        y = F.relu(self.conv(x)).mean(self.dims, keepdim=self.keepdim)
+        logits = y.flatten(1) if self.keepdim else y
+        return logits, F.softmax(logits, dim=1)
+
+
+def test_a_global_mean_and_a_tuple_with_the_probabilities() -> None:
+    """x.mean((2, 3)) is an adaptive average to 1×1 and a flatten; output=0 ports the logits
+    though the tuple's other element (a softmax of them) is computed after them."""
+    for keepdim in (False, True):
+        module = MeanNet(keepdim=keepdim)
+        spec, weights = to_spec(module, (1, 6, 6), output=0)
+        assert [layer.type for layer in spec.layers] == ["conv", "relu", "adaptive_avg_pool",
+                                                         "flatten"]
+        x = torch.randn(3, 1, 6, 6)
+        with torch.no_grad():
+            want = module(x)[0].numpy()
+        assert np.abs(flax_logits(spec, weights, x) - want).max() <= LOGIT_TOL
+    with pytest.raises(PortError, match=r"a mean over \(1, 2\); the spec holds the mean over"):
+        to_spec(MeanNet(dims=(1, 2)), (1, 4, 4), output=0)
