@@ -138,7 +138,8 @@ class JaxBackend(distributed.Processes):
             try:
                 opt_state = load_optimizer_tensors(opt_state, restore.optimizer)
             except ValueError as e:
-                raise StateError(str(e)) from None
+                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                                 f"{e}") from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
             self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed,
             loss_on_logits(args.loss))

@@ -37,11 +37,19 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
             state = read_state_dict(path)
         except PortError as e:
             raise UsageError(str(e)) from None
-        return {k: v.detach().numpy().astype(canonical_dtype(k)) for k, v in state.items()}, None
-    try:
-        weights, spec = load_weights(path)
-    except WeightsError as e:
-        raise UsageError(str(e)) from None
+        # float32 first: numpy has no bfloat16, and float16/bfloat16 widen exactly
+        weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy()
+                   .astype(canonical_dtype(k)) for k, v in state.items()}
+        spec = None
+    else:
+        try:
+            weights, spec = load_weights(path)
+        except WeightsError as e:
+            raise UsageError(str(e)) from None
+    bad = next((k for k, v in weights.items() if not np.all(np.isfinite(v))), None)
+    if bad is not None:
+        raise UsageError(f"{path}: tensor {bad!r} holds NaN or infinite values; parity needs "
+                         "finite weights")
     return weights, spec
 
 

@@ -70,11 +70,21 @@ class TorchBackend(distributed.Processes):
         if restore:
             try:
                 load_optimizer_tensors(self.opt, restore.optimizer, restore.meta["param_groups"])
-                torch.set_rng_state(torch.from_numpy(restore.rng["torch_cpu"].copy()))
-                if device.type == "cuda":  # dropout draws from the device's generator there
-                    torch.cuda.set_rng_state(torch.from_numpy(restore.rng["torch_cuda"].copy()))
-            except (KeyError, ValueError, RuntimeError) as e:
-                raise StateError(str(e)) from None
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                                 f"{e}") from None
+            # dropout draws from the CPU's generator, and on CUDA from the device's
+            for name in ("torch_cpu", "torch_cuda") if device.type == "cuda" else ("torch_cpu",):
+                rng = restore.rng.get(name)
+                if rng is None or rng.dtype != np.uint8 or rng.ndim != 1:
+                    raise StateError(f"its random generator state rng.{name} is missing or not "
+                                     "a uint8 vector")
+                try:
+                    (torch.set_rng_state if name == "torch_cpu" else torch.cuda.set_rng_state)(
+                        torch.from_numpy(rng.copy()))
+                except (RuntimeError, ValueError) as e:
+                    raise StateError(f"its random generator state rng.{name} is invalid: "
+                                     f"{e}") from None
         self.mine = distributed.shard(args.batch_size, self.layout)
         model = distributed.wrap(net, self.layout, device)
         self.model = torch.compile(model) if self.compile else model

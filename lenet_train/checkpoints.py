@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,86 @@ CHECKPOINT = "checkpoint.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+KEPT = ("spec", "optimizer", "momentum", "weight_decay", "schedule", "loss", "dataset",
+        "augment", "batch_size", "seed", "train_size", "init")
+"""What a run keeps for life: ``--resume`` refuses a change to any of these flags (and to the
+data's content). What may change: where it ends (--epochs, --max-steps: the schedule is
+laid over the new length), --lr (the way on after a divergence), and how it runs
+(--checkpoint-every, --kernels, --threads, --compile, --steps-per-call, --log-steps, --quiet,
+--data-dir for the same data)."""
+
+
+def settings(args: argparse.Namespace, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`KEPT` flags of ``args`` as JSON values, and the data's checksums."""
+    kept = {k: getattr(args, k, None) for k in KEPT}
+    kept["spec"] = args.spec.to_dict()
+    kept["augment"] = list(args.augment)
+    kept["data"] = dict(data.get("content", {}))
+    return kept
+
+
+def _flag(key: str) -> str:
+    return "data" if key == "data" else "--" + key.replace("_", "-")
+
+
+def _shown(key: str, value: Any) -> str:
+    if key == "spec" and isinstance(value, dict):
+        return repr(value.get("name"))
+    if key == "augment":
+        return ",".join(value) if value else "none"
+    if key == "data" and isinstance(value, dict):
+        return f"of SHA-256 train {value.get('train')}, test {value.get('test')}"
+    return "none" if value is None else str(value)
+
+
+def check_resume(path: Path, meta: dict[str, Any], framework: str,
+                 now: dict[str, Any]) -> None:
+    """Exit with one line unless the checkpoint ``meta`` was written by ``framework`` with the
+    settings ``now`` (:func:`settings`): the flag, the old value and the new."""
+    written = meta.get("framework")
+    if written != framework:
+        fail(f"{path}: a {written} checkpoint; resume it with python -m lenet_{written}.train")
+    before = meta.get("settings")
+    if not isinstance(before, dict):  # an older checkpoint: what it recorded
+        before = {"optimizer": meta.get("optimizer"), "spec": meta.get("spec"),
+                  "batch_size": meta.get("batch_size"), "seed": meta.get("seed")}
+    for key, old in before.items():
+        new = now.get(key)
+        if key == "spec" and old != new:
+            fail(f"{path}: written for spec {_shown(key, old)}, not --spec {_shown(key, new)} "
+                 "(their layers differ); a run resumes with the spec it started with")
+        if old != new:
+            fail(f"{path}: written with {_flag(key)} {_shown(key, old)}, now {_shown(key, new)}; "
+                 "a run resumes with the settings it started with (--epochs, --max-steps and "
+                 "--lr may change)")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's metadata, from its header alone (the tensors are not read)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a lenet checkpoint (shorter than a header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 16 * 2**20:
+                raise CheckpointError(f"{path}: not a lenet checkpoint (a {n:,}-byte header)")
+            header = json.loads(f.read(n))
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: not a lenet checkpoint (no meta in its metadata)")
+        meta = json.loads(metadata["meta"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: damaged checkpoint header ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata (not a JSON object)")
+    return meta
 
 
 @dataclass
@@ -70,9 +151,32 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     tensors, metadata = read_lenet_file(path, FORMAT, "meta", "checkpoint", CheckpointError)
     try:
         meta = json.loads(metadata["meta"])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged checkpoint metadata (not a JSON object)")
     return tensors, meta
+
+
+def check_position(pos: Position, steps_per_epoch: int) -> str | None:
+    """Why ``pos`` cannot be where a run of ``steps_per_epoch`` steps an epoch stood, or None:
+    its step must be where its epoch began plus the steps done (or, at the end of a run cut by
+    --max-steps inside the epoch before, between that epoch's start and end), its losses one
+    finite value per step done."""
+    spe = steps_per_epoch
+    if not (0 <= pos.done <= spe and pos.epoch >= 0 and pos.step >= 0):
+        return f"position epoch {pos.epoch}, step {pos.step}, {pos.done} of {spe} steps done"
+    start = pos.step - pos.done
+    cut_short = (pos.done == 0 and pos.epoch >= 1
+                 and (pos.epoch - 1) * spe < pos.step < pos.epoch * spe)
+    if start != pos.epoch * spe and not cut_short:
+        return (f"step {pos.step} is not where epoch {pos.epoch} with {pos.done} of its {spe} "
+                "steps done stands")
+    if len(pos.losses) != pos.done:
+        return f"{len(pos.losses)} losses for {pos.done} steps done"
+    if not (np.all(np.isfinite(pos.losses)) and math.isfinite(pos.epoch_s) and pos.epoch_s >= 0):
+        return "a saved loss or time is not a finite number"
+    return None
 
 
 @dataclass
@@ -95,6 +199,8 @@ class Checkpoints:
     finite, so that the checkpoint on disk is always one that trains on."""
     last_step: int | None = None
     """The step of the last checkpoint written or resumed from."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What the run keeps for life (:func:`settings`), recorded in every checkpoint."""
 
     @property
     def path(self) -> Path:
@@ -132,7 +238,8 @@ class Checkpoints:
         meta = {"framework": self.framework, "optimizer": a.optimizer, "spec": self.spec.to_dict(),
                 "epoch": pos.epoch, "done": pos.done, "step": pos.step, "correct": pos.correct,
                 "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
-                "steps_per_epoch": self.steps_per_epoch, "wall_s": self.wall_s(), **state.meta}
+                "steps_per_epoch": self.steps_per_epoch, "wall_s": self.wall_s(),
+                "settings": self.settings, **state.meta}
         if self.writer:
             save_checkpoint(self.path, tensors, meta)
         self.last_step = pos.step
@@ -146,24 +253,16 @@ class Checkpoints:
             tensors, meta = load_checkpoint(path)
         except CheckpointError as e:
             fail(str(e))
-        framework = meta.get("framework")
-        if framework != self.framework:
-            fail(f"{path}: a {framework} checkpoint; resume it with "
-                 f"python -m lenet_{framework}.train")
-        if meta.get("optimizer") != self.args.optimizer:
-            fail(f"{path}: written with --optimizer {meta.get('optimizer')}, "
-                 f"not {self.args.optimizer}")
+        check_resume(path, meta, self.framework, self.settings)
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             check_weights(self.spec, weights)
         except WeightsError as e:
             fail(f"{path}: not a checkpoint of this --spec: {e}")
-        for flag, key, ours in (("--batch-size", "batch_size", self.args.batch_size),
-                                ("--seed", "seed", self.args.seed),
-                                ("--train-size", "steps_per_epoch", self.steps_per_epoch)):
-            if meta.get(key) != ours:
-                fail(f"{path}: written with another {flag} ({key} {meta.get(key)}, now {ours}); "
-                     "a run resumes with the flags it started with")
+        if meta.get("steps_per_epoch") != self.steps_per_epoch:
+            fail(f"{path}: written with {meta.get('steps_per_epoch')} steps an epoch, now "
+                 f"{self.steps_per_epoch} (another --train-size or data); a run resumes with "
+                 "the settings it started with")
         try:
             position = Position(int(meta["epoch"]), int(meta["done"]), int(meta["step"]),
                                 tensors["progress.losses"], int(meta["correct"]),
@@ -171,10 +270,9 @@ class Checkpoints:
             wall_before = float(meta["wall_s"])
         except (KeyError, TypeError, ValueError) as e:
             fail(f"{path}: damaged checkpoint metadata ({e!r} missing or invalid)")
-        if not (0 <= position.done <= self.steps_per_epoch and len(position.losses) == position.done
-                and math.isfinite(position.epoch_s)):
-            fail(f"{path}: damaged checkpoint (position {position.done} of {self.steps_per_epoch}"
-                 f" steps with {len(position.losses)} losses)")
+        why = check_position(position, self.steps_per_epoch)
+        if why:
+            fail(f"{path}: damaged checkpoint ({why})")
         self.last_step = position.step
         if self.writer:
             self._trim_logs(position)

@@ -30,6 +30,20 @@ def _int_at_least(minimum: int):
 
 positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
+SEED_MAX = 2**32 - 1
+"""The largest --seed: what numpy, torch and JAX all take as a seed."""
+
+
+def _seed(text: str) -> int:
+    """An argparse type: an integer in [0, SEED_MAX]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}], got {text}")
+    return value
+
 
 def _non_negative_float(text: str) -> float:
     try:
@@ -98,7 +112,7 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                         "or softmax: of the logits before it, which is the NLL of the "
                         "log-probabilities it returns); mse: mean squared error of what the "
                         "network returns to one-hot labels")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seeds the initial weights and the batch order")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist",
                    help="what to train on, named as TensorFlow Datasets names it")

@@ -80,7 +80,7 @@ def fit(run: Run, backend: Trainer) -> dict:
     try:
         backend.start(run, restore)
     except StateError as e:
-        fail(f"{run.workdir}: optimizer state does not fit --optimizer {args.optimizer}: {e}")
+        fail(f"{ckpt.path}: {e}")
     run.watch_signals()
     record: dict = {}
     k_max = backend.steps_per_call

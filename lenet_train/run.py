@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from lenet_spec import Spec
-from lenet_train.checkpoints import Checkpoints, Position, State
+from lenet_train.checkpoints import Checkpoints, Position, State, settings
 from lenet_train.cli import lr_at
 from lenet_train.data import augment, epoch_order, prepare
 from lenet_train.distributed import Layout
@@ -64,7 +64,7 @@ class Run:
     def __post_init__(self) -> None:
         self.checkpoints = Checkpoints(self.workdir, self.framework, self.args, self.spec,
                                        self.steps_per_epoch, self.layout.writer, self.wall_s,
-                                       self.diverged)
+                                       self.diverged, settings=settings(self.args, self.data))
 
     def wall_s(self) -> float:
         """Seconds the run has spent, in all its sessions."""
@@ -103,6 +103,8 @@ class Run:
         """Take the steps just fetched from the device into ``pos`` (stopping the run at a
         non-finite loss), write the held checkpoint once they confirm it, update ``bar``."""
         losses = np.asarray(losses, dtype=np.float32)
+        if not np.all(np.isfinite(losses)):
+            bar.close()  # the stop's message on a line of its own, not after the bar
         self.check_finite(losses, pos.step - len(losses))
         pos.losses = np.concatenate([pos.losses, losses])
         pos.correct += correct

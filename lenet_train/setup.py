@@ -4,11 +4,18 @@ resuming or told to overwrite), the data, --init-weights, the step counts and co
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
+import math
+import os
 import time
 from pathlib import Path
 
+import numpy as np
+
 from lenet_spec import (
+    BatchNorm,
     WeightsError,
     atomic_write_bytes,
     check_weights,
@@ -16,7 +23,15 @@ from lenet_spec import (
     load_weights,
     misfit,
 )
-from lenet_train.checkpoints import CHECKPOINT
+from lenet_train.checkpoints import (
+    CHECKPOINT,
+    CheckpointError,
+    Position,
+    check_position,
+    check_resume,
+    read_meta,
+    settings,
+)
 from lenet_train.cli import default_workdir, total_steps
 from lenet_train.data import DataError, load, normalisation, prepare
 from lenet_train.data.catalog import DATASETS
@@ -31,24 +46,98 @@ RUN_FILES = ("config.json", "metrics.jsonl", "steps.jsonl", CHECKPOINT, WEIGHTS)
 """What a run writes in its workdir (and what --overwrite deletes)."""
 
 
+LOCK = ".lenet.lock"
+"""The file a run holds locked in its workdir while it runs (it names the process)."""
+_locks: list[int] = []  # the lock files' descriptors, open for the process's life
+
+
+def _lock(workdir: Path) -> None:
+    """Hold ``workdir``'s lock, or exit with one line naming the process that holds it."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        fail(f"--workdir {workdir}: cannot write there ({e.strerror or e})")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        fail(f"{workdir}: another run is using it (process {holder}); wait for it to end or "
+             "pick another --workdir")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _locks.append(fd)
+
+
+def _holds_run(workdir: Path) -> bool:
+    """Whether ``workdir`` holds a run of ours (a checkpoint, or our config.json)."""
+    if (workdir / CHECKPOINT).is_file():
+        return True
+    try:
+        config = json.loads((workdir / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and {"spec", "data"} <= set(config)
+
+
 def _prepare_workdir(args: argparse.Namespace, workdir: Path) -> None:
     if args.resume and args.overwrite:
         fail("--resume and --overwrite contradict each other; pick one")
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir}: not a folder")
+    _lock(workdir)
+    for name in RUN_FILES:  # what killed writes of ours left (no writer runs: we hold the lock)
+        for tmp in workdir.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     if args.resume:
         if not (workdir / CHECKPOINT).is_file():
             fail(f"--resume: {workdir / CHECKPOINT} does not exist (the run stopped before its "
                  "first checkpoint); start it again with --overwrite")
         return
-    if workdir.exists() and not workdir.is_dir():
-        fail(f"--workdir {workdir}: not a folder")
-    if workdir.is_dir() and any(workdir.iterdir()):
+    others = sorted(p.name for p in workdir.iterdir() if p.name != LOCK)
+    if others:
         if not args.overwrite:
             fail(f"{workdir} is not empty; pass --resume to continue the run in it, --overwrite "
                  "to start afresh there, or pick another --workdir")
+        if not _holds_run(workdir):
+            shown = ", ".join(others[:4]) + (", …" if len(others) > 4 else "")
+            fail(f"--overwrite: {workdir} holds no lenet run ({shown}); it deletes only a "
+                 "run's own files, so pick another --workdir")
         for name in RUN_FILES:
             (workdir / name).unlink(missing_ok=True)
-        for tmp in workdir.glob(".*.tmp"):
-            tmp.unlink()
+
+
+def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    """The first 16 hex digits of the SHA-256 of a split's images and labels as read."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_resume(args: argparse.Namespace, framework: str, workdir: Path,
+                  now: dict, total: int, steps_per_epoch: int) -> None:
+    """Before anything is written: the checkpoint is this framework's, of this run's settings,
+    and has steps left to train."""
+    path = workdir / CHECKPOINT
+    try:
+        meta = read_meta(path)
+    except CheckpointError as e:
+        fail(str(e))
+    check_resume(path, meta, framework, now)
+    try:
+        epoch, done, step = (int(meta[k]) for k in ("epoch", "done", "step"))
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"{path}: damaged checkpoint metadata ({e!r} missing or invalid)")
+    spe = meta.get("steps_per_epoch")
+    why = check_position(Position(epoch, done, step, np.zeros(max(done, 0), np.float32)),
+                         spe if isinstance(spe, int) else 0)
+    if why and spe == steps_per_epoch:
+        fail(f"{path}: damaged checkpoint ({why})")
+    if step >= total:
+        fail(f"{path}: the run is complete (step {step} of {total}); its weights are "
+             f"{workdir / WEIGHTS}. To train on, resume with more --epochs or a larger "
+             "--max-steps")
 
 
 def setup(args: argparse.Namespace, framework: str, argv: list[str],
@@ -59,6 +148,8 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     started = time.perf_counter()
     layout = layout or Layout()
     log_to_stderr(args.quiet)
+    if args.resume and args.workdir is None:
+        fail("--resume needs --workdir: the folder of the run to continue")
     workdir = args.workdir or default_workdir(framework)
     if layout.writer:
         _prepare_workdir(args, workdir)
@@ -72,6 +163,13 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
         fits = fitting(spec.input_shape)
         fail(f"spec {spec.name} {why}" + (f" (it fits --dataset {' or '.join(fits)})" if fits
                                           else ""))
+    for info in spec.infos:
+        if isinstance(info.layer, BatchNorm):
+            per_channel = args.batch_size * math.prod(info.in_shape[1:])
+            if per_channel < 2:
+                fail(f"--batch-size {args.batch_size}: {spec.name}'s {info.label} would "
+                     f"normalise {per_channel} value per channel in training; batch_norm "
+                     "needs at least 2 (a larger --batch-size)")
     classes = DATASETS[args.dataset].classes
     if spec.num_classes != classes:
         fail(f"spec {spec.name} ends in {spec.num_classes} outputs; {args.dataset} has {classes} "
@@ -79,6 +177,10 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     try:
         train = load(args.dataset, "train", args.data_dir)
         test = load(args.dataset, "test", args.data_dir)
+        for split in (train, test):
+            if not len(split.labels):
+                fail(f"{split.source}: the {args.dataset} split there holds no records; "
+                     "training needs a training and a test split with at least one image each")
         mean, std = normalisation(args.dataset, train)
         train_images, train_y = train.images, train.labels
         if args.train_size:
@@ -93,7 +195,13 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     test_y = test.labels
     data = {"dataset": args.dataset, "source": {"train": train.source, "test": test.source},
             "checksum": {"train": train.checksum, "test": test.checksum},
+            "content": {"train": content_digest(train_images, train_y),
+                        "test": content_digest(test.images, test.labels)},
             "mean": mean, "std": std, "augment": list(args.augment)}
+    steps_per_epoch = len(train_x) // args.batch_size
+    total = total_steps(args, steps_per_epoch)
+    if args.resume:
+        _check_resume(args, framework, workdir, settings(args, data), total, steps_per_epoch)
     if args.batch_size > len(train_x):
         fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)})")
     init_weights = None
@@ -111,7 +219,6 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
         config["data"] = data
         config["processes"] = layout.process_count
         atomic_write_bytes(workdir / "config.json", json.dumps(config, indent=2).encode())
-    steps_per_epoch = len(train_x) // args.batch_size
     return Run(args, spec, framework, workdir, log, train_x, train_y, test_x, test_y,
-               steps_per_epoch, total_steps(args, steps_per_epoch), started, list(argv),
+               steps_per_epoch, total, started, list(argv),
                init_weights, data, train_images if args.augment else None, layout=layout)

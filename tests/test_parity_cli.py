@@ -119,6 +119,8 @@ def test_command_line(tmp_path, capsys) -> None:
     (["lenet5", "--jax-weights", "{dir}/junk.pt"], "junk.pt: not a state dict torch.load"),
     (["lenet5", "--jax-weights", "{dir}/missing.safetensors"], "no such weights file"),
     (["lenet5_bn", "--batch", "1"], "--batch 1: lenet5_bn has batch_norm"),
+    (["lenet5", "--torch-weights", "{dir}/nan.pt"],
+     "nan.pt: tensor 'conv1.weight' holds NaN or infinite values"),
 ])
 def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) -> None:
     spec = PRESETS["lenet5"]
@@ -126,10 +128,27 @@ def test_command_line_errors(tmp_path, capsys, args: list[str], message: str) ->
     save_weights(tmp_path / "a.safetensors", weights, spec)
     torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, tmp_path / "a.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    bad = {k: torch.from_numpy(v) for k, v in weights.items()}
+    bad["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(bad, tmp_path / "nan.pt")
     assert main([a.format(dir=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert __import__("re").search(message, err), err
+
+
+@SLOW
+def test_a_bfloat16_state_dict_is_read(tmp_path, capsys) -> None:
+    """A state dict saved in bfloat16 (numpy has no such type) widens to float32 exactly; its
+    parity with itself holds."""
+    spec = PRESETS["lenet5"]
+    weights = lenet_torch.get_weights(lenet_torch.build(spec))
+    state = {k: torch.from_numpy(v).to(torch.bfloat16) if v.dtype == np.float32
+             else torch.from_numpy(v) for k, v in weights.items()}
+    torch.save(state, tmp_path / "bf16.pt")
+    assert main(["lenet5", "--torch-weights", str(tmp_path / "bf16.pt"), "--steps", "0",
+                 "--batch", "4", "--no-float64"]) == 0
+    assert "bfloat16" not in capsys.readouterr().err
 
 
 def test_layouts_round_trip() -> None:

@@ -1,0 +1,223 @@
+"""``--resume`` continues only the run that wrote the checkpoint, with the settings it started
+with; a workdir serves one run at a time; --overwrite deletes only a run's files; bad positions,
+empty splits and bad seeds are one line each, before anything is written."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import SLOW, fast_only, idx_split
+
+from lenet_spec import PRESETS
+from lenet_train.checkpoints import KEPT, Position, check_position, check_resume, settings
+from lenet_train.cli import parser
+from lenet_train.setup import LOCK
+
+PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
+SHORT = ["--train-size", "256", "--batch-size", "64", "--epochs", "1", "--max-steps", "3",
+         "--quiet"]
+
+
+def _run(framework: str, workdir: Path, data: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", PROGRAMS[framework], *SHORT, "--data-dir", data,
+                           "--workdir", str(workdir), *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(res: subprocess.CompletedProcess, *parts: str) -> None:
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, res.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
+def test_resume_refuses_another_run_and_keeps_its_files(tmp_path, mnist_dir,
+                                                        framework: str) -> None:
+    """Another spec with the same tensor shapes, a changed --weight-decay or --loss: refused,
+    naming flag, old and new value, before config.json is touched; a finished run says it is
+    complete; --max-steps may grow, and the run goes on."""
+    workdir = tmp_path / "run"
+    assert _run(framework, workdir, mnist_dir).returncode == 0
+    config = (workdir / "config.json").read_bytes()
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    res = _run(framework, workdir, mnist_dir, "--resume", "--spec", "lenet5_classic")
+    _one_line_error(res, "written for spec 'lenet5', not --spec 'lenet5_classic'")
+    res = _run(framework, workdir, mnist_dir, "--resume", "--weight-decay", "0.1")
+    _one_line_error(res, "written with --weight-decay 0.0, now 0.1",
+                    "(--epochs, --max-steps and --lr may change)")
+    res = _run(framework, workdir, mnist_dir, "--resume", "--loss", "mse")
+    _one_line_error(res, "written with --loss ce, now mse")
+    res = _run(framework, workdir, mnist_dir, "--resume")
+    _one_line_error(res, "the run is complete (step 3 of 3)", "more --epochs or a larger "
+                    "--max-steps")
+    assert (workdir / "config.json").read_bytes() == config
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+    res = _run(framework, workdir, mnist_dir, "--resume", "--max-steps", "4", "--lr", "1e-3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    stored = json.loads((workdir / "config.json").read_text())
+    assert (stored["max_steps"], stored["lr"]) == (4, 1e-3)
+
+
+def _args(**changes) -> argparse.Namespace:
+    args = parser("prog", "x").parse_args([])
+    for k, v in changes.items():
+        setattr(args, k, v)
+    return args
+
+
+DATA = {"content": {"train": "a" * 16, "test": "b" * 16}}
+CHANGED = {"spec": PRESETS["lenet5_classic"], "optimizer": "sgd", "momentum": 0.5,
+           "weight_decay": 1e-4, "schedule": "cosine", "loss": "mse", "dataset": "kmnist",
+           "augment": ("crop",), "batch_size": 32, "seed": 7, "train_size": 1000,
+           "init": "lecun_normal"}
+
+
+@pytest.mark.parametrize("key", KEPT)
+def test_every_kept_setting_is_compared(key: str, capsys) -> None:
+    """Each setting a run keeps for life, changed alone, is refused naming it; the data's
+    content too; --epochs, --max-steps and --lr are not compared."""
+    before = {"framework": "torch", "settings": settings(_args(), DATA)}
+    check_resume(Path("ck"), before, "torch", settings(_args(epochs=9, max_steps=5, lr=0.5),
+                                                        DATA))
+    with pytest.raises(SystemExit):
+        check_resume(Path("ck"), before, "torch", settings(_args(**{key: CHANGED[key]}), DATA))
+    err = capsys.readouterr().err
+    flag = "--" + key.replace("_", "-")
+    assert err.startswith("error: ck: written ") and (flag in err or key == "spec"), err
+    other = {"content": {"train": "a" * 16, "test": "c" * 16}}
+    with pytest.raises(SystemExit):
+        check_resume(Path("ck"), before, "torch", settings(_args(), other))
+    assert "written with data of SHA-256" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check_resume(Path("ck"), before, "jax", settings(_args(), DATA))
+    assert "a torch checkpoint; resume it with python -m lenet_torch.train" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pos, why", [
+    (Position(0, 0, -5), "step -5"),
+    (Position(0, 2, 10**9, np.zeros(2, np.float32)), "step 1000000000 is not where epoch 0"),
+    (Position(99, 0, 40), "step 40 is not where epoch 99"),
+    (Position(1, 2, 22, np.array([0.5, np.nan], np.float32)), "not a finite number"),
+    (Position(1, 2, 22, np.zeros(3, np.float32)), "3 losses for 2 steps done"),
+    (Position(0, 21, 21, np.zeros(21, np.float32)), "21 of 20 steps done"),
+])
+def test_an_edited_position_is_damage(pos: Position, why: str) -> None:
+    assert why in (check_position(pos, 20) or "")
+
+
+def test_positions_a_run_can_stand_at() -> None:
+    for pos in (Position(), Position(1, 3, 23, np.ones(3, np.float32)), Position(3, 0, 60),
+                Position(1, 0, 7)):  # the last: a run cut by --max-steps 7 in epoch 0
+        assert check_position(pos, 20) is None
+
+
+def test_a_workdir_serves_one_run_at_a_time(tmp_path, mnist_dir) -> None:
+    """While the lock is held (as a running program holds it), a second run is refused naming
+    the holder; --resume without --workdir is one line too."""
+    workdir = tmp_path / "busy"
+    workdir.mkdir()
+    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    try:
+        res = _run("torch", workdir, mnist_dir)
+        _one_line_error(res, f"{workdir}: another run is using it (process 4242)")
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in workdir.iterdir()) == [LOCK]
+    res = subprocess.run([sys.executable, "-m", "lenet_torch.train", "--resume"],
+                         capture_output=True, text=True, timeout=600)
+    _one_line_error(res, "--resume needs --workdir")
+
+
+@SLOW
+def test_overwrite_deletes_only_a_runs_files(tmp_path, mnist_dir) -> None:
+    """A folder of someone else's files is not a run: --overwrite refuses it and deletes
+    nothing. Temp files of killed writes of ours are cleared on --resume; others' stay."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"lr": 1}')
+    (foreign / "metrics.jsonl").write_text("{}\n")
+    res = _run("torch", foreign, mnist_dir, "--overwrite")
+    _one_line_error(res, "--overwrite:", "holds no lenet run (config.json, metrics.jsonl)")
+    assert (foreign / "config.json").read_text() == '{"lr": 1}'
+    workdir = tmp_path / "run"
+    assert _run("torch", workdir, mnist_dir, "--max-steps", "2").returncode == 0
+    stale = [workdir / ".checkpoint.safetensors.k1ll3d.tmp", workdir / ".config.json.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    (workdir / ".notes.tmp").write_text("the user's")
+    assert _run("torch", workdir, mnist_dir, "--resume").returncode == 0
+    assert not any(p.exists() for p in stale) and (workdir / ".notes.tmp").exists()
+
+
+def test_empty_splits_and_bad_seeds_are_one_line(tmp_path, capsys) -> None:
+    data = tmp_path / "data"
+    idx_split(data, "train", 64)
+    idx_split(data, "test", 0)
+    res = subprocess.run([sys.executable, "-m", "lenet_torch.train", "--data-dir", str(data),
+                          "--workdir", str(tmp_path / "run"), "--batch-size", "16"],
+                         capture_output=True, text=True, timeout=600)
+    _one_line_error(res, "the mnist split there holds no records")
+    for seed in ("-1", str(2**65)):
+        with pytest.raises(SystemExit):
+            parser("prog", "x").parse_args(["--seed", seed])
+        assert f"--seed: must be in [0, 4294967295], got {seed}" in capsys.readouterr().err
+
+
+@SLOW
+def test_edited_checkpoints_are_one_clear_error(tmp_path, mnist_dir) -> None:
+    """A position edited to a step its epoch cannot have, a NaN among its losses, a missing or
+    mistyped random-generator state: one line naming the checkpoint and what is wrong, and
+    nothing trained or written."""
+    from lenet_train.checkpoints import load_checkpoint, save_checkpoint
+
+    workdir = tmp_path / "run"
+    assert _run("torch", workdir, mnist_dir, "--max-steps", "3", "--checkpoint-every", "2",
+                "--epochs", "2").returncode == 0
+    path = workdir / "checkpoint.safetensors"
+    tensors, meta = load_checkpoint(path)
+    cases = {
+        "step": (lambda t, m: m.update(step=-5), "damaged checkpoint (position epoch"),
+        "far": (lambda t, m: m.update(epoch=0, step=10**9), "damaged checkpoint (step"),
+        "nan": (lambda t, m: (t.update({"progress.losses": np.array([np.nan], np.float32)}),
+                              m.update(epoch=0, done=1, step=1)),
+                "a saved loss or time is not a finite number"),
+        "rng": (lambda t, m: t.pop("rng.torch_cpu"), "rng.torch_cpu is missing"),
+        "rng_dtype": (lambda t, m: t.update({"rng.torch_cpu": t["rng.torch_cpu"]
+                                             .astype(np.float32)}), "not a uint8 vector"),
+    }
+    for edit, message in cases.values():
+        t, m = {k: v.copy() for k, v in tensors.items()}, json.loads(json.dumps(meta))
+        edit(t, m)
+        save_checkpoint(path, t, m)
+        res = _run("torch", workdir, mnist_dir, "--max-steps", "6", "--epochs", "2",
+                   "--resume")
+        _one_line_error(res, f"{path}: ", message)
+    save_checkpoint(path, tensors, meta)
+    res = _run("torch", workdir, mnist_dir, "--max-steps", "6", "--epochs", "2", "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_batch_norm_at_batch_size_one_is_one_line(tmp_path, mnist_dir) -> None:
+    """batch_norm after a linear layer at --batch-size 1 normalises one value per feature."""
+    path = tmp_path / "bn_head.json"
+    path.write_text(json.dumps({"name": "bn_head", "input_shape": [1, 28, 28], "layers": [
+        {"type": "flatten"}, {"type": "linear", "out_features": 8},
+        {"type": "batch_norm"}, {"type": "relu"}, {"type": "linear", "out_features": 10}]}))
+    res = subprocess.run([sys.executable, "-m", "lenet_torch.train", "--spec", str(path),
+                          "--batch-size", "1", "--data-dir", mnist_dir, "--workdir",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
+    _one_line_error(res, "--batch-size 1: bn_head's bn1 would normalise 1 value per channel")
