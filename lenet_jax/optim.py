@@ -53,16 +53,78 @@ def make_optimizer(
     return nnx.Optimizer(net, make_tx(name, lr, momentum, weight_decay, betas, eps), wrt=nnx.Param)
 
 
-def optimizer_tensors(opt_state: optax.OptState) -> dict[str, np.ndarray]:
-    """The optimizer's state as flat arrays named by their path in the pytree."""
-    leaves = jax.tree_util.tree_flatten_with_path(opt_state)[0]
-    return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+SLOTS = {"trace": "momentum_buffer", "mu": "exp_avg", "nu": "exp_avg_sq"}
+"""optax's per-parameter state -> torch.optim's names for the same quantities (SGD's momentum
+buffer, Adam's first and second moments): the canonical, framework-neutral names."""
 
 
-def load_optimizer_tensors(template: optax.OptState,
-                           tensors: dict[str, np.ndarray]) -> optax.OptState:
-    """An optimizer state shaped like ``template`` holding what :func:`optimizer_tensors` saved;
-    ``ValueError`` naming the first tensor that is missing or has another shape."""
+def optimizer_tensors(opt_state: optax.OptState, net: nnx.Module) -> dict[str, np.ndarray]:
+    """The optimizer's per-parameter state in canonical names and layouts,
+    ``{parameter}.{momentum_buffer|exp_avg|exp_avg_sq}`` (torch.optim's), as ``net``'s
+    ``get_weights`` lays parameters out. Step counts are the checkpoint's position."""
+    from lenet_jax.model import get_weights
+
+    out: dict[str, np.ndarray] = {}
+
+    def visit(node: object) -> None:
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            for name in node._fields:
+                value = getattr(node, name)
+                if name in SLOTS:
+                    holder = nnx.clone(net)
+                    nnx.update(holder, value)
+                    weights = get_weights(holder)
+                    out.update({f"{k}.{SLOTS[name]}": weights[k] for k in net.spec.param_shapes})
+                elif name != "count":
+                    visit(value)
+        elif isinstance(node, (tuple, list)):
+            for value in node:
+                visit(value)
+
+    visit(opt_state)
+    return out
+
+
+def load_optimizer_tensors(template: optax.OptState, tensors: dict[str, np.ndarray],
+                           net: nnx.Module, step: int) -> optax.OptState:
+    """An optimizer state shaped like ``template`` holding the canonical ``tensors`` (saved by
+    either framework) after ``step`` steps; ``ValueError`` naming the first tensor that is
+    missing or has another shape."""
+    from lenet_jax.model import get_weights, set_weights
+
+    if tensors and all(k.startswith("[") for k in tensors):
+        return _load_by_path(template, tensors)  # a checkpoint of an earlier lenet version
+
+    def build(node: object) -> object:
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            values = []
+            for name in node._fields:
+                value = getattr(node, name)
+                if name in SLOTS:
+                    canonical = {}
+                    for k, shape in net.spec.param_shapes.items():
+                        key = f"{k}.{SLOTS[name]}"
+                        if key not in tensors or tensors[key].shape != shape:
+                            raise ValueError(f"optimizer state {key!r} is missing or has "
+                                             "another shape")
+                        canonical[k] = tensors[key]
+                    holder = nnx.clone(net)
+                    set_weights(holder, {**get_weights(holder), **canonical})
+                    values.append(nnx.state(holder, nnx.Param))
+                elif name == "count":
+                    values.append(jnp.asarray(step, dtype=jnp.asarray(value).dtype))
+                else:
+                    values.append(build(value))
+            return type(node)(*values)
+        if isinstance(node, (tuple, list)):
+            return type(node)(build(value) for value in node)
+        return node
+
+    return build(template)
+
+
+def _load_by_path(template: optax.OptState, tensors: dict[str, np.ndarray]) -> optax.OptState:
+    """An optimizer state saved by its pytree paths (checkpoints before the canonical names)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     restored = []
     for path, leaf in leaves:

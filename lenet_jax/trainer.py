@@ -136,8 +136,9 @@ class JaxBackend(distributed.Processes):
         opt_state = tx.init(params)
         if restore:
             try:
-                opt_state = load_optimizer_tensors(opt_state, restore.optimizer)
-            except ValueError as e:
+                opt_state = load_optimizer_tensors(opt_state, restore.optimizer, net,
+                                                   int(restore.meta["step"]))
+            except (KeyError, ValueError, TypeError) as e:
                 raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
                                  f"{e}") from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
@@ -183,5 +184,5 @@ class JaxBackend(distributed.Processes):
 
     def state(self) -> State:
         params, stats, opt_state = self.train_state
-        return State(get_weights(nnx.merge(self.graphdef, params, stats, self.rest)),
-                     optimizer_tensors(opt_state))
+        net = nnx.merge(self.graphdef, params, stats, self.rest)
+        return State(get_weights(net), optimizer_tensors(opt_state, net))

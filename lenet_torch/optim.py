@@ -33,20 +33,51 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, np.ndarray], list]:
-    """The optimizer's state as flat named arrays plus its JSON-able param groups."""
-    state = opt.state_dict()
-    tensors = {
-        f"{i}.{k}": v.detach().cpu().numpy()
-        for i, per_param in state["state"].items() for k, v in per_param.items()
-    }
-    return tensors, state["param_groups"]
+SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+         "adamw": ("exp_avg", "exp_avg_sq")}
+"""torch.optim's per-parameter state of each optimizer (SGD's only with momentum): the
+canonical, framework-neutral names, saved as ``{parameter}.{slot}``."""
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, net: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The optimizer's per-parameter state in canonical names (``{parameter}.{slot}``; the
+    parameters are already in canonical layout). Step counts are the checkpoint's position."""
+    names = [k for k, _ in net.named_parameters()]
+    return {f"{names[i]}.{slot}": v.detach().cpu().numpy()
+            for i, per_param in opt.state_dict()["state"].items()
+            for slot, v in per_param.items() if slot != "step" and v is not None}
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, np.ndarray],
-                           groups: list) -> None:
-    """Restore what :func:`optimizer_tensors` saved (``ValueError`` / ``RuntimeError`` when it
-    does not fit ``opt``)."""
+                           net: torch.nn.Module, name: str, step: int,
+                           legacy_groups: list | None = None) -> None:
+    """Restore the canonical ``tensors`` (saved by either framework) of optimizer ``name`` after
+    ``step`` steps; ``ValueError`` naming the first one missing or of another shape."""
+    if tensors and all(k.split(".", 1)[0].isdigit() for k in tensors) and legacy_groups:
+        return _load_by_index(opt, tensors, legacy_groups)  # an earlier lenet version's
+    groups = opt.state_dict()["param_groups"]
+    slots = SLOTS[name]
+    if name == "sgd" and not groups[0]["momentum"]:
+        slots = ()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    if step > 0:
+        for i, (pname, p) in enumerate(net.named_parameters()):
+            per_param: dict[str, torch.Tensor] = {}
+            for slot in slots:
+                key = f"{pname}.{slot}"
+                if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
+                    raise ValueError(f"optimizer state {key!r} is missing or has another shape")
+                per_param[slot] = torch.from_numpy(np.array(tensors[key], np.float32))
+            if name != "sgd":
+                per_param["step"] = torch.tensor(float(step))
+            if per_param:
+                state[i] = per_param
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _load_by_index(opt: torch.optim.Optimizer, tensors: dict[str, np.ndarray],
+                   groups: list) -> None:
+    """Optimizer state saved by parameter index (checkpoints before the canonical names)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         i, name = key.split(".", 1)

@@ -60,6 +60,22 @@ class TorchBackend(distributed.Processes):
         return (f"torch {torch.__version__} on {self.device}{where}{ranks}, "
                 f"{resolve(self.kernels)} kernels")
 
+    @staticmethod
+    def _restore_rng(restore: State, device: torch.device) -> None:
+        """torch's generators as the checkpoint saved them: dropout draws from the CPU's, and
+        on CUDA from the device's."""
+        for name in ("torch_cpu", "torch_cuda") if device.type == "cuda" else ("torch_cpu",):
+            rng = restore.rng.get(name)
+            if rng is None or rng.dtype != np.uint8 or rng.ndim != 1:
+                raise StateError(f"its random generator state rng.{name} is missing or not a "
+                                 "uint8 vector")
+            try:
+                (torch.set_rng_state if name == "torch_cpu" else torch.cuda.set_rng_state)(
+                    torch.from_numpy(rng.copy()))
+            except (RuntimeError, ValueError) as e:
+                raise StateError(f"its random generator state rng.{name} is invalid: "
+                                 f"{e}") from None
+
     def start(self, run: Run, restore: State | None) -> None:
         args, device = run.args, self.device
         self.net = net = build(run.spec, seed=args.seed, kernels=args.kernels).to(device)
@@ -69,22 +85,16 @@ class TorchBackend(distributed.Processes):
         self.opt = make_optimizer(net, args.optimizer, args.lr, args.momentum, args.weight_decay)
         if restore:
             try:
-                load_optimizer_tensors(self.opt, restore.optimizer, restore.meta["param_groups"])
+                load_optimizer_tensors(self.opt, restore.optimizer, net, args.optimizer,
+                                       int(restore.meta["step"]),
+                                       restore.meta.get("param_groups"))
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
                                  f"{e}") from None
-            # dropout draws from the CPU's generator, and on CUDA from the device's
-            for name in ("torch_cpu", "torch_cuda") if device.type == "cuda" else ("torch_cpu",):
-                rng = restore.rng.get(name)
-                if rng is None or rng.dtype != np.uint8 or rng.ndim != 1:
-                    raise StateError(f"its random generator state rng.{name} is missing or not "
-                                     "a uint8 vector")
-                try:
-                    (torch.set_rng_state if name == "torch_cpu" else torch.cuda.set_rng_state)(
-                        torch.from_numpy(rng.copy()))
-                except (RuntimeError, ValueError) as e:
-                    raise StateError(f"its random generator state rng.{name} is invalid: "
-                                     f"{e}") from None
+            if restore.meta.get("framework") == "torch":
+                self._restore_rng(restore, device)
+            else:  # a JAX checkpoint holds no torch generator: one from (seed, step)
+                torch.manual_seed((args.seed << 32 | int(restore.meta["step"])) % 2**63)
         self.mine = distributed.shard(args.batch_size, self.layout)
         model = distributed.wrap(net, self.layout, device)
         self.model = torch.compile(model) if self.compile else model
@@ -125,8 +135,8 @@ class TorchBackend(distributed.Processes):
         return total_loss / len(self.test_x), correct / len(self.test_x)
 
     def state(self) -> State:
-        tensors, groups = optimizer_tensors(self.opt)
+        tensors = optimizer_tensors(self.opt, self.net)
         rng = {"torch_cpu": torch.get_rng_state().numpy()}
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state().numpy()
-        return State(get_weights(self.net), tensors, rng, {"param_groups": groups})
+        return State(get_weights(self.net), tensors, rng)

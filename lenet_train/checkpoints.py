@@ -67,13 +67,12 @@ def _shown(key: str, value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def check_resume(path: Path, meta: dict[str, Any], framework: str,
-                 now: dict[str, Any]) -> None:
-    """Exit with one line unless the checkpoint ``meta`` was written by ``framework`` with the
-    settings ``now`` (:func:`settings`): the flag, the old value and the new."""
-    written = meta.get("framework")
-    if written != framework:
-        fail(f"{path}: a {written} checkpoint; resume it with python -m lenet_{written}.train")
+def check_resume(path: Path, meta: dict[str, Any], now: dict[str, Any]) -> None:
+    """Exit with one line unless the checkpoint ``meta`` was written (by either framework:
+    checkpoints are framework-neutral) with the settings ``now`` (:func:`settings`): the flag,
+    the old value and the new."""
+    if meta.get("framework") not in ("jax", "torch"):
+        fail(f"{path}: damaged checkpoint metadata (framework {meta.get('framework')!r})")
     before = meta.get("settings")
     if not isinstance(before, dict):  # an older checkpoint: what it recorded
         before = {"optimizer": meta.get("optimizer"), "spec": meta.get("spec"),
@@ -253,7 +252,7 @@ class Checkpoints:
             tensors, meta = load_checkpoint(path)
         except CheckpointError as e:
             fail(str(e))
-        check_resume(path, meta, self.framework, self.settings)
+        check_resume(path, meta, self.settings)
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             check_weights(self.spec, weights)

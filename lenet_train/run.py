@@ -75,6 +75,12 @@ class Run:
         if not self.args.resume:
             return None, Position()
         state, pos, self.wall_before = self.checkpoints.load()
+        written = state.meta.get("framework")
+        if written != self.framework:
+            dropout = any(layer.type.startswith("dropout") for layer in self.spec.layers)
+            self.log.say(f"resuming a {written} checkpoint at step {pos.step}"
+                         + ("; dropout masks from here on are this framework's" if dropout
+                            else ""))
         return state, pos
 
     def lr_table(self) -> np.ndarray:

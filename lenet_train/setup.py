@@ -124,7 +124,7 @@ def _check_resume(args: argparse.Namespace, framework: str, workdir: Path,
         meta = read_meta(path)
     except CheckpointError as e:
         fail(str(e))
-    check_resume(path, meta, framework, now)
+    check_resume(path, meta, now)
     try:
         epoch, done, step = (int(meta[k]) for k in ("epoch", "done", "step"))
     except (KeyError, TypeError, ValueError) as e:

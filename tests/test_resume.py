@@ -17,7 +17,14 @@ import pytest
 from helpers import SLOW, fast_only, idx_split
 
 from lenet_spec import PRESETS
-from lenet_train.checkpoints import KEPT, Position, check_position, check_resume, settings
+from lenet_train.checkpoints import (
+    KEPT,
+    Position,
+    check_position,
+    check_resume,
+    read_meta,
+    settings,
+)
 from lenet_train.cli import parser
 from lenet_train.setup import LOCK
 
@@ -88,21 +95,19 @@ def test_every_kept_setting_is_compared(key: str, capsys) -> None:
     """Each setting a run keeps for life, changed alone, is refused naming it; the data's
     content too; --epochs, --max-steps and --lr are not compared."""
     before = {"framework": "torch", "settings": settings(_args(), DATA)}
-    check_resume(Path("ck"), before, "torch", settings(_args(epochs=9, max_steps=5, lr=0.5),
-                                                        DATA))
+    check_resume(Path("ck"), before, settings(_args(epochs=9, max_steps=5, lr=0.5), DATA))
     with pytest.raises(SystemExit):
-        check_resume(Path("ck"), before, "torch", settings(_args(**{key: CHANGED[key]}), DATA))
+        check_resume(Path("ck"), before, settings(_args(**{key: CHANGED[key]}), DATA))
     err = capsys.readouterr().err
     flag = "--" + key.replace("_", "-")
     assert err.startswith("error: ck: written ") and (flag in err or key == "spec"), err
     other = {"content": {"train": "a" * 16, "test": "c" * 16}}
     with pytest.raises(SystemExit):
-        check_resume(Path("ck"), before, "torch", settings(_args(), other))
+        check_resume(Path("ck"), before, settings(_args(), other))
     assert "written with data of SHA-256" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        check_resume(Path("ck"), before, "jax", settings(_args(), DATA))
-    assert "a torch checkpoint; resume it with python -m lenet_torch.train" in \
-        capsys.readouterr().err
+        check_resume(Path("ck"), {**before, "framework": ["x"]}, settings(_args(), DATA))
+    assert "damaged checkpoint metadata (framework ['x'])" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pos, why", [
@@ -221,3 +226,42 @@ def test_batch_norm_at_batch_size_one_is_one_line(tmp_path, mnist_dir) -> None:
                           "--batch-size", "1", "--data-dir", mnist_dir, "--workdir",
                           str(tmp_path / "run")], capture_output=True, text=True, timeout=600)
     _one_line_error(res, "--batch-size 1: bn_head's bn1 would normalise 1 value per channel")
+
+
+HANDOFF = ["--train-size", "12800", "--batch-size", "128", "--epochs", "2", "--schedule",
+           "constant", "--lr", "1e-3", "--log-steps", "--quiet"]
+
+
+@SLOW
+@pytest.mark.parametrize("spec, first, second", [("lenet5", "torch", "jax"),
+                                                 ("lenet5_classic", "jax", "torch")])
+def test_a_checkpoint_crosses_frameworks(tmp_path, mnist_dir, spec: str, first: str,
+                                         second: str) -> None:
+    """100 steps in one framework, then --resume in the other for 20, track 120 steps in the
+    first: the 20 steps' losses within the parity battery's trajectory bound (1e-4 relative)
+    and the final weights within its parameter bound (1e-4). The optimizer state (Adam's
+    moments) crosses in canonical names; neither spec has dropout, whose masks the
+    frameworks draw differently."""
+    from lenet_parity.battery import TRAJ_LOSS_TOL, TRAJ_PARAM_TOL
+    from lenet_spec import load_weights
+    from lenet_train.runlog import read_jsonl
+
+    def run(framework: str, workdir: Path, *extra: str) -> None:
+        res = subprocess.run([sys.executable, "-m", PROGRAMS[framework], *HANDOFF, "--spec",
+                              spec, "--data-dir", mnist_dir, "--workdir", str(workdir), *extra],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    run(first, tmp_path / "whole", "--max-steps", "120")
+    run(first, tmp_path / "handed", "--max-steps", "100")
+    run(second, tmp_path / "handed", "--max-steps", "120", "--resume")
+    whole = np.array([r["loss"] for r in read_jsonl(tmp_path / "whole" / "steps.jsonl")])
+    handed = np.array([r["loss"] for r in read_jsonl(tmp_path / "handed" / "steps.jsonl")])
+    assert len(whole) == len(handed) == 120
+    np.testing.assert_array_equal(handed[:100], whole[:100])
+    assert np.all(np.abs(handed[100:] - whole[100:]) <= TRAJ_LOSS_TOL * np.abs(whole[100:]))
+    a, _ = load_weights(tmp_path / "whole" / "weights.safetensors")
+    b, _ = load_weights(tmp_path / "handed" / "weights.safetensors")
+    params = PRESETS[spec].param_shapes
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in params) <= TRAJ_PARAM_TOL
+    assert read_meta(tmp_path / "handed" / "checkpoint.safetensors")["framework"] == second
