@@ -94,10 +94,12 @@ def read_meta(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path}: not a lenet checkpoint (shorter than a header)")
+                raise CheckpointError(f"{path}: not a readable safetensors file (shorter than "
+                                      "its header)")
             (n,) = struct.unpack("<Q", head)
             if n > 16 * 2**20:
-                raise CheckpointError(f"{path}: not a lenet checkpoint (a {n:,}-byte header)")
+                raise CheckpointError(f"{path}: not a readable safetensors file (a {n:,}-byte "
+                                      "header)")
             header = json.loads(f.read(n))
         metadata = header.get("__metadata__") if isinstance(header, dict) else None
         if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
@@ -108,7 +110,8 @@ def read_meta(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{path}: damaged checkpoint header ({type(e).__name__})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header: "
+                              f"{type(e).__name__})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata (not a JSON object)")
     return meta

@@ -100,10 +100,11 @@ def _prepare_workdir(args: argparse.Namespace, workdir: Path) -> None:
         if not args.overwrite:
             fail(f"{workdir} is not empty; pass --resume to continue the run in it, --overwrite "
                  "to start afresh there, or pick another --workdir")
-        if not _holds_run(workdir):
-            shown = ", ".join(others[:4]) + (", …" if len(others) > 4 else "")
-            fail(f"--overwrite: {workdir} holds no lenet run ({shown}); it deletes only a "
-                 "run's own files, so pick another --workdir")
+        named = [name for name in RUN_FILES if (workdir / name).exists()]
+        if named and not _holds_run(workdir):
+            fail(f"--overwrite: {workdir} holds no lenet run, but files named as a run's "
+                 f"({', '.join(named)}); it deletes only a run's own files, so pick another "
+                 "--workdir")
         for name in RUN_FILES:
             (workdir / name).unlink(missing_ok=True)
 

@@ -236,4 +236,4 @@ def test_workdir_is_never_overwritten_by_surprise(tmp_path, mnist_dir, framework
     assert (workdir / "notes.txt").read_text() == "mine"  # only the run's own files go
     assert len(read_jsonl(workdir / "metrics.jsonl")) == 1
     res = _run([*_cmd(framework, workdir, mnist_dir), *short, "--resume", "--batch-size", "64"])
-    assert res.returncode == 2 and "written with another --batch-size" in res.stderr
+    assert res.returncode == 2 and "written with --batch-size 128, now 64" in res.stderr

@@ -156,7 +156,8 @@ def test_overwrite_deletes_only_a_runs_files(tmp_path, mnist_dir) -> None:
     (foreign / "config.json").write_text('{"lr": 1}')
     (foreign / "metrics.jsonl").write_text("{}\n")
     res = _run("torch", foreign, mnist_dir, "--overwrite")
-    _one_line_error(res, "--overwrite:", "holds no lenet run (config.json, metrics.jsonl)")
+    _one_line_error(res, "--overwrite:", "holds no lenet run, but files named as a run's "
+                    "(config.json, metrics.jsonl)")
     assert (foreign / "config.json").read_text() == '{"lr": 1}'
     workdir = tmp_path / "run"
     assert _run("torch", workdir, mnist_dir, "--max-steps", "2").returncode == 0
