@@ -160,11 +160,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return tensors, meta
 
 
-def check_position(pos: Position, steps_per_epoch: int) -> str | None:
+def check_position(pos: Position, steps_per_epoch: int, losses: bool = True) -> str | None:
     """Why ``pos`` cannot be where a run of ``steps_per_epoch`` steps an epoch stood, or None:
     its step must be where its epoch began plus the steps done (or, at the end of a run cut by
     --max-steps inside the epoch before, between that epoch's start and end), its losses one
-    finite value per step done."""
+    finite value per step done (unless not ``losses``: the metadata alone)."""
     spe = steps_per_epoch
     if not (0 <= pos.done <= spe and pos.epoch >= 0 and pos.step >= 0):
         return f"position epoch {pos.epoch}, step {pos.step}, {pos.done} of {spe} steps done"
@@ -174,6 +174,8 @@ def check_position(pos: Position, steps_per_epoch: int) -> str | None:
     if start != pos.epoch * spe and not cut_short:
         return (f"step {pos.step} is not where epoch {pos.epoch} with {pos.done} of its {spe} "
                 "steps done stands")
+    if not losses:
+        return None
     if len(pos.losses) != pos.done:
         return f"{len(pos.losses)} losses for {pos.done} steps done"
     if not (np.all(np.isfinite(pos.losses)) and math.isfinite(pos.epoch_s) and pos.epoch_s >= 0):

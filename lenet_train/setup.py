@@ -131,8 +131,8 @@ def _check_resume(args: argparse.Namespace, framework: str, workdir: Path,
     except (KeyError, TypeError, ValueError) as e:
         fail(f"{path}: damaged checkpoint metadata ({e!r} missing or invalid)")
     spe = meta.get("steps_per_epoch")
-    why = check_position(Position(epoch, done, step, np.zeros(max(done, 0), np.float32)),
-                         spe if isinstance(spe, int) else 0)
+    why = check_position(Position(epoch, done, step), spe if isinstance(spe, int) else 0,
+                         losses=False)
     if why and spe == steps_per_epoch:
         fail(f"{path}: damaged checkpoint ({why})")
     if step >= total:

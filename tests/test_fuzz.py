@@ -245,3 +245,75 @@ def test_checkpoint_loader_only_raises_checkpoint_error(tmp_path_factory, data) 
         assert isinstance(result, CheckpointError), repr(result)
         assert str(result).startswith(str(path))
     assert peak <= 2 * len(raw) + SLACK
+
+
+JSONISH = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+              st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def a_checkpoint(tmp_path_factory):
+    """A real torch run's checkpoint on a small spec: its tensors and metadata, and the run's
+    settings (as the program would have them)."""
+    import argparse
+
+    import lenet_torch
+    from lenet_train.checkpoints import Checkpoints, Position, State, settings
+    from lenet_train.cli import parser
+
+    spec = PRESETS["lenet5"]
+    args = parser("prog", "x").parse_args(["--max-steps", "4", "--optimizer", "sgd",
+                                           "--momentum", "0.9"])
+    args.spec = spec
+    data = {"content": {"train": "0" * 16, "test": "1" * 16}}
+    workdir = tmp_path_factory.mktemp("ckpt")
+    net = lenet_torch.build(spec)
+    ckpt = Checkpoints(workdir, "torch", args, spec, 4, True, lambda: 1.0, None,
+                       settings=settings(args, data))
+    ckpt.save(State(lenet_torch.get_weights(net), {}, {}), Position(0, 2, 2,
+                                                                   np.ones(2, np.float32)))
+    tensors, meta = load_checkpoint(ckpt.path)
+    return workdir, args, data, tensors, meta, argparse
+
+
+@FUZZ
+@given(data=st.data())
+def test_hostile_checkpoint_metadata_is_one_clear_error(a_checkpoint, data, capsys) -> None:
+    """Any metadata field replaced by any JSON value, or dropped, or the saved losses of
+    another length, dtype or value: the resume check and the loader end with one error line
+    (SystemExit) or accept a position a run can stand at, never another exception."""
+    from lenet_train.checkpoints import Checkpoints, check_position, settings
+    from lenet_train.setup import _check_resume
+
+    workdir, args, run_data, tensors, meta, _ = a_checkpoint
+    meta = json.loads(json.dumps(meta))
+    for key in data.draw(st.lists(st.sampled_from(sorted(meta)), max_size=3, unique=True)):
+        if data.draw(st.booleans()):
+            meta.pop(key)
+        else:
+            meta[key] = data.draw(JSONISH)
+    tensors = dict(tensors)
+    if data.draw(st.booleans()):
+        tensors["progress.losses"] = data.draw(st.sampled_from([
+            np.array([np.nan, 1.0], np.float32), np.zeros(5, np.float32),
+            np.zeros(2, np.int64), np.zeros((1, 2), np.float32)]))
+    path = workdir / "checkpoint.safetensors"
+    try:
+        save_checkpoint(path, tensors, meta)
+    except (TypeError, ValueError):
+        return  # not writable as JSON (a NaN key, a huge int): no file to resume from
+    now = settings(args, run_data)
+    ckpt = Checkpoints(workdir, "torch", args, args.spec, 4, False, lambda: 1.0, None,
+                       settings=now)
+    try:
+        _check_resume(args, "torch", workdir, now, 4, 4)
+        _, pos, _ = ckpt.load()
+    except SystemExit:
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}") and err.count("\n") == 1, err
+        return
+    assert check_position(pos, 4) is None
