@@ -3,8 +3,13 @@ before jax is imported, so that a mistyped flag is refused at once."""
 
 from __future__ import annotations
 
-from lenet_jax import flags
-from lenet_train import program
+if __name__ == "__main__":  # a Ctrl-C from the first moment is one line (lenet_train.errors)
+    from lenet_train.errors import stop_on_signals
+
+    stop_on_signals()
+
+from lenet_jax import flags  # noqa: E402
+from lenet_train import program  # noqa: E402
 
 
 def make_backend() -> program.Backend:

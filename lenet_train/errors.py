@@ -4,6 +4,7 @@ when the run spans several processes, leaving at once rather than waiting for th
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,24 @@ def give_up(what: str) -> NoReturn:
     exit_now(EXIT_LOST_PEER)
 
 
+INTERRUPTED = ("interrupted; nothing more was written (a checkpoint already in the workdir is "
+               "kept; --resume continues from it)")
+
+
+def stop_at_once(signum: int, frame: object = None) -> NoReturn:
+    """A signal handler: one line, then exit status 130 at once. Raising KeyboardInterrupt
+    instead can be swallowed (a callback JAX runs from the garbage collector ignores it) or
+    end in a traceback from inside an import."""
+    print(f"{signal.Signals(signum).name}: {INTERRUPTED}", file=sys.stderr, flush=True)
+    exit_now(EXIT_INTERRUPTED)
+
+
+def stop_on_signals() -> None:
+    """From now until the run watches signals itself, SIGINT and SIGTERM :func:`stop_at_once`."""
+    signal.signal(signal.SIGINT, stop_at_once)
+    signal.signal(signal.SIGTERM, stop_at_once)
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
     """A Ctrl-C before the run can checkpoint (loading data, compiling) or a second Ctrl-C
@@ -71,8 +90,7 @@ def interruptible() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        print("interrupted; nothing more was written (a checkpoint already in the workdir is "
-              "kept; --resume continues from it)", file=sys.stderr, flush=True)
+        print(INTERRUPTED, file=sys.stderr, flush=True)
         if active():
             exit_now(EXIT_INTERRUPTED)
         sys.exit(EXIT_INTERRUPTED)

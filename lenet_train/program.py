@@ -4,13 +4,14 @@ the :class:`Framework` it is written against."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from typing import Protocol
 
 from lenet_train.cli import parser
 from lenet_train.distributed import Layout, peers_guard
-from lenet_train.errors import interruptible
+from lenet_train.errors import interruptible, stop_on_signals
 from lenet_train.loop import Trainer, fit
 from lenet_train.setup import setup
 
@@ -60,6 +61,17 @@ def main(framework: str, title: str, flags: Flags, make_backend: Callable[[], Ba
     """Parse the shared and the framework's flags, then (and only then) build the backend,
     join the other processes, prepare the run (workdir, data, checkpoint) and train it; errors
     end the program with one line."""
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop_on_signals()  # a Ctrl-C while jax or torch imports: one line, not a traceback
+    try:
+        return _main(framework, title, flags, make_backend, argv)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
+def _main(framework: str, title: str, flags: Flags, make_backend: Callable[[], Backend],
+          argv: list[str] | None) -> int:
     p = parser(f"python -m lenet_{framework}.train", title)
     flags.add_flags(p)
     argv = sys.argv[1:] if argv is None else argv

@@ -23,7 +23,7 @@ from lenet_train.checkpoints import Checkpoints, Position, State, settings
 from lenet_train.cli import lr_at
 from lenet_train.data import augment, epoch_order, prepare
 from lenet_train.distributed import Layout
-from lenet_train.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, fail
+from lenet_train.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, fail, stop_on_signals
 from lenet_train.runlog import RunLog
 
 
@@ -187,8 +187,7 @@ class Run:
 
         def handler(signum: int, frame: Any) -> None:
             self.interrupted = signal.Signals(signum).name
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            stop_on_signals()  # a second one stops at once
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)

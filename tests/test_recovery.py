@@ -237,3 +237,19 @@ def test_workdir_is_never_overwritten_by_surprise(tmp_path, mnist_dir, framework
     assert len(read_jsonl(workdir / "metrics.jsonl")) == 1
     res = _run([*_cmd(framework, workdir, mnist_dir), *short, "--resume", "--batch-size", "64"])
     assert res.returncode == 2 and "written with --batch-size 128, now 64" in res.stderr
+
+
+@pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
+def test_ctrl_c_from_the_first_moment_is_one_line(tmp_path, mnist_dir, framework: str) -> None:
+    """SIGINT while the framework imports, while the data loads: exit 130 with one line, never
+    a traceback or an interrupt the framework swallows (JAX's garbage-collector callback
+    ignored KeyboardInterrupt and trained on)."""
+    for k, delay in enumerate((0.2, 1.0, 2.0)):
+        proc = subprocess.Popen([*_cmd(framework, tmp_path / f"run{k}", mnist_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, err[-2000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err
+        assert err.strip().splitlines()[-1].startswith("SIGINT: "), err
