@@ -178,12 +178,15 @@ def test_two_processes_match_one_and_only_process_0_writes(tmp_path, mnist_dir, 
                                                            framework: str) -> None:
     """JAX: two processes on 127.0.0.1 joined by jax.distributed (CPU collectives over gloo).
     torch: two gloo ranks with DistributedDataParallel. Process 1 is given its own --workdir,
-    which must never be created."""
+    which must never be created, and prints nothing (not even the data lines)."""
     workdirs = (tmp_path / "p0", tmp_path / "p1")
-    results = [_finish(p) for p in _start_pair(framework, mnist_dir, workdirs, *SHORT)]
+    loud = [a for a in SHORT if a != "--quiet"]
+    results = [_finish(p) for p in _start_pair(framework, mnist_dir, workdirs, *loud)]
     for rc, err in results:
         assert rc == 0, err[-3000:]
     assert not workdirs[1].exists()
+    assert "MNIST train from" in results[0][1]
+    assert results[1][1].strip() == "", results[1][1]  # the other process prints nothing
     _assert_same_training(workdirs[0], one_process[framework])
 
 
