@@ -37,6 +37,7 @@ from lenet_train.data import DataError, load, normalisation, prepare
 from lenet_train.data.catalog import DATASETS
 from lenet_train.distributed import Layout
 from lenet_train.errors import fail
+from lenet_train.options import EVAL_BATCH
 from lenet_train.run import Run
 from lenet_train.runlog import RunLog, log_to_stderr
 
@@ -116,6 +117,30 @@ def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def _check_memory(args: argparse.Namespace, spec) -> None:
+    """Refuse, with the estimate, a run whose spec cannot fit in this machine's memory: the
+    data padded to the spec's input, training's activations and state at --batch-size, and an
+    evaluation batch, all in float32 (what the spec alone says; the frameworks add more)."""
+    counts = DATASETS[args.dataset].counts
+    images = min(args.train_size or counts["train"], counts["train"]) + counts["test"]
+    data = 4 * images * math.prod(spec.input_shape)
+    widest = max(math.prod(i.out_shape) for i in spec.infos)
+    evaluation = 4 * 2 * EVAL_BATCH * widest
+    needed = data + spec.training_bytes(args.batch_size) + evaluation
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if needed > have:
+        fail(f"spec {spec.name} needs about {_gib(needed)} at --batch-size {args.batch_size} "
+             f"(data {_gib(data)}, training {_gib(spec.training_bytes(args.batch_size))}, "
+             f"evaluation {_gib(evaluation)}, float32); this machine has {_gib(have)}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
 def _check_resume(args: argparse.Namespace, framework: str, workdir: Path,
                   now: dict, total: int, steps_per_epoch: int) -> None:
     """Before anything is written: the checkpoint is this framework's, of this run's settings,
@@ -171,6 +196,7 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
                 fail(f"--batch-size {args.batch_size}: {spec.name}'s {info.label} would "
                      f"normalise {per_channel} value per channel in training; batch_norm "
                      "needs at least 2 (a larger --batch-size)")
+    _check_memory(args, spec)
     classes = DATASETS[args.dataset].classes
     if spec.num_classes != classes:
         fail(f"spec {spec.name} ends in {spec.num_classes} outputs; {args.dataset} has {classes} "

@@ -266,3 +266,22 @@ def test_a_checkpoint_crosses_frameworks(tmp_path, mnist_dir, spec: str, first: 
     params = PRESETS[spec].param_shapes
     assert max(float(np.abs(a[k] - b[k]).max()) for k in params) <= TRAJ_PARAM_TOL
     assert read_meta(tmp_path / "handed" / "checkpoint.safetensors")["framework"] == second
+
+
+def test_a_spec_too_large_for_memory_is_refused_with_the_estimate(tmp_path, mnist_dir) -> None:
+    """200,000 channels on MNIST pass validation but cannot be trained here: refused before the
+    data is read, with the estimate; lenet5's estimate counts its values exactly."""
+    spec = PRESETS["lenet5"]
+    assert spec.activations == 1024 + 2 * 4704 + 1176 + 2 * 1600 + 400 + 400 + 2 * 120 + \
+        2 * 84 + 10
+    assert spec.training_bytes(128) == 4 * (2 * 128 * spec.activations + 4 * 61_706)
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({"name": "wide", "input_shape": [1, 28, 28], "layers": [
+        {"type": "conv", "out_channels": 200_000, "kernel_size": 3},
+        {"type": "max_pool", "kernel_size": 26}, {"type": "flatten"},
+        {"type": "linear", "out_features": 10}]}))
+    res = subprocess.run([sys.executable, "-m", "lenet_torch.train", "--spec", str(path),
+                          "--data-dir", mnist_dir, "--workdir", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=600)
+    _one_line_error(res, "spec wide needs about 1,136.9 GiB at --batch-size 128 (data 0.2 GiB, "
+                    "training 129.4 GiB, evaluation 1,007.3 GiB, float32); this machine has")
