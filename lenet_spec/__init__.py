@@ -47,6 +47,7 @@ from lenet_spec.weights import (
     INITS,
     WeightsError,
     canonical_dtype,
+    check_shapes,
     check_weights,
     chw_to_hwc,
     hwc_to_chw,
@@ -63,7 +64,7 @@ __all__ = [
     "MAX_PARAMS", "MaxPool", "OUTPUT_TYPES", "PARAMETERISED", "PRESETS", "Pair", "ReLU",
     "SHAPES", "Shape", "SiLU", "Sigmoid", "Softmax", "Spec", "SpecError", "Tanh",
     "WeightsError", "adaptive_windows", "atomic_write_bytes", "canonical_dtype",
-    "check_weights", "chw_to_hwc", "fitting", "fmt_pair", "fmt_shape", "hwc_to_chw",
+    "check_shapes", "check_weights", "chw_to_hwc", "fitting", "fmt_pair", "fmt_shape", "hwc_to_chw",
     "is_monotone", "load_spec", "load_weights", "misfit", "parse_spec_json", "read_lenet_file",
     "save_weights", "widen", "write_safetensors",
 ]

@@ -9,6 +9,9 @@ from lenet_spec.layers import SpecError
 from lenet_spec.presets import PRESETS
 from lenet_spec.spec import Spec
 
+SPEC_FILE_LIMIT = 2**20
+"""The largest spec file read (a spec of a hundred layers is under 10 KB)."""
+
 
 def parse_spec_json(text: str, source: str = "<string>") -> Spec:
     """Parse a spec from JSON text; errors name ``source`` (and line and column for bad JSON)."""
@@ -35,6 +38,10 @@ def load_spec(name_or_path: str | Path | Spec) -> Spec:
     path = Path(key)
     if path.is_file():
         try:
+            size = path.stat().st_size
+            if size > SPEC_FILE_LIMIT:
+                raise SpecError(f"{path}: {size:,} bytes; a spec file is a few kilobytes (at "
+                                f"most {SPEC_FILE_LIMIT:,} bytes read)")
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"{path}: cannot read spec file: {e}") from None

@@ -8,7 +8,7 @@ A weights file is plain safetensors (no pickle, nothing executed on load); its m
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -121,21 +121,81 @@ def read_safetensors(
     try:
         with safe_open(str(path), framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # a Rust panic in safetensors is a BaseException
         raise error(f"{path}: not a readable safetensors file ({e})") from None
 
 
+HEADER_LIMIT = 16 * 2**20
+"""The largest safetensors header read (ours are a few kilobytes)."""
+
+
+def read_header(path: Path, error: type[Exception]) -> tuple[dict[str, Shape], dict[str, str]]:
+    """The tensors' shapes and the metadata of a safetensors file, from its header alone:
+    what a loader checks before reading any tensor."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than its header")
+            n = int.from_bytes(head, "little")
+            if n > HEADER_LIMIT:
+                raise ValueError(f"a {n:,}-byte header")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        shapes = {}
+        for name, entry in header.items():
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                                    and d >= 0 for d in shape)):
+                raise ValueError(f"tensor {name!r} has no valid shape")
+            shapes[name] = tuple(shape)
+        if not isinstance(metadata, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except (OSError, ValueError, RecursionError) as e:
+        raise error(f"{path}: not a readable safetensors file ({e})") from None
+    return shapes, metadata
+
+
 def read_lenet_file(path: str | Path, fmt: str, key: str, kind: str,
-                    error: type[Exception]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                    error: type[Exception],
+                    check: Callable[[dict[str, Shape], dict[str, str]], None] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of one of our safetensors files, whose metadata says ``format:
-    fmt`` and holds ``key``; a missing or foreign file raises ``error`` naming it as ``kind``."""
+    fmt`` and holds ``key``; a missing or foreign file raises ``error`` naming it as ``kind``.
+    ``check`` sees the header's shapes and metadata first and raises for a file it refuses,
+    so nothing is read that the caller would not take (one huge tensor, say)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such {kind}")
-    tensors, metadata = read_safetensors(path, error)
+    shapes, metadata = read_header(path, error)
     if metadata.get("format") != fmt or key not in metadata:
         raise error(f"{path}: not a lenet {kind} (no {key} in its metadata)")
+    if check is not None:
+        check(shapes, metadata)
+    tensors, metadata = read_safetensors(path, error)
     return tensors, metadata
+
+
+def check_shapes(spec: Spec, shapes: Mapping[str, Shape]) -> None:
+    """Raise ``WeightsError`` unless ``shapes`` are exactly ``spec``'s state's names and
+    shapes (a file's header, before its tensors are read), with :func:`check_weights`'s
+    messages."""
+    expected, buffers = spec.state_shapes, spec.buffer_shapes
+    for name, shape in expected.items():
+        if name not in shapes:
+            what = "buffer" if name in buffers else "tensor"
+            raise WeightsError(f"{spec.name}: missing {what} {name!r} of shape {shape}")
+        if tuple(shapes[name]) != shape:
+            raise WeightsError(f"{spec.name}: tensor {name!r} has shape {tuple(shapes[name])}, "
+                               f"the spec expects {shape}")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise WeightsError(f"{spec.name}: unexpected tensor {extra[0]!r} of shape "
+                           f"{tuple(shapes[extra[0]])}; the spec has {', '.join(expected)}")
 
 
 def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec) -> None:
@@ -146,14 +206,29 @@ def save_weights(path: str | Path, weights: Mapping[str, np.ndarray], spec: Spec
     write_safetensors(path, tensors, {"format": FORMAT, "spec": json.dumps(spec.to_dict())})
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], Spec]:
-    """Read a file written by :func:`save_weights`: the canonical weights and their spec."""
+def load_weights(path: str | Path, expect: Spec | None = None
+                 ) -> tuple[dict[str, np.ndarray], Spec]:
+    """Read a file written by :func:`save_weights`: the canonical weights and their spec.
+    Its header is checked against its spec (and ``expect``'s shapes, when given) before any
+    tensor is read."""
     path = Path(path)
-    weights, metadata = read_lenet_file(path, FORMAT, "spec", "weights file", WeightsError)
-    try:
-        spec = Spec.from_dict(json.loads(metadata["spec"]))
-    except (json.JSONDecodeError, SpecError) as e:
-        raise WeightsError(f"{path}: the spec in its metadata is invalid: {e}") from None
+
+    def spec_of(metadata: Mapping[str, str]) -> Spec:
+        try:
+            return Spec.from_dict(json.loads(metadata["spec"]))
+        except (json.JSONDecodeError, SpecError, RecursionError, ValueError) as e:
+            raise WeightsError(f"{path}: the spec in its metadata is invalid: {e}") from None
+
+    def check(shapes: dict[str, Shape], metadata: dict[str, str]) -> None:
+        for spec in (spec_of(metadata), *((expect,) if expect is not None else ())):
+            try:
+                check_shapes(spec, shapes)
+            except WeightsError as e:
+                raise WeightsError(f"{path}: {e}") from None
+
+    weights, metadata = read_lenet_file(path, FORMAT, "spec", "weights file", WeightsError,
+                                        check)
+    spec = spec_of(metadata)
     try:
         check_weights(spec, weights)
     except WeightsError as e:

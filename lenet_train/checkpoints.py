@@ -20,6 +20,7 @@ from lenet_spec import (
     Spec,
     WeightsError,
     atomic_write_bytes,
+    check_shapes,
     check_weights,
     read_lenet_file,
     write_safetensors,
@@ -147,10 +148,13 @@ def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: dict[st
     write_safetensors(path, tensors, {"format": FORMAT, "meta": json.dumps(meta)})
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The tensors and metadata of a checkpoint written by :func:`save_checkpoint`."""
+def load_checkpoint(path: Path, check: Callable[[dict, dict], None] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The tensors and metadata of a checkpoint written by :func:`save_checkpoint`; ``check``
+    sees the header's shapes first (and raises for a file it refuses)."""
     path = Path(path)
-    tensors, metadata = read_lenet_file(path, FORMAT, "meta", "checkpoint", CheckpointError)
+    tensors, metadata = read_lenet_file(path, FORMAT, "meta", "checkpoint", CheckpointError,
+                                        check)
     try:
         meta = json.loads(metadata["meta"])
     except (json.JSONDecodeError, RecursionError) as e:
@@ -254,7 +258,7 @@ class Checkpoints:
         error. Process 0 trims the logs to the checkpoint."""
         path = self.path
         try:
-            tensors, meta = load_checkpoint(path)
+            tensors, meta = load_checkpoint(path, self._check_header)
         except CheckpointError as e:
             fail(str(e))
         check_resume(path, meta, self.settings)
@@ -283,6 +287,21 @@ class Checkpoints:
         state = State(weights, {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
                       {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta)
         return state, position, wall_before
+
+    def _check_header(self, shapes: dict[str, tuple[int, ...]], metadata: dict) -> None:
+        """Before any tensor is read: the weights are this spec's, and nothing else is larger
+        than what a run saves (an optimizer slot, the epoch's losses, a generator state)."""
+        try:
+            check_shapes(self.spec, {k[6:]: v for k, v in shapes.items()
+                                     if k.startswith("model.")})
+        except WeightsError as e:
+            raise CheckpointError(f"{self.path}: not a checkpoint of this --spec: {e}") from None
+        largest = max([math.prod(s) for s in self.spec.param_shapes.values()]
+                      + [self.steps_per_epoch, 2**20])
+        for name, shape in shapes.items():
+            if not name.startswith("model.") and math.prod(shape) > largest:
+                raise CheckpointError(f"{self.path}: tensor {name!r} of shape {shape} is larger "
+                                      "than anything a run of this spec saves")
 
     def _trim_logs(self, pos: Position) -> None:
         """Drop what the logs recorded after the checkpoint (a run killed after writing an

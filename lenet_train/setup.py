@@ -18,7 +18,6 @@ from lenet_spec import (
     BatchNorm,
     WeightsError,
     atomic_write_bytes,
-    check_weights,
     fitting,
     load_weights,
     misfit,
@@ -234,8 +233,7 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     init_weights = None
     if args.init_weights:
         try:
-            init_weights, _ = load_weights(args.init_weights)
-            check_weights(spec, init_weights)
+            init_weights, _ = load_weights(args.init_weights, expect=spec)
         except WeightsError as e:
             fail(f"--init-weights: {e}")
     log = RunLog(workdir, args.quiet or not layout.writer, write=layout.writer)

@@ -229,7 +229,8 @@ def test_init_weights_of_another_spec(tmp_path, mnist_dir, framework: str) -> No
     res = _run(PROGRAMS[framework], "--init-weights", str(path), "--data-dir", mnist_dir,
                "--workdir", str(tmp_path / "run"), check=False)
     assert res.returncode == 2
-    assert "--init-weights: lenet5: tensor 'conv1.weight' has shape (6, 1, 3, 3)" in res.stderr
+    assert f"--init-weights: {path}: lenet5: tensor 'conv1.weight' has shape (6, 1, 3, 3)" \
+        in res.stderr
     assert "Traceback" not in res.stderr
 
 
