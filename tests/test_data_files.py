@@ -265,22 +265,56 @@ def test_cifar_from_files_subfolder_and_archive(tmp_path, layout: str) -> None:
     assert np.array_equal(train.labels, made["train"][1])
     assert np.array_equal(test.images, made["test"][0]) and len(test.labels) == 6
     if layout == "archive":
-        cache = tmp_path / "xdg" / "lenet" / "cifar10"
-        assert sorted(p.name for p in cache.iterdir()) == sorted(
+        beside = tmp_path / "xdg" / "lenet" / "cifar10-archive"
+        assert sorted(p.name for p in beside.iterdir()) == sorted(
             [*catalog.CIFAR_FILES["train"], *catalog.CIFAR_FILES["test"], catalog.MANIFEST])
-        manifest = json.loads((cache / catalog.MANIFEST).read_text())
+        manifest = json.loads((beside / catalog.MANIFEST).read_text())
         assert manifest["_source"].startswith("an archive that is not the official one")
-        assert "_archive" in manifest  # extracted once: the next run reads the cache
-        before = (cache / "data_batch_1.bin").stat().st_mtime_ns
+        assert "_archive" in manifest  # extracted once: the next run reads what it extracted
+        assert train.checksum.startswith("unverified: extracted from an archive that is not")
+        before = (beside / "data_batch_1.bin").stat().st_mtime_ns
         load("cifar10", "test", data)
-        assert (cache / "data_batch_1.bin").stat().st_mtime_ns == before
-        again = load("cifar10", "train")  # offline, from the cache, checked by the manifest
-        assert np.array_equal(again.images, train.images)
-        assert again.checksum == "verified: the cache's manifest"
-        (cache / "data_batch_2.bin").write_bytes(cifar_bytes(*cifar_images(4, seed=9)))
+        assert (beside / "data_batch_1.bin").stat().st_mtime_ns == before
+        assert not (tmp_path / "xdg" / "lenet" / "cifar10").exists()  # the cache: untouched
+        (beside / "data_batch_2.bin").write_bytes(cifar_bytes(*cifar_images(4, seed=9)))
         with pytest.raises(DataError, match="data_batch_2.bin: does not match the SHA-256 the "
                                             "cache recorded"):
-            load("cifar10", "train")
+            load("cifar10", "train", data)
+
+
+def test_an_archive_never_replaces_a_cache_from_elsewhere(tmp_path) -> None:
+    """A cache filled from another source keeps its files and its provenance when an archive
+    that is not the official one is given with --data-dir."""
+    from lenet_train.data.store import write_cache
+
+    made = cifar_folder(tmp_path / "src" / catalog.CIFAR_FOLDER, per_file=3, test=3)
+    cache = write_cache(catalog.DATASETS["cifar10"], {s: made[s] for s in ("train", "test")},
+                        "TensorFlow Datasets")
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    other = cifar_folder(tmp_path / "other" / catalog.CIFAR_FOLDER, per_file=2, seed=5)
+    data = tmp_path / "data"
+    data.mkdir()
+    tar_gz(data / catalog.CIFAR_ARCHIVE, {f"{catalog.CIFAR_FOLDER}/{p.name}": p.read_bytes()
+                                          for p in (tmp_path / "other" /
+                                                    catalog.CIFAR_FOLDER).iterdir()})
+    found = load("cifar10", "train", data)
+    assert np.array_equal(found.images, other["train"][0])
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+    again = load("cifar10", "train")
+    assert np.array_equal(again.images, made["train"][0])
+    assert again.checksum == "verified: the cache's manifest"
+
+
+def test_checks_name_files_from_an_unofficial_archive_unverified(tmp_path) -> None:
+    from lenet_train.data.checks import UNOFFICIAL, Checks, sha256
+
+    raw = b"\x00" * 10
+    for source, summary in ((f"{UNOFFICIAL} (x.tar.gz)", "unverified: extracted from an"),
+                            ("the official archive (TFDS's SHA-256)", "verified: the cache's")):
+        checks = Checks(catalog.DATASETS["cifar10"], {"a.bin": sha256(raw), "_source": source})
+        checks.file(tmp_path / "a.bin", None, raw, True, "a.bin")
+        assert checks.summary().startswith(summary)
+
 
 def _archive_case(tmp_path: Path, case: str) -> Path:
     good = {f"{catalog.CIFAR_FOLDER}/{n}": cifar_bytes(*cifar_images(2, seed=i))
@@ -314,8 +348,9 @@ def test_bad_archives_are_refused_and_leave_nothing(tmp_path, case: str, message
     archive = _archive_case(tmp_path, case)
     with pytest.raises(DataError, match=message):
         load("cifar10", "train", archive.parent)
-    cache = tmp_path / "xdg" / "lenet" / "cifar10"
-    assert not cache.exists() or not any(cache.iterdir())
+    for name in ("cifar10", "cifar10-archive"):
+        folder = tmp_path / "xdg" / "lenet" / name
+        assert not folder.exists() or not any(folder.iterdir())
 
 def test_archive_members_outside_the_folder_are_never_written(tmp_path) -> None:
     folder = tmp_path / "a"
@@ -323,8 +358,8 @@ def test_archive_members_outside_the_folder_are_never_written(tmp_path) -> None:
     _archive_case(folder, "traversal")
     load("cifar10", "test", folder)
     assert not (tmp_path / "evil.bin").exists() and not (tmp_path.parent / "evil.bin").exists()
-    cache = tmp_path / "xdg" / "lenet" / "cifar10"
-    assert "evil.bin" not in {p.name for p in cache.iterdir()}
+    beside = tmp_path / "xdg" / "lenet" / "cifar10-archive"
+    assert "evil.bin" not in {p.name for p in beside.iterdir()}
 
 @pytest.mark.parametrize("damage, message", [
     ("truncated", "data_batch_1.bin: 6,143 bytes is not a whole number"),

@@ -125,6 +125,12 @@ def get(name: str) -> Dataset:
     return DATASETS[name]
 
 
+def archive_dir(name: str) -> Path:
+    """Where an archive given with --data-dir is extracted: beside the cache, never into it,
+    so that a cache filled from elsewhere keeps its files and its provenance."""
+    return cache_root() / f"{name}-archive"
+
+
 def cache_dir(name: str) -> Path:
     """The cache folder of dataset ``name``."""
     return cache_root() / name

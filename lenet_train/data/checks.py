@@ -32,6 +32,10 @@ def _others_with(name: str, digest: str, file: str) -> str | None:
     return None
 
 
+UNOFFICIAL = "an archive that is not the official one"
+"""How a manifest's ``_source`` begins for files extracted from such an archive."""
+
+
 class Checks:
     """What the official checksums said about the files of one split."""
 
@@ -60,7 +64,8 @@ class Checks:
             if self.manifest[canonical] != sha:
                 raise DataError(f"{path}: does not match the SHA-256 the cache recorded when it "
                                 "wrote it (damaged; delete the folder to fetch it again)")
-            self.states.append("manifest")
+            unofficial = str(self.manifest.get("_source", "")).startswith(UNOFFICIAL)
+            self.states.append("unofficial" if unofficial else "manifest")
             return
         if not official_size:
             self.states.append("subset")
@@ -88,6 +93,9 @@ class Checks:
             return "verified: the official checksums"
         if s == {"manifest"}:
             return "verified: the cache's manifest"
+        if "unofficial" in s:
+            return ("unverified: extracted from an archive that is not the official one (the "
+                    "files are as extracted)")
         if "subset" in s:
             return "not checked: not the official number of records"
         return ("unverified: no official checksum for these files (the publisher's are of "

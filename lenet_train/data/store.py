@@ -46,10 +46,18 @@ from lenet_train.data.catalog import (
     DataError,
     Dataset,
     Split,
+    archive_dir,
     cache_dir,
     get,
 )
-from lenet_train.data.checks import Checks, read_manifest, sha256, stamp, write_manifest
+from lenet_train.data.checks import (
+    UNOFFICIAL,
+    Checks,
+    read_manifest,
+    sha256,
+    stamp,
+    write_manifest,
+)
 from lenet_train.data.formats import cifar_bytes, idx_bytes, parse_cifar, parse_idx, read_raw
 
 log = logging.getLogger("lenet.data")
@@ -116,6 +124,17 @@ def read_cifar_split(dataset: Dataset, folder: Path, split: str,
                  checks.digests)
 
 
+def official_archive(archive: Path) -> bool:
+    """Whether ``archive`` has TFDS's SHA-256 of the official CIFAR-10 archive."""
+    if archive.stat().st_size != CIFAR_ARCHIVE_SIZE:
+        return False
+    digest = hashlib.sha256()
+    with open(archive, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == TFDS_SHA256["cifar10"][CIFAR_ARCHIVE]
+
+
 def extract_cifar_archive(archive: Path, dest: Path) -> None:
     """Check ``archive`` against TFDS's SHA-256 of the official one and extract its six
     ``.bin`` files into ``dest`` (each atomically), with a manifest of their SHA-256. Only
@@ -126,12 +145,8 @@ def extract_cifar_archive(archive: Path, dest: Path) -> None:
     if size > 2 * CIFAR_ARCHIVE_SIZE:
         raise DataError(f"{archive}: {size:,} bytes, far larger than the official "
                         f"{CIFAR_ARCHIVE} ({CIFAR_ARCHIVE_SIZE:,})")
-    digest = hashlib.sha256()
-    with open(archive, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    official_archive = digest.hexdigest() == official
-    if size == CIFAR_ARCHIVE_SIZE and not official_archive:
+    is_official = official_archive(archive)
+    if size == CIFAR_ARCHIVE_SIZE and not is_official:
         raise DataError(f"{archive}: has the size of the official {CIFAR_ARCHIVE} but not its "
                         f"SHA-256 {official} (TFDS's checksum): corrupted or not CIFAR-10")
     wanted = {f"{CIFAR_FOLDER}/{n}" for n in (*CIFAR_FILES["train"], *CIFAR_FILES["test"])}
@@ -160,8 +175,8 @@ def extract_cifar_archive(archive: Path, dest: Path) -> None:
         parse_cifar(data, f"{archive}:{CIFAR_FOLDER}/{name}")  # checked before anything lands
     for name, data in sorted(found.items()):
         atomic_write_bytes(dest / name, data)
-    source = ("the official archive (TFDS's SHA-256)" if official_archive
-              else f"an archive that is not the official one ({archive.name})")
+    source = ("the official archive (TFDS's SHA-256)" if is_official
+              else f"{UNOFFICIAL} ({archive})")
     write_manifest(dest, {n: sha256(d) for n, d in found.items()}, source)
 
 
@@ -180,9 +195,15 @@ def read_folder(dataset: Dataset, folder: Path, split: str, cache: bool = False)
             found = (read_cifar_split(dataset, place, split, manifest)
                      or read_cifar_split(dataset, place / CIFAR_FOLDER, split))
             if found is None and (place / CIFAR_ARCHIVE).is_file():
-                archive, dest = place / CIFAR_ARCHIVE, cache_dir(dataset.name)
-                mark = stamp(archive)
-                if (read_manifest(dest) or {}).get("_archive") != mark:
+                archive, mark = place / CIFAR_ARCHIVE, stamp(place / CIFAR_ARCHIVE)
+                done = [d for d in (cache_dir(dataset.name), archive_dir(dataset.name))
+                        if (read_manifest(d) or {}).get("_archive") == mark]
+                if done:
+                    dest = done[0]
+                else:  # the official archive may fill an empty cache; anything else goes beside
+                    empty = read_manifest(cache_dir(dataset.name)) is None
+                    dest = (cache_dir(dataset.name) if empty and official_archive(archive)
+                            else archive_dir(dataset.name))
                     log.info("%s: extracting %s into %s", dataset.title, archive, dest)
                     extract_cifar_archive(archive, dest)
                     write_manifest(dest, {"_archive": mark}, None)
