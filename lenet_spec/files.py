@@ -22,6 +22,8 @@ def parse_spec_json(text: str, source: str = "<string>") -> Spec:
         raise SpecError(f"{source}: invalid JSON at {where}: {e.msg}") from None
     except RecursionError:
         raise SpecError(f"{source}: JSON nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise SpecError(f"{source}: invalid JSON: a number too long to read") from None
     try:
         return Spec.from_dict(data)
     except SpecError as e:

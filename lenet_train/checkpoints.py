@@ -157,7 +157,7 @@ def load_checkpoint(path: Path, check: Callable[[dict, dict], None] | None = Non
                                         check)
     try:
         meta = json.loads(metadata["meta"])
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: damaged checkpoint metadata ({e})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata (not a JSON object)")
@@ -249,7 +249,11 @@ class Checkpoints:
                 "steps_per_epoch": self.steps_per_epoch, "wall_s": self.wall_s(),
                 "settings": self.settings, **state.meta}
         if self.writer:
-            save_checkpoint(self.path, tensors, meta)
+            try:
+                save_checkpoint(self.path, tensors, meta)
+            except OSError as e:
+                fail(f"{self.path}: cannot write the checkpoint ({e.strerror or e}); the "
+                     "previous one, if any, is kept")
         self.last_step = pos.step
 
     def load(self) -> tuple[State, Position, float]:

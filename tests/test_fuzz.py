@@ -108,6 +108,12 @@ def test_spec_parser_deep_nesting_is_a_spec_error() -> None:
         parse_spec_json("[" * 100_000 + "]" * 100_000, "deep.json")
 
 
+def test_spec_parser_refuses_an_integer_too_long_to_read() -> None:
+    text = '{"name": "x", "input_shape": [1, ' + "9" * 5000 + ', 2], "layers": []}'
+    with pytest.raises(SpecError, match="big.json: invalid JSON: a number too long to read"):
+        parse_spec_json(text, "big.json")
+
+
 def test_spec_parser_refuses_a_network_too_large_to_build() -> None:
     text = json.dumps({"name": "huge", "input_shape": [1, 32, 32], "layers": [
         {"type": "flatten"}, {"type": "linear", "out_features": 10**12}]})
