@@ -285,3 +285,29 @@ def test_a_spec_too_large_for_memory_is_refused_with_the_estimate(tmp_path, mnis
                          capture_output=True, text=True, timeout=600)
     _one_line_error(res, "spec wide needs about 1,136.9 GiB at --batch-size 128 (data 0.2 GiB, "
                     "training 129.4 GiB, evaluation 1,007.3 GiB, float32); this machine has")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                    capsys) -> None:
+    import errno
+
+    import lenet_torch
+    from lenet_train import checkpoints
+    from lenet_train.checkpoints import Checkpoints, State
+
+    spec = PRESETS["lenet5"]
+    ckpt = Checkpoints(tmp_path, "torch", _args(), spec, 4, True, lambda: 1.0, None)
+    state = State(lenet_torch.get_weights(lenet_torch.build(spec)), {}, {})
+    ckpt.save(state, Position(0, 1, 1, np.ones(1, np.float32)))
+    before = ckpt.path.read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", full)
+    with pytest.raises(SystemExit):
+        ckpt.save(state, Position(0, 2, 2, np.ones(2, np.float32)))
+    err = capsys.readouterr().err
+    assert err == (f"error: {ckpt.path}: cannot write the checkpoint (No space left on device); "
+                   "the previous one, if any, is kept\n")
+    assert ckpt.path.read_bytes() == before
