@@ -140,7 +140,7 @@ def read_header(path: Path, error: type[Exception]) -> tuple[dict[str, Shape], d
             if len(head) < 8:
                 raise ValueError("shorter than its header")
             n = int.from_bytes(head, "little")
-            if n > HEADER_LIMIT:
+            if n > min(HEADER_LIMIT, path.stat().st_size - 8):
                 raise ValueError(f"a {n:,}-byte header")
             header = json.loads(f.read(n))
         if not isinstance(header, dict):

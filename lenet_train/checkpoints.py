@@ -98,7 +98,7 @@ def read_meta(path: Path) -> dict[str, Any]:
                 raise CheckpointError(f"{path}: not a readable safetensors file (shorter than "
                                       "its header)")
             (n,) = struct.unpack("<Q", head)
-            if n > 16 * 2**20:
+            if n > min(16 * 2**20, Path(path).stat().st_size - 8):
                 raise CheckpointError(f"{path}: not a readable safetensors file (a {n:,}-byte "
                                       "header)")
             header = json.loads(f.read(n))
@@ -166,18 +166,15 @@ def load_checkpoint(path: Path, check: Callable[[dict, dict], None] | None = Non
 
 def check_position(pos: Position, steps_per_epoch: int, losses: bool = True) -> str | None:
     """Why ``pos`` cannot be where a run of ``steps_per_epoch`` steps an epoch stood, or None:
-    its step must be where its epoch began plus the steps done (or, at the end of a run cut by
-    --max-steps inside the epoch before, between that epoch's start and end), its losses one
-    finite value per step done (unless not ``losses``: the metadata alone)."""
+    the steps before its epoch at most the epochs before it could hold (fewer when --max-steps
+    cut them short), its losses one finite value per step done (unless not ``losses``: the
+    metadata alone)."""
     spe = steps_per_epoch
-    if not (0 <= pos.done <= spe and pos.epoch >= 0 and pos.step >= 0):
+    if not (0 <= pos.done <= spe and pos.epoch >= 0 and pos.step >= pos.done):
         return f"position epoch {pos.epoch}, step {pos.step}, {pos.done} of {spe} steps done"
-    start = pos.step - pos.done
-    cut_short = (pos.done == 0 and pos.epoch >= 1
-                 and (pos.epoch - 1) * spe < pos.step < pos.epoch * spe)
-    if start != pos.epoch * spe and not cut_short:
-        return (f"step {pos.step} is not where epoch {pos.epoch} with {pos.done} of its {spe} "
-                "steps done stands")
+    if pos.step - pos.done > pos.epoch * spe:
+        return (f"step {pos.step} is past where epoch {pos.epoch} with {pos.done} of its {spe} "
+                "steps done can stand")
     if not losses:
         return None
     if len(pos.losses) != pos.done:

@@ -159,10 +159,12 @@ def _check_resume(args: argparse.Namespace, framework: str, workdir: Path,
                          losses=False)
     if why and spe == steps_per_epoch:
         fail(f"{path}: damaged checkpoint ({why})")
-    if step >= total:
-        fail(f"{path}: the run is complete (step {step} of {total}); its weights are "
-             f"{workdir / WEIGHTS}. To train on, resume with more --epochs or a larger "
-             "--max-steps")
+    # a run killed after its last checkpoint but before its weights file finishes on resume
+    if (step >= total or epoch >= args.epochs) and (workdir / WEIGHTS).is_file():
+        where = (f"step {step} of {total}" if step >= total
+                 else f"epoch {epoch} of --epochs {args.epochs}")
+        fail(f"{path}: the run is complete ({where}); its weights are {workdir / WEIGHTS}. To "
+             "train on, resume with more --epochs or a larger --max-steps")
 
 
 def setup(args: argparse.Namespace, framework: str, argv: list[str],

@@ -70,10 +70,14 @@ def test_resume_refuses_another_run_and_keeps_its_files(tmp_path, mnist_dir,
                     "--max-steps")
     assert (workdir / "config.json").read_bytes() == config
     assert (workdir / "metrics.jsonl").read_bytes() == metrics
-    res = _run(framework, workdir, mnist_dir, "--resume", "--max-steps", "4", "--lr", "1e-3")
+    res = _run(framework, workdir, mnist_dir, "--resume", "--max-steps", "5", "--lr", "1e-3")
+    _one_line_error(res, "the run is complete (epoch 1 of --epochs 1)")  # its epochs are done
+    res = _run(framework, workdir, mnist_dir, "--resume", "--epochs", "2", "--max-steps", "5",
+               "--lr", "1e-3")
     assert res.returncode == 0, res.stderr[-2000:]
     stored = json.loads((workdir / "config.json").read_text())
-    assert (stored["max_steps"], stored["lr"]) == (4, 1e-3)
+    assert (stored["epochs"], stored["max_steps"], stored["lr"]) == (2, 5, 1e-3)
+    assert read_meta(workdir / "checkpoint.safetensors")["step"] == 5
 
 
 def _args(**changes) -> argparse.Namespace:
@@ -112,8 +116,8 @@ def test_every_kept_setting_is_compared(key: str, capsys) -> None:
 
 @pytest.mark.parametrize("pos, why", [
     (Position(0, 0, -5), "step -5"),
-    (Position(0, 2, 10**9, np.zeros(2, np.float32)), "step 1000000000 is not where epoch 0"),
-    (Position(99, 0, 40), "step 40 is not where epoch 99"),
+    (Position(0, 2, 10**9, np.zeros(2, np.float32)), "step 1000000000 is past where epoch 0"),
+    (Position(2, 3, 1000, np.zeros(3, np.float32)), "step 1000 is past where epoch 2"),
     (Position(1, 2, 22, np.array([0.5, np.nan], np.float32)), "not a finite number"),
     (Position(1, 2, 22, np.zeros(3, np.float32)), "3 losses for 2 steps done"),
     (Position(0, 21, 21, np.zeros(21, np.float32)), "21 of 20 steps done"),
@@ -123,8 +127,9 @@ def test_an_edited_position_is_damage(pos: Position, why: str) -> None:
 
 
 def test_positions_a_run_can_stand_at() -> None:
+    # the last two: runs cut short by --max-steps (7 steps in epoch 0; 4 in each of two)
     for pos in (Position(), Position(1, 3, 23, np.ones(3, np.float32)), Position(3, 0, 60),
-                Position(1, 0, 7)):  # the last: a run cut by --max-steps 7 in epoch 0
+                Position(1, 0, 7), Position(2, 0, 8)):
         assert check_position(pos, 20) is None
 
 
@@ -165,7 +170,7 @@ def test_overwrite_deletes_only_a_runs_files(tmp_path, mnist_dir) -> None:
     for path in stale:
         path.write_bytes(b"partial")
     (workdir / ".notes.tmp").write_text("the user's")
-    assert _run("torch", workdir, mnist_dir, "--resume").returncode == 0
+    assert _run("torch", workdir, mnist_dir, "--resume", "--epochs", "2").returncode == 0
     assert not any(p.exists() for p in stale) and (workdir / ".notes.tmp").exists()
 
 
@@ -198,6 +203,7 @@ def test_edited_checkpoints_are_one_clear_error(tmp_path, mnist_dir) -> None:
     cases = {
         "step": (lambda t, m: m.update(step=-5), "damaged checkpoint (position epoch"),
         "far": (lambda t, m: m.update(epoch=0, step=10**9), "damaged checkpoint (step"),
+        "epoch": (lambda t, m: m.update(epoch=99), "the run is complete (epoch 99 of --epochs 2)"),
         "nan": (lambda t, m: (t.update({"progress.losses": np.array([np.nan], np.float32)}),
                               m.update(epoch=0, done=1, step=1)),
                 "a saved loss or time is not a finite number"),
