@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SLOW, fast_only, idx_split
+from helpers import SLOW, idx_split
 
 from lenet_spec import PRESETS
 from lenet_train.checkpoints import (
@@ -48,7 +48,8 @@ def _one_line_error(res: subprocess.CompletedProcess, *parts: str) -> None:
         assert part in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
+@SLOW
+@pytest.mark.parametrize("framework", PROGRAMS)
 def test_resume_refuses_another_run_and_keeps_its_files(tmp_path, mnist_dir,
                                                         framework: str) -> None:
     """Another spec with the same tensor shapes, a changed --weight-decay or --loss: refused,
