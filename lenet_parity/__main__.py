@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="feed every layer the torch port's input (and output gradient), "
                              "so that each row measures its layer alone")
     parser.add_argument("--no-float64", action="store_true",
-                        help="skip the float64 reference (about half the time): fixed bounds "
-                             "only, with the gradients' absolute floor of 1.2e-7")
+                        help="skip the float64 reference (it repeats every computation): "
+                             "fixed bounds only, with the gradients' absolute floor of 1.2e-7")
     parser.add_argument("--torch-kernels", choices=KERNELS, default="auto",
                         help="the torch side's kernels (stock: its own layers; fused: the "
                              "tuned formulations; auto: the faster here)")

@@ -16,6 +16,7 @@ import numpy as np
 
 from lenet_spec import (
     BatchNorm,
+    Spec,
     WeightsError,
     atomic_write_bytes,
     fitting,
@@ -116,7 +117,7 @@ def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_memory(args: argparse.Namespace, spec) -> None:
+def _check_memory(args: argparse.Namespace, spec: Spec) -> None:
     """Refuse, with the estimate, a run whose spec cannot fit in this machine's memory: the
     data padded to the spec's input, training's activations and state at --batch-size, and an
     evaluation batch, all in float32 (what the spec alone says; the frameworks add more)."""
@@ -140,10 +141,10 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def _check_resume(args: argparse.Namespace, framework: str, workdir: Path,
+def _check_resume(args: argparse.Namespace, workdir: Path,
                   now: dict, total: int, steps_per_epoch: int) -> None:
-    """Before anything is written: the checkpoint is this framework's, of this run's settings,
-    and has steps left to train."""
+    """Before anything is written: the checkpoint is of this run's settings (written by either
+    framework), its position is one a run can stand at, and it has steps left to train."""
     path = workdir / CHECKPOINT
     try:
         meta = read_meta(path)
@@ -229,7 +230,7 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     steps_per_epoch = len(train_x) // args.batch_size
     total = total_steps(args, steps_per_epoch)
     if args.resume:
-        _check_resume(args, framework, workdir, settings(args, data), total, steps_per_epoch)
+        _check_resume(args, workdir, settings(args, data), total, steps_per_epoch)
     if args.batch_size > len(train_x):
         fail(f"--batch-size {args.batch_size} is larger than the training set ({len(train_x)})")
     init_weights = None

@@ -316,7 +316,7 @@ def test_hostile_checkpoint_metadata_is_one_clear_error(a_checkpoint, data, caps
     ckpt = Checkpoints(workdir, "torch", args, args.spec, 4, False, lambda: 1.0, None,
                        settings=now)
     try:
-        _check_resume(args, "torch", workdir, now, 4, 4)
+        _check_resume(args, workdir, now, 4, 4)
         _, pos, _ = ckpt.load()
     except SystemExit:
         err = capsys.readouterr().err
