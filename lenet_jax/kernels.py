@@ -1,8 +1,10 @@
 """The JAX port's tuned formulations (``build(..., kernels="fused")``), each computing what Flax's
 own layers compute, to float32 rounding, faster on XLA:CPU (README, benchmark):
 
-- a stride-1 conv, a monotone activation and a non-overlapping max-pool as ONE matrix product
-  over the pool's phases (:func:`conv_max_pool`);
+- a stride-1 conv, any batch_norm and activations, and a non-overlapping max- or avg-pool as
+  ONE matrix product over the pool's phases, the layers between applied to every phase and the
+  pool a reduction over them (:func:`conv_pool`; with a monotone activation or none before a
+  max-pool, the maximum is taken first: :func:`conv_max_pool`);
 - a one-channel conv as a shift-and-add with a GEMM backward pass (:func:`conv_one_channel`);
 - a non-overlapping pool as a reshape and a reduction (:func:`pool`).
 
@@ -20,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lenet_kernels import check_kernels, conv_pool_span, phase_scatter, plain_conv, window_slices
-from lenet_spec import AvgPool, MaxPool, Pair
+from lenet_kernels import check_kernels, conv_pool_block, phase_scatter, plain_conv, window_slices
+from lenet_spec import ACTIVATION_TYPES, AvgPool, MaxPool, Pair, is_monotone
 
 
 def resolve(kernels: str) -> str:
@@ -36,15 +38,17 @@ def resolve(kernels: str) -> str:
 def forward(net: Any, x: jax.Array, rngs: Any = None, end: int | None = None) -> jax.Array:
     """``net``'s output for NHWC ``x`` (its first ``end`` layers), fused where a formulation
     applies, else by ``net``'s own layers (dropout drawing from ``rngs``)."""
-    layers, i = net.spec.layers[:end], 0
-    while i < len(layers):
-        span = conv_pool_span(layers, i)
-        layer = layers[i]
-        if span:  # conv [+ activation] + max-pool, computed together
-            module, act = getattr(net, layer.name), layers[i + 1] if span == 3 else None
-            x = conv_max_pool(x, module.kernel[...], _bias(module), layer.padding,
-                              layers[i + span - 1].kernel_size,
-                              act and (lambda y, act=act: net.apply_layer(act, y)))
+    infos, i = net.spec.infos[:end], 0
+    while i < len(infos):
+        layer = infos[i].layer
+        span = conv_pool_block(infos, i)
+        if span:  # conv, the layers between, pool: computed together
+            module, pool_layer = getattr(net, layer.name), infos[i + span - 1].layer
+            between = [info.layer for info in infos[i + 1 : i + span - 1]]
+            x = conv_pool(x, module.kernel[...], _bias(module), layer.padding,
+                          pool_layer.kernel_size,
+                          [lambda y, b=b: net.apply_layer(b, y) for b in between],
+                          isinstance(pool_layer, MaxPool), _commutes(between))
         elif plain_conv(layer) and getattr(net, layer.name).in_features == 1:
             module = getattr(net, layer.name)
             x = conv_one_channel(x, module.kernel[...], _bias(module), layer.stride,
@@ -55,6 +59,13 @@ def forward(net: Any, x: jax.Array, rngs: Any = None, end: int | None = None) ->
             x = net.apply_layer(layer, x, rngs)
         i += span or 1
     return x
+
+
+def _commutes(between: list) -> bool:
+    """Whether a max over the pool's phases may be taken before ``between``: a monotone
+    activation or nothing (the bias commutes with the max too)."""
+    return not between or (len(between) == 1 and isinstance(between[0], ACTIVATION_TYPES)
+                           and is_monotone(between[0]))
 
 
 def _bias(module: Any) -> jax.Array:
@@ -78,18 +89,44 @@ def pool(x: jax.Array, window: tuple[int, int], reduce: str) -> jax.Array:
 
 
 
+def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,
+              between: list, take_max: bool, commutes: bool = False) -> jax.Array:
+    """pool(between(conv(x) + bias)) for an NHWC ``x``, an HWIO ``kernel`` of stride 1 and
+    non-overlapping ``pool`` windows (max if ``take_max``, else mean), ``between`` a list of
+    functions applied in turn to the conv's output (batch_norm, activations): the conv as one
+    matrix product over the pool's phases (:func:`conv_max_pool`), ``between`` applied to
+    every phase, the pool a reduction over the phases. With ``commutes`` (``between`` is a
+    monotone activation or nothing) a max-pool is taken before the bias and ``between``."""
+    if take_max and commutes:
+        y = _phase_max(_phase_product(x, kernel, padding, pool)) + bias
+        for f in between:
+            y = f(y)
+        return y
+    y = _phase_product(x, kernel, padding, pool) + bias
+    for f in between:
+        y = f(y)
+    return _phase_max(y) if take_max else y.mean(axis=3)
+
+
 def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,
                   activation=None) -> jax.Array:
-    """max-pool(activation(conv(x) + bias)) for an NHWC ``x``, an HWIO ``kernel`` of stride 1
-    and non-overlapping ``pool`` windows, as one matrix product.
+    """max-pool(activation(conv(x) + bias)) for an NHWC ``x``, an HWIO ``kernel`` of stride 1,
+    non-overlapping ``pool`` windows and a monotone ``activation`` (or none), as one matrix
+    product.
 
     The convolution is evaluated at the pool's ph·pw phases at once: the input is rearranged
     space-to-depth by the pool's shape, so that every phase of the output is a convolution of
     that input with a kernel scattered from ``kernel`` (zeros elsewhere, which add nothing to
     a float sum); the phases' maximum is the pool, and the bias and a monotone activation
-    commute with it. XLA:CPU runs this matrix product faster in the whole train step than its
-    convolution plus pool (the README's benchmark says by how much).
+    commute with it.
     """
+    return conv_pool(x, kernel, bias, padding, pool, [activation] if activation else [], True,
+                     True)
+
+
+def _phase_product(x: jax.Array, kernel: jax.Array, padding: Pair, pool: Pair) -> jax.Array:
+    """conv(x) (no bias) at the pool's phases: (N, Ho, Wo, ph·pw, Cout), Ho, Wo pooled, the
+    phases in the window's row-major order; a ragged edge the pool drops is not computed."""
     (ph, pw), (kh, kw, cin, cout) = pool, kernel.shape
     (pad_h, pad_w) = padding
     if pad_h or pad_w:
@@ -106,9 +143,7 @@ def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pai
                       kernel).reshape(kp * kq * ph * pw * cin, ph * pw * cout)
     patches = jnp.concatenate([x[:, p : p + ho, r : r + wo] for p in range(kp)
                                for r in range(kq)], axis=-1)
-    y = (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
-    y = _phase_max(y) + bias
-    return activation(y) if activation else y
+    return (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
 
 
 def _phase_max(y: jax.Array) -> jax.Array:

@@ -117,6 +117,73 @@ def test_conv_max_pool_equals_conv_then_pool(framework, kernel, padding, pool, c
             args, rng)
 
 
+@pytest.mark.parametrize("between, take_max, padding", [
+    (("batch_norm", "relu"), True, (0, 0)),    # lenet5_bn's block
+    (("tanh",), False, (0, 0)),                # lenet5_classic's block
+    (("batch_norm", "gelu"), True, (1, 2)),    # a non-monotone activation: no max first
+    (("batch_norm",), False, (1, 1)),
+    ((), False, (0, 1)),                       # conv straight into an avg-pool, ragged edge
+])
+def test_jax_conv_pool_with_layers_between(between, take_max, padding) -> None:
+    """conv, batch_norm and activations, then a max- or avg-pool, as one matrix product over
+    the pool's phases (the layers between applied to every phase), against XLA's conv, the
+    layers on the conv's output and reduce_window pooling."""
+    from lenet_jax.batchnorm import normalise
+
+    rng = np.random.default_rng(4)
+    pool = (2, 2)
+    # with batch_norm the conv's output must tile into the pool's windows: 14 + 2p - 2
+    x = jnp.asarray(rng.standard_normal((3, 14, 16 if between else 15, 3)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    fns = {"batch_norm": lambda y: normalise(y, 1e-5)[0] * 1.5 - 0.5, "relu": jax.nn.relu,
+           "tanh": jnp.tanh, "gelu": lambda y: jax.nn.gelu(y, approximate=False)}
+    chain = [fns[name] for name in between]
+    pads = ((padding[0],) * 2, (padding[1],) * 2)
+
+    def reference(x, k, b):
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), pads,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+        for f in chain:
+            y = f(y)
+        if take_max:
+            return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, *pool, 1),
+                                         (1, *pool, 1), "VALID")
+        return jax.lax.reduce_window(y, 0.0, jax.lax.add, (1, *pool, 1), (1, *pool, 1),
+                                     "VALID") / 4
+
+    def fused(x, k, b):
+        return jk.conv_pool(x, k, b, padding, pool, chain, take_max)
+
+    if "batch_norm" in between:  # the bias's gradient is 0 in exact arithmetic: rounding noise
+        _jax_vs(lambda x, k: reference(x, k, b), lambda x, k: fused(x, k, b), (x, k), rng)
+    else:
+        _jax_vs(reference, fused, (x, k, b), rng)
+
+
+def test_conv_pool_block_plan() -> None:
+    """Which layers the JAX port computes as one conv_pool block: batch_norm and activations
+    between conv and pool are taken in; dropout, a stride, overlapping windows, a batch_norm
+    facing a ragged edge, or too many input channels for the phase product leave the conv to
+    XLA."""
+    from lenet_kernels import conv_pool_block
+    from lenet_spec import (AvgPool, BatchNorm, Conv, Dropout, Flatten, Linear, MaxPool, ReLU,
+                            Spec)
+
+    def span(layers, shape=(1, 12, 12)):
+        return conv_pool_block(Spec("s", shape, (*layers, Flatten(), Linear(2))).infos, 0)
+
+    conv = Conv(4, (3, 3), padding=(1, 1))
+    assert span((conv, BatchNorm(), ReLU(), MaxPool(2))) == 4
+    assert span((conv, AvgPool(2))) == 2
+    assert span((conv, Dropout(0.5), MaxPool(2))) == 0
+    assert span((Conv(4, (3, 3), stride=(2, 2)), MaxPool(2))) == 0
+    assert span((conv, MaxPool(3, 2))) == 0
+    assert span((Conv(4, (3, 3)), BatchNorm(), MaxPool(4))) == 0  # 10 × 10 into 4 × 4 windows
+    assert span((Conv(4, (3, 3)), ReLU(), MaxPool(4))) == 3      # no statistics: edge dropped
+    assert span((conv, MaxPool(2)), (32, 12, 12)) == 0
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 def test_pool_equals_the_framework_pool(framework, reduce) -> None:
