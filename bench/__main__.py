@@ -158,17 +158,33 @@ def measure(config: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def shape_bound(config: dict[str, Any], timeout: float) -> float | None:
+    """The shape bound in images per second (``bench.bound``), or None if it failed."""
+    res = subprocess.run([sys.executable, "-m", "bench.bound", json.dumps(config)],
+                         capture_output=True, text=True, timeout=timeout,
+                         env=dict(os.environ, OMP_NUM_THREADS=str(config["threads"])),
+                         preexec_fn=programs.die_with_parent)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])["images_per_sec"] if res.returncode == 0 and lines else None
+
+
 def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
-    """Every (width, batch, variant), ``--rounds`` times interleaved; the merged results."""
+    """Every (width, batch, variant) and the shape bound of each (width, batch), ``--rounds``
+    times interleaved; the merged results, each with the median of its shape bounds."""
     batches = [128] if args.quick else args.batch_sizes
     images = 2_560 if args.quick else args.images
     rounds: list[list[dict[str, Any]]] = []
+    bounds: dict[tuple, list[float]] = {}
     for k in range(args.rounds):
         order = variants[k % len(variants):] + variants[:k % len(variants)]
         results = []
         for spec in args.spec:
             for width in args.widths:
                 for batch in batches:
+                    b = shape_bound({"spec": spec, "width": width, "batch_size": batch,
+                                     "threads": args.threads}, args.timeout)
+                    if b:
+                        bounds.setdefault((spec, width, batch), []).append(b)
                     for variant in order:
                         framework, kernels, mode = variant.split("-", 2)
                         config = {"spec": spec, "framework": framework, "kernels": kernels,
@@ -185,7 +201,11 @@ def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
                               f"{width:g} batch {batch:5d}: {rate}", file=sys.stderr,
                               flush=True)
         rounds.append(results)
-    return {"results": report.merge_rounds(rounds, variants), "rounds": rounds}
+    merged = report.merge_rounds(rounds, variants)
+    for r in [*merged, *(r for rs in rounds for r in rs)]:
+        measured = bounds.get((r["spec"], r["width"], r["batch_size"]))
+        r["shape_bound_images_per_sec"] = float(np.median(measured)) if measured else None
+    return {"results": merged, "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +247,7 @@ def _run(args: argparse.Namespace, env: dict[str, Any], extra: list[str],
         if not variants:
             p.error("no variant left with those --kernels")
         measured = throughput(args, variants)
-        print(report.table(measured["results"]))
+        print(report.table(measured["results"], env))
         for line in report.summary(measured["results"], env, measured["rounds"]):
             print(line)
         out = {"env": env, "results": measured["results"]}

@@ -19,20 +19,26 @@ def _fmt(value: float | None, digits: int = 0) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    """The results as a markdown table."""
+def table(results: list[dict[str, Any]], env: dict[str, Any] | None = None) -> str:
+    """The results as a markdown table; training throughput also as a share of the GEMM bound
+    (``env``'s GEMM rate over the step's FLOPs) and of the shape bound (``bench.bound``)."""
     rows = ["| spec | framework | kernels | mode | width | batch | train img/s (median [min, max]) "
+            "| % GEMM bound | % shape bound "
             "| infer img/s | batch-1 latency ms | warm-up s | threads | peak RSS MB |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| --- | --- | --- | --- | " + "---: | " * 10]
     for r in results:
         head = f"| {r['spec']} | {r['framework']} | {r['kernels']} | {r['mode']} | " \
                f"{r.get('width', 1):g} | {r['batch_size']} |"
         if "error" in r:
-            rows.append(f"{head} failed: {r['error']} | | | | | |")
+            rows.append(f"{head} failed: {r['error']} | | | | | | | |")
             continue
+        rate = r["train_images_per_sec"]
+        gemm = env["gemm_gflops"] * 1e9 / r["train_flops_per_image"] if env else None
+        shape = r.get("shape_bound_images_per_sec")
         rows.append(
-            f"{head} {_fmt(r['train_images_per_sec'])} [{_fmt(r['train_images_per_sec_min'])}, "
-            f"{_fmt(r['train_images_per_sec_max'])}] | {_fmt(r['infer_images_per_sec'])} | "
+            f"{head} {_fmt(rate)} [{_fmt(r['train_images_per_sec_min'])}, "
+            f"{_fmt(r['train_images_per_sec_max'])}] | {_of(rate, gemm) if gemm else '—'} | "
+            f"{_of(rate, shape) if shape else '—'} | {_fmt(r['infer_images_per_sec'])} | "
             f"{_fmt(r['latency_ms'], 3)} | {_fmt(r['compile_s'], 1)} | {r['threads']} | "
             f"{_fmt(r['peak_rss_mb'])} |")
     return "\n".join(rows)
@@ -64,9 +70,20 @@ def _tier_line(name: str, results, rounds, spec: str, width: float, batch: int,
     if len(ratios) > 1:
         line += (f" (within each of {len(ratios)} rounds: {min(ratios):.2f}–{max(ratios):.2f}×, "
                  f"median {float(np.median(ratios)):.2f}×)")
-    bound = env["gemm_gflops"] * 1e9 / j["train_flops_per_image"]
-    return (f"{line}; JAX at {100 * j['train_images_per_sec'] / bound:.0f}% of the GEMM bound "
-            f"({bound:,.0f} img/s at {env['gemm_gflops']:.0f} GFLOP/s)")
+    gemm = env["gemm_gflops"] * 1e9 / j["train_flops_per_image"]
+    line += (f"; JAX at {_of(j['train_images_per_sec'], gemm)}, torch at "
+             f"{_of(t['train_images_per_sec'], gemm)} of the GEMM bound ({gemm:,.0f} img/s at "
+             f"{env['gemm_gflops']:.0f} GFLOP/s)")
+    shape = j.get("shape_bound_images_per_sec")
+    if shape:
+        line += (f", JAX at {_of(j['train_images_per_sec'], shape)}, torch at "
+                 f"{_of(t['train_images_per_sec'], shape)} of the shape bound ({shape:,.0f} "
+                 "img/s)")
+    return line
+
+
+def _of(rate: float, bound: float) -> str:
+    return f"{100 * rate / bound:.0f}%"
 
 
 def summary(results: list[dict[str, Any]], env: dict[str, Any],

@@ -167,8 +167,7 @@ def test_conv_pool_block_plan() -> None:
     facing a ragged edge, or too many input channels for the phase product leave the conv to
     XLA."""
     from lenet_kernels import conv_pool_block
-    from lenet_spec import (AvgPool, BatchNorm, Conv, Dropout, Flatten, Linear, MaxPool, ReLU,
-                            Spec)
+    from lenet_spec import AvgPool, BatchNorm, Conv, Dropout, Flatten, Linear, MaxPool, ReLU, Spec
 
     def span(layers, shape=(1, 12, 12)):
         return conv_pool_block(Spec("s", shape, (*layers, Flatten(), Linear(2))).infos, 0)
