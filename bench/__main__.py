@@ -36,7 +36,7 @@ QUICK = ("jax-stock-jit", "jax-fused-jit", "jax-fused-scan", "torch-stock-eager"
 """``--quick``: both tiers' candidates, without torch.compile's warm-up."""
 SPECS = ("lenet5", "lenet5_bn")
 """The specs measured by default: the tutorial's LeNet-5, and with batch norm and dropout."""
-ENV_PREFIXES = ("XLA_", "JAX_", "OMP_", "MKL_", "TORCH", "CUDA_VISIBLE")
+ENV_PREFIXES = ("XLA_", "JAX_", "OMP_", "MKL_", "TORCH", "CUDA_VISIBLE", "NVIDIA_TF32")
 
 
 def _list(kind: type, what: str, ok=lambda v: True):
