@@ -27,11 +27,12 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 @SLOW
 def test_bench_quick_covers_both_tiers(tmp_path) -> None:
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    res = _bench("--quick", "--json", str(out), "--plot", str(png))
+    specs = SPECS[:1]  # one spec: the others take the same paths
+    res = _bench("--quick", "--spec", ",".join(specs), "--json", str(out), "--plot", str(png))
     data = json.loads(out.read_text())
     assert all(data["env"].get(k) is not None for k in ENV), data["env"]
     assert [(r["spec"], r["variant"]) for r in data["results"]] == [
-        (spec, v) for spec in SPECS for v in QUICK]
+        (spec, v) for spec in specs for v in QUICK]
     for r in data["results"]:
         assert "error" not in r, r
         assert all(k in r for k in FIELDS), r
@@ -39,13 +40,39 @@ def test_bench_quick_covers_both_tiers(tmp_path) -> None:
         assert r["train_images_per_sec_min"] <= r["train_images_per_sec"] \
             <= r["train_images_per_sec_max"]
         assert r["train_images_per_sec"] > 0 and r["latency_ms"] > 0
+        assert r["shape_bound_images_per_sec"] > 0
         framework, kernels, mode = r["variant"].split("-", 2)
         assert f"| {r['spec']} | {framework} | {kernels} | {mode} | 1 | 128 |" in res.stdout
-    for spec in SPECS:
+    for spec in specs:
         assert f"\n{spec}, width 1, batch 128, same-math tier: JAX (stock, jit)" in res.stdout
         assert f"\n{spec}, width 1, batch 128, tuned tier: JAX (" in res.stdout
     assert "vs torch (stock, eager)" in res.stdout
+    assert "of the GEMM bound" in res.stdout and "of the shape bound (" in res.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shape_bound_lists_every_product_of_the_step() -> None:
+    """The shape bound's products: forward and weight gradient of every conv and linear, the
+    input gradient of all but the first, at their real shapes (convs as patches × kernel, one
+    product per group); their FLOPs are 6 × MACs per image less the first layer's input
+    gradient; each product is timed (a positive time)."""
+    from bench.bound import bound, products
+    from lenet_spec import PRESETS, Conv, Flatten, Linear, Spec
+
+    spec = PRESETS["lenet5"]
+    rows = products(spec, 8)
+    assert len(rows) == 5 * 3 - 1
+    assert rows[0] == ("conv1 forward", (1, 8 * 28 * 28, 25, 6))
+    assert rows[1] == ("conv1 weight gradient", (1, 25, 8 * 28 * 28, 6))
+    assert ("conv2 input gradient", (1, 8 * 10 * 10, 16, 150)) in rows
+    first = spec.infos[0].macs
+    flops = sum(2 * g * m * k * n for _, (g, m, k, n) in rows)
+    assert flops == 8 * (6 * spec.macs - 2 * first)
+    grouped = Spec("g", (4, 6, 6), (Conv(6, 3, groups=2), Flatten(), Linear(2)))
+    assert products(grouped, 2)[0] == ("conv1 forward", (2, 2 * 16, 18, 3))
+    small = bound(grouped, 2)
+    assert small["step_s"] > 0 and all(r["seconds"] > 0 for r in small["products"])
+    assert small["images_per_sec"] == pytest.approx(2 / small["step_s"])
 
 
 def test_bench_rejects_bad_flags() -> None:
