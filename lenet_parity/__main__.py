@@ -1,9 +1,14 @@
 """``python -m lenet_parity SPEC_OR_FILE``: the parity battery on one spec — every layer's
 output, every gradient, an SGD trajectory and batch_norm statistics, torch port against JAX
-port — as a table; exit status 0 when all are within the tests' tolerances, 1 otherwise."""
+port — as a table; exit status 0 when all are within the tests' tolerances, 1 otherwise.
+With ``--train``: the two training programs over N seeds each, and whether they train the
+same (an equivalence test); exit status 0 when equivalence is shown, 1 otherwise."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from lenet_spec import (
     Spec,
     SpecError,
     WeightsError,
+    atomic_write_bytes,
     canonical_dtype,
     check_weights,
     load_spec,
@@ -78,7 +84,32 @@ def main(argv: list[str] | None = None) -> int:
                              "tuned formulations; auto: the faster here)")
     parser.add_argument("--jax-kernels", choices=KERNELS, default="auto",
                         help="the JAX side's kernels (as --torch-kernels)")
+    train = parser.add_argument_group(
+        "--train: do the two programs train the same? (Welch's TOST on N seeds each)")
+    train.add_argument("--train", action="store_true",
+                       help="run each training program on SPEC at seeds 0 … N−1 and test the "
+                            "final test accuracy, test loss and every epoch's accuracy for "
+                            "equivalence")
+    train.add_argument("--seeds", type=_at_least_two, default=16, metavar="N",
+                       help="runs per program")
+    train.add_argument("--epochs", type=positive_int, default=1, help="epochs per run")
+    train.add_argument("--margin", type=_positive_float, default=0.15, metavar="POINTS",
+                       help="equivalence margin of the test accuracy, in percentage points")
+    train.add_argument("--loss-margin", type=_positive_float, default=0.01, metavar="NATS",
+                       help="equivalence margin of the mean test loss")
+    train.add_argument("--alpha", type=_alpha, default=0.05,
+                       help="level of the test (the confidence interval is 1 − 2α)")
+    train.add_argument("--train-args", default="", metavar="FLAGS",
+                       help="more flags for both programs, e.g. \"--train-size 6000\"")
+    train.add_argument("--jax-args", default="", metavar="FLAGS",
+                       help="flags for the JAX program only (e.g. a planted difference)")
+    train.add_argument("--torch-args", default="", metavar="FLAGS",
+                       help="flags for the torch program only")
+    train.add_argument("--json", type=Path, default=None, metavar="F",
+                       help="write the runs' records and the tests here")
     args = parser.parse_args(argv)
+    if args.train:
+        return _train(args)
     try:
         base: dict[str, np.ndarray] | None = None
         path = Path(args.spec)
@@ -128,6 +159,58 @@ def main(argv: list[str] | None = None) -> int:
     print(" " * 40, file=sys.stderr, end="\r")
     print(report.table())
     return 0 if report.ok else 1
+
+
+def _at_least_two(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    value = _positive_float(text)
+    if value >= 0.5:
+        raise argparse.ArgumentTypeError(f"must be below 0.5, got {text}")
+    return value
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``--train``: both programs on N seeds, the equivalence tests, the verdict."""
+    from lenet_parity.population import ProgramFailed, compare, report, run_populations
+
+    common = ["--spec", args.spec, "--epochs", str(args.epochs), *shlex.split(args.train_args)]
+    flags = {"jax": [*common, *shlex.split(args.jax_args)],
+             "torch": [*common, *shlex.split(args.torch_args)]}
+    print(f"{args.seeds} seeds per program, {args.epochs} epoch(s), margins ±{args.margin:g} "
+          f"points (accuracy) and ±{args.loss_margin:g} (loss), α = {args.alpha:g}",
+          file=sys.stderr, flush=True)
+    try:
+        runs = run_populations(args.seeds, flags,
+                               lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    except ProgramFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = compare(runs, args.margin / 100, args.loss_margin, args.alpha)
+    for line in report(result):
+        print(line)
+    if args.json:
+        record = {"flags": flags, "seeds": args.seeds, "runs": runs,
+                  "tests": {k: {**vars(t), "equivalent": t.equivalent}
+                            for k, t in result["tests"].items()},
+                  "equivalent": result["equivalent"]}
+        atomic_write_bytes(args.json, json.dumps(record, indent=1).encode())
+    return 0 if result["equivalent"] else 1
 
 
 if __name__ == "__main__":
