@@ -53,39 +53,48 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
     network's output.
 
     A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
-    to (the new state, loss, correct count); the state is donated."""
-    dropout_base = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+    to (the new state, loss, correct count); the state is donated. The seed enters the
+    compiled steps as an argument, not a constant, so one compiled program (and JAX's
+    persistent cache entry) serves every seed."""
+    seed_arg = np.uint32(seed)
 
-    def loss_and_aux(params, stats, rest, x, y, step):
+    def loss_and_aux(params, stats, rest, x, y, step, seed):
         # copy: fresh Variables of this trace level, which batch_norm may update
         model = nnx.merge(graphdef, params, stats, rest, copy=True)
-        logits = model(x, rngs=nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step)),
+        base = jax.random.fold_in(jax.random.key(seed), DROPOUT_STREAM)
+        logits = model(x, rngs=nnx.Rngs(dropout=jax.random.fold_in(base, step)),
                        logits=on_logits)
         return loss(logits, y), (logits, nnx.state(model, nnx.BatchStat))
 
-    def step(state, rest, images, labels, idx, i):
+    def step(state, rest, images, labels, idx, i, seed):
         params, stats, opt_state = state
         x, y = images[idx], labels[idx]
         (value, (logits, stats)), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
-            params, stats, rest, x, y, i)
+            params, stats, rest, x, y, i, seed)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, stats, opt_state), value, jnp.sum(jnp.argmax(logits, -1) == y)
 
     @partial(jax.jit, donate_argnums=(0,))
-    def train_step(state, rest, images, labels, idx, i):
-        return step(state, rest, images, labels, idx, i)
+    def one_step(state, rest, images, labels, idx, i, seed):
+        return step(state, rest, images, labels, idx, i, seed)
 
     @partial(jax.jit, donate_argnums=(0,))
-    def train_steps(state, rest, images, labels, idxs, first):
+    def many_steps(state, rest, images, labels, idxs, first, seed):
         def body(state, k_idx):
             k, idx = k_idx
-            state, value, correct = step(state, rest, images, labels, idx, first + k)
+            state, value, correct = step(state, rest, images, labels, idx, first + k, seed)
             return state, (value, correct)
 
         state, (values, corrects) = jax.lax.scan(
             body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs))
         return state, values, jnp.sum(corrects)
+
+    def train_step(state, rest, images, labels, idx, i):
+        return one_step(state, rest, images, labels, idx, i, seed_arg)
+
+    def train_steps(state, rest, images, labels, idxs, first):
+        return many_steps(state, rest, images, labels, idxs, first, seed_arg)
 
     @jax.jit
     def eval_step(params, stats, rest, x, y):
