@@ -26,7 +26,7 @@ from lenet_spec import (
     load_weights,
 )
 from lenet_spec.cli import Parser
-from lenet_train.cli import non_negative_int, positive_int
+from lenet_train.cli import int_at_least, non_negative_int, positive_float, positive_int
 
 
 class UsageError(ValueError):
@@ -90,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="run each training program on SPEC at seeds 0 … N−1 and test the "
                             "final test accuracy, test loss and every epoch's accuracy for "
                             "equivalence")
-    train.add_argument("--seeds", type=_at_least_two, default=16, metavar="N",
+    train.add_argument("--seeds", type=int_at_least(2), default=16, metavar="N",
                        help="runs per program")
     train.add_argument("--epochs", type=positive_int, default=1, help="epochs per run")
-    train.add_argument("--margin", type=_positive_float, default=0.15, metavar="POINTS",
+    train.add_argument("--margin", type=positive_float, default=0.15, metavar="POINTS",
                        help="equivalence margin of the test accuracy, in percentage points")
-    train.add_argument("--loss-margin", type=_positive_float, default=0.01, metavar="NATS",
+    train.add_argument("--loss-margin", type=positive_float, default=0.01, metavar="NATS",
                        help="equivalence margin of the mean test loss")
     train.add_argument("--alpha", type=_alpha, default=0.05,
                        help="level of the test (the confidence interval is 1 − 2α)")
@@ -161,25 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
-def _at_least_two(text: str) -> int:
-    value = positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
 def _alpha(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value >= 0.5:
         raise argparse.ArgumentTypeError(f"must be below 0.5, got {text}")
     return value

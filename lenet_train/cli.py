@@ -12,7 +12,7 @@ from lenet_spec.cli import Parser
 from lenet_train.options import AUGMENTS, DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     """An argparse type: an integer that is at least ``minimum``."""
     what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
 
@@ -28,7 +28,7 @@ def _int_at_least(minimum: int):
     return parse
 
 
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 SEED_MAX = 2**32 - 1
 """The largest --seed: what numpy, torch and JAX all take as a seed."""
@@ -55,7 +55,8 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number greater than 0."""
     value = _non_negative_float(text)
     if value == 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
@@ -99,7 +100,7 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="torch.optim's semantics in both frameworks (adam: L2 weight decay; "
                         "adamw: decoupled)")
-    p.add_argument("--lr", type=_positive_float, default=5e-3, help="peak learning rate")
+    p.add_argument("--lr", type=positive_float, default=5e-3, help="peak learning rate")
     p.add_argument("--momentum", type=_non_negative_float, default=0.9,
                    help="SGD's heavy-ball momentum (sgd only)")
     p.add_argument("--weight-decay", type=_non_negative_float, default=0.0,
@@ -139,7 +140,7 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
     p.add_argument("--log-steps", action="store_true",
                    help="also write every step's loss to WORKDIR/steps.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    p.add_argument("--dist-timeout", type=_positive_float, default=120.0, metavar="S",
+    p.add_argument("--dist-timeout", type=positive_float, default=120.0, metavar="S",
                    help="with several processes: seconds to wait for all of them to start "
                         "before giving up with an error")
     return p

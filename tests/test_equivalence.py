@@ -110,7 +110,7 @@ def test_train_flags_and_a_failing_program_are_one_line() -> None:
     """Too few seeds, a bad margin or α are refused by the parser; a program that fails
     (here its own flag check) ends the comparison with its command and its error line."""
     for args, message in ((["--seeds", "1"], "--seeds: must be at least 2, got 1"),
-                          (["--margin", "-1"], "--margin: must be a positive number"),
+                          (["--margin", "0"], "--margin: must be greater than 0"),
                           (["--alpha", "0.5"], "--alpha: must be below 0.5")):
         res = _parity("lenet5", "--train", *args)
         assert res.returncode == 2 and message in res.stderr, res.stderr
