@@ -52,25 +52,11 @@ def conv_pool_span(layers: tuple[Layer, ...], i: int) -> int:
     return span
 
 
-PHASE_CHANNELS = 24
-"""The phase product's break-even on XLA:CPU: it pays while the conv's input channels times
-:func:`phase_cost` stay at or below this; above it XLA's own conv and a reshape pool are
-faster (measured per block, forward and backward: docs/lab-notes.md)."""
-
-
-def phase_cost(kernel: Pair, pool: Pair) -> float:
-    """The phase product's taps over the kernel's (what evaluating every phase at once adds)."""
-    (kh, kw), (ph, pw) = kernel, pool
-    kp, kq = (ph + kh - 2) // ph + 1, (pw + kw - 2) // pw + 1
-    return kp * ph * kq * pw / (kh * kw)
-
-
 def conv_pool_block(infos: tuple[LayerInfo, ...], i: int) -> int:
     """How many layers from ``i`` the JAX port's ``conv_pool`` computes at once: a stride-1
     conv (no dilation, one group), any batch_norm and activation layers, and a non-overlapping
-    max- or avg-pool; 0 when there is no such block, when a batch_norm sees a ragged edge the
-    pool drops (its statistics need every output), or when the conv's input channels make the
-    phase product slower than XLA's conv (:data:`PHASE_CHANNELS`)."""
+    max- or avg-pool; 0 when there is no such block, or when a batch_norm sees a ragged edge
+    the pool drops (its statistics need every output)."""
     conv = infos[i].layer
     if not plain_conv(conv) or conv.stride != (1, 1):
         return 0
@@ -83,8 +69,6 @@ def conv_pool_block(infos: tuple[LayerInfo, ...], i: int) -> int:
     (_, h, w), (ph, pw) = infos[i].out_shape, pool.kernel_size
     ragged = h % ph or w % pw
     if ragged and any(isinstance(info.layer, BatchNorm) for info in infos[i + 1:j]):
-        return 0
-    if infos[i].in_shape[0] * phase_cost(conv.kernel_size, pool.kernel_size) > PHASE_CHANNELS:
         return 0
     return j - i + 1
 
