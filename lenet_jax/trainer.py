@@ -46,17 +46,12 @@ def split_for_training(net: nnx.Module):
     return graphdef, eval_graphdef, params, stats, rest
 
 
-def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss, seed: int = 0, on_logits: bool = True):
-    """The jitted train step on one batch, its ``lax.scan`` over several, and the eval step;
-    ``loss`` of the logits before a final log_softmax/softmax if ``on_logits``, else of the
-    network's output.
-
-    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
-    to (the new state, loss, correct count); the state is donated. The seed enters the
-    compiled steps as an argument, not a constant, so one compiled program (and JAX's
-    persistent cache entry) serves every seed."""
-    seed_arg = np.uint32(seed)
+def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss,
+              on_logits: bool = True):
+    """The train step on one batch as a pure function (not compiled): ((params, stats,
+    optimizer state), the rest, images, labels, batch indices, step, seed) -> (the new state,
+    loss, correct count); ``loss`` of the logits before a final log_softmax/softmax if
+    ``on_logits``, else of the network's output. Dropout's key comes from (seed, step)."""
 
     def loss_and_aux(params, stats, rest, x, y, step, seed):
         # copy: fresh Variables of this trace level, which batch_norm may update
@@ -74,6 +69,21 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, stats, opt_state), value, jnp.sum(jnp.argmax(logits, -1) == y)
+
+    return step
+
+
+def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, loss, seed: int = 0, on_logits: bool = True):
+    """The jitted train step on one batch (:func:`make_step`), its ``lax.scan`` over several,
+    and the eval step.
+
+    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
+    to (the new state, loss, correct count); the state is donated. The seed enters the
+    compiled steps as an argument, not a constant, so one compiled program (and JAX's
+    persistent cache entry) serves every seed."""
+    seed_arg = np.uint32(seed)
+    step = make_step(graphdef, tx, loss, on_logits)
 
     @partial(jax.jit, donate_argnums=(0,))
     def one_step(state, rest, images, labels, idx, i, seed):

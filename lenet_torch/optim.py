@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -14,7 +16,7 @@ from lenet_train.options import OPTIMIZERS
 
 
 def make_optimizer(
-    net: torch.nn.Module,
+    net: torch.nn.Module | Iterable[torch.Tensor],
     name: str = "sgd",
     lr: float = 0.01,
     momentum: float = 0.0,
@@ -22,8 +24,8 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """A torch.optim optimizer over all of ``net``'s parameters."""
-    params = net.parameters()
+    """A torch.optim optimizer over all of ``net``'s parameters (or over the given tensors)."""
+    params = net.parameters() if isinstance(net, torch.nn.Module) else list(net)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
