@@ -6,7 +6,8 @@ Every (variant, batch size, width) is measured in its own subprocess (``bench.wo
 thread pools and allocators do not interfere; same spec, batch, dtype (float32), optimizer and
 thread count for every variant; data already in memory / on the device; warm-up reported
 apart; at least 5 timed repeats, reported as median, min and max; ``--rounds R`` repeats it all
-interleaved. ``--time-to-accuracy`` and ``--startup`` measure the real training programs.
+interleaved. ``--time-to-accuracy`` and ``--startup`` measure the real training programs;
+``--population`` a population of seeds trained as one program against separate runs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS
 QUICK = ("jax-stock-jit", "jax-fused-jit", "jax-fused-scan", "torch-stock-eager",
          "torch-fused-eager", "torch-stock-channels-last")
 """``--quick``: both tiers' candidates, without torch.compile's warm-up."""
+POPULATION = ("jax-fused-jit", "jax-fused-scan", "torch-stock-eager")
+"""``--population``'s default variants: JAX's (one step per call, ``lax.scan``) and torch eager
+(``torch.func.vmap``)."""
 SPECS = ("lenet5", "lenet5_bn")
 """The specs measured by default: the tutorial's LeNet-5, and with batch norm and dropout."""
 ENV_PREFIXES = ("XLA_", "JAX_", "OMP_", "MKL_", "TORCH", "CUDA_VISIBLE", "NVIDIA_TF32")
@@ -67,12 +71,14 @@ def parser() -> argparse.ArgumentParser:
                    default=list(SPECS), metavar="SPECS",
                    help="preset names or paths to JSON specs, comma-separated")
     p.add_argument("--batch-sizes", type=_list(int, "positive integers", lambda v: v > 0),
-                   default=[1, 32, 128, 512], metavar="SIZES",
-                   help="batch sizes to measure, comma-separated")
+                   default=None, metavar="SIZES",
+                   help="batch sizes to measure, comma-separated (default: 1,32,128,512; "
+                        "with --population: 128)")
     p.add_argument("--widths", type=_list(float, "positive numbers", lambda v: v > 0),
                    default=[1.0], help="width multipliers of the spec's channels and features")
-    p.add_argument("--variants", type=_variants, default=list(VARIANTS),
-                   help="framework-kernels-mode names, comma-separated")
+    p.add_argument("--variants", type=_variants, default=None,
+                   help="framework-kernels-mode names, comma-separated (default: every one; "
+                        f"with --population: {','.join(POPULATION)})")
     p.add_argument("--kernels", type=_list(str, "stock and/or fused", lambda v: v in KERNELS),
                    default=list(KERNELS), help="keep only the variants with these kernels")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (at least 5)")
@@ -96,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
                         "more the fastest and slowest are dropped, as MLPerf does")
     p.add_argument("--startup", type=int, default=None, metavar="R",
                    help="instead: the one-step command of each program R times, and its phases")
+    p.add_argument("--population", type=_list(int, "positive integers", lambda v: v > 0),
+                   default=None, metavar="SIZES",
+                   help="instead: populations of P seeds (each size given) trained as one "
+                        "program, in member-images/s, against P separate runs (P = 1); "
+                        "e.g. 1,4,16,64")
     p.add_argument("--dataset", choices=tuple(SHAPES), default="mnist",
                    help="with --time-to-accuracy or --startup: what the programs train on "
                         "(pass a spec that takes it in --train-args, e.g. \"--spec cifar10_cnn\")")
@@ -171,7 +182,7 @@ def shape_bound(config: dict[str, Any], timeout: float) -> float | None:
 def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
     """Every (width, batch, variant) and the shape bound of each (width, batch), ``--rounds``
     times interleaved; the merged results, each with the median of its shape bounds."""
-    batches = [128] if args.quick else args.batch_sizes
+    batches = [128] if args.quick else (args.batch_sizes or [1, 32, 128, 512])
     images = 2_560 if args.quick else args.images
     rounds: list[list[dict[str, Any]]] = []
     bounds: dict[tuple, list[float]] = {}
@@ -208,6 +219,34 @@ def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
     return {"results": merged, "rounds": rounds}
 
 
+def populations(args: argparse.Namespace, variants: list[str]) -> list[dict[str, Any]]:
+    """Every (spec, batch, population size, variant), ``--rounds`` times interleaved; the
+    medians over the rounds."""
+    rounds: list[list[dict[str, Any]]] = []
+    for k in range(args.rounds):
+        order = variants[k % len(variants):] + variants[:k % len(variants)]
+        results = []
+        for spec in args.spec:
+            for batch in args.batch_sizes or [128]:
+                for members in args.population:
+                    for variant in order:
+                        framework, kernels, mode = variant.split("-", 2)
+                        config = {"spec": spec, "framework": framework, "kernels": kernels,
+                                  "mode": mode, "variant": variant, "batch_size": batch,
+                                  "population": members, "repeats": args.repeats,
+                                  "steps": min(2_000, max(5, args.images // batch // members)),
+                                  "threads": args.threads}
+                        r = measure(config, args.timeout)
+                        results.append(r)
+                        rate = ("failed: " + r["error"]) if "error" in r else (
+                            f"{r['train_images_per_sec']:,.0f} member-img/s train")
+                        print(f"  round {k + 1}/{args.rounds} {spec} {variant:24s} batch "
+                              f"{batch} population {members:3d}: {rate}", file=sys.stderr,
+                              flush=True)
+        rounds.append(results)
+    return report.merge_populations(rounds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -237,12 +276,16 @@ def _run(args: argparse.Namespace, env: dict[str, Any], extra: list[str],
             args.time_to_accuracy, args.seeds, extra, args.timeout)}
         for framework, s in out["time_to_accuracy"]["summary"].items():
             print(_tta_line(framework, args.time_to_accuracy, s))
+    elif args.population is not None:
+        names = args.variants or list(POPULATION)
+        out = {"env": env, "population": populations(args, names)}
+        print(report.population_table(out["population"], env))
     elif args.startup is not None:
         out = {"env": env, "startup": programs.startup(args.startup, extra, args.timeout)}
         for line in _startup_lines(out["startup"]):
             print(line)
     else:
-        variants = [v for v in (QUICK if args.quick else args.variants)
+        variants = [v for v in (QUICK if args.quick else args.variants or VARIANTS)
                     if v.split("-")[1] in args.kernels]
         if not variants:
             p.error("no variant left with those --kernels")

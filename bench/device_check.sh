@@ -9,7 +9,9 @@
 #   2. the two tiers at batch 128 and 1024, TF32 off and on (torch's cuBLAS TF32 forced on by
 #      TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, JAX's default precision), JAX jit and scan against
 #      torch eager and compiled
-# Results: bench/results/gpu_parity.txt, gpu_tiers_{tf32_off,tf32_on}.{md,json}.
+#   3. populations of 1, 4, 16 and 64 lenet5 seeds as one program (TF32 off)
+# Results: bench/results/gpu_parity.txt, gpu_tiers_{tf32_off,tf32_on}.{md,json},
+# gpu_population.{md,json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -42,4 +44,7 @@ JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 \
 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
   "$PYTHON" -m bench --spec "$specs" --batch-sizes 128,1024 --variants "$variants" \
   --images 5120 --timeout 60 --json "$OUT/gpu_tiers_tf32_on.json" | tee "$OUT/gpu_tiers_tf32_on.md" || status=1
+JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 \
+  "$PYTHON" -m bench --population 1,4,16,64 --spec lenet5 --images 25600 --timeout 60 \
+  --json "$OUT/gpu_population.json" | tee "$OUT/gpu_population.md" || status=1
 exit $status

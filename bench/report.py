@@ -4,6 +4,7 @@ merge of interleaved rounds, and the chart."""
 from __future__ import annotations
 
 import io
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,51 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     atomic_write_bytes(path, png.getvalue())
+
+
+def merge_populations(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One record per (spec, batch, population, variant): the median over rounds of the
+    member-images/s, with every round's value."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for results in rounds:
+        for r in results:
+            key = (r["spec"], r["batch_size"], r["population"], r["variant"])
+            groups.setdefault(key, []).append(r)
+    merged = []
+    for rs in groups.values():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            merged.append(rs[0])
+            continue
+        rates = [r["train_images_per_sec"] for r in ok]
+        merged.append({**ok[0], "train_images_per_sec": statistics.median(rates),
+                       "rounds_images_per_sec": rates})
+    return merged
+
+
+def population_table(results: list[dict[str, Any]], env: dict[str, Any] | None = None) -> str:
+    """Markdown: member-images/s of every population size, and the time a population takes
+    against as many separate runs (the rate at population 1 over the rate at P)."""
+    sizes = sorted({r["population"] for r in results})
+    lines = ["| spec | batch | variant | " + " | ".join(f"P = {p}" for p in sizes) + " |",
+             "| --- | ---: | --- |" + " ---: |" * len(sizes)]
+    keys = sorted({(r["spec"], r["batch_size"], r["variant"]) for r in results})
+    for spec, batch, variant in keys:
+        row = {r["population"]: r for r in results
+               if (r["spec"], r["batch_size"], r["variant"]) == (spec, batch, variant)}
+        single = row.get(1, {}).get("train_images_per_sec")
+        cells = []
+        for p in sizes:
+            r = row.get(p)
+            if r is None or "error" in r:
+                cells.append("failed" if r else "—")
+                continue
+            rate = r["train_images_per_sec"]
+            cells.append(f"{rate:,.0f}" + (f" ({single / rate:.2f}×)" if single and p > 1
+                                            else ""))
+        lines.append(f"| `{spec}` | {batch} | {variant} | " + " | ".join(cells) + " |")
+    note = ("member-images/s (median over rounds); in brackets the time of the population "
+            "against as many separate runs of population 1 (< 1: the population is faster)")
+    if env:
+        note += f"; {env['cpu']}, {env['cores']} cores"
+    return "\n".join(lines) + "\n\n" + note

@@ -208,11 +208,97 @@ def measure_torch(spec: Spec, kernels: str, mode: str, batch: int, steps: int, r
     }
 
 
+def measure_population(framework: str, spec: Spec, kernels: str, mode: str, batch: int,
+                       steps: int, repeats: int, members: int,
+                       threads: int | None) -> dict[str, Any]:
+    """Training time of a population of ``members`` seeds (``lenet_jax.population`` /
+    ``lenet_torch.population``), each member on its own batches of ``batch``."""
+    seeds = list(range(members))
+    rng = np.random.default_rng(0)
+    c, h, w = spec.input_shape
+    x = rng.standard_normal((POOL, h, w, c) if framework == "jax" else (POOL, c, h, w))
+    y = rng.integers(0, spec.num_classes, POOL)
+    idx = rng.integers(0, POOL, size=(steps, members, batch))
+    if framework == "jax":
+        import jax  # a worker imports only the framework it measures
+
+        from lenet_jax.loss import loss_fn
+        from lenet_jax.optim import make_tx
+        from lenet_jax.population import Population
+
+        pop = Population(spec, seeds, make_tx("adam", 1e-3), loss_fn("ce"), kernels=kernels)
+        images, labels = (jax.device_put(a) for a in (x.astype(np.float32),
+                                                      y.astype(np.int32)))
+        idx = jax.device_put(idx.astype(np.int32))
+        if mode == "jit":
+            def block() -> None:
+                for i in range(steps):
+                    pop.train_step(images, labels, idx[i], 0)
+                jax.block_until_ready(pop.state)
+        else:
+            def block() -> None:
+                pop.train_steps(images, labels, idx, 0)
+                jax.block_until_ready(pop.state)
+        device = f"{jax.devices()[0].platform}"
+        used = len(os.sched_getaffinity(0))
+    else:
+        import torch  # a worker imports only the framework it measures
+
+        from lenet_torch.loss import loss_fn as torch_loss
+        from lenet_torch.population import Population as TorchPopulation
+
+        if threads:
+            torch.set_num_threads(threads)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        pop = TorchPopulation(spec, seeds, torch_loss("ce"), optimizer="adam", lr=1e-3,
+                              device=dev)
+        images = torch.from_numpy(x.astype(np.float32)).to(dev)
+        labels = torch.from_numpy(y).to(dev)
+        idx = torch.from_numpy(idx).to(dev)
+
+        def block() -> None:
+            for i in range(steps):
+                pop.train_step(images, labels, idx[i], 1e-3)
+            sync()
+        device, used = dev.type, torch.get_num_threads()
+    t0 = time.perf_counter()
+    block()  # compiles / warms the allocator
+    compile_s = time.perf_counter() - t0
+    block()
+    return {"train_s": _time_blocks(block, repeats), "compile_s": compile_s, "device": device,
+            "threads": used}
+
+
+def _population_result(config: dict[str, Any], spec: Spec) -> dict[str, Any]:
+    framework, kernels, mode = config["framework"], config["kernels"], config["mode"]
+    batch, steps, members = config["batch_size"], config["steps"], config["population"]
+    if (framework, mode) not in (("jax", "jit"), ("jax", "scan"), ("torch", "eager")) or (
+            framework == "torch" and kernels != "stock"):
+        raise SystemExit(f"a population runs as jax-*-jit, jax-*-scan or torch-stock-eager, "
+                         f"not {framework}-{kernels}-{mode}")
+    raw = measure_population(framework, spec, kernels, mode, batch, steps, config["repeats"],
+                             members, config.get("threads"))
+    train = _stats([members * steps * batch / t for t in raw["train_s"]])
+    return {
+        "framework": framework, "kernels": kernels, "mode": mode,
+        "variant": f"{framework}-{kernels}-{mode}", "spec": config["spec"],
+        "network": spec.name, "population": members, "batch_size": batch,
+        "steps_per_repeat": steps, "train_images_per_sec": train["median"],
+        "train_images_per_sec_min": train["min"], "train_images_per_sec_max": train["max"],
+        "compile_s": raw["compile_s"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": raw["device"], "threads": raw["threads"], "repeats": config["repeats"],
+    }
+
+
 def run(config: dict[str, Any]) -> dict[str, Any]:
     """Measure one (variant, spec, width, batch size); the result record of ``python -m bench``."""
     spec = load_spec(config["spec"])
     if config.get("width", 1) != 1:
         spec = widen(spec, config["width"])
+    if config.get("population"):
+        return _population_result(config, spec)
     framework, kernels, mode = config["framework"], config["kernels"], config["mode"]
     batch, steps = config["batch_size"], config["steps"]
     repeats, latency_calls = config["repeats"], config["latency_calls"]

@@ -198,3 +198,15 @@ def test_rounds_merge_to_medians_and_report_each_rounds_ratio() -> None:
         in same and "within each of 3 rounds: 0.55–1.20×, median 1.00×" in same
     assert "tuned tier: JAX (fused, scan) 25 img/s" in tuned and "= 2.50×" in tuned
     assert "within each of 3 rounds: 1.25–3.00×, median 2.00×" in tuned
+
+
+@SLOW
+def test_bench_population_mode(tmp_path) -> None:
+    out = tmp_path / "population.json"
+    res = _bench("--population", "1,2", "--spec", "lenet5", "--images", "640", "--variants",
+                 "jax-fused-scan,torch-stock-eager", "--json", str(out))
+    records = json.loads(out.read_text())["population"]
+    assert {(r["variant"], r["population"]) for r in records} == {
+        (v, p) for v in ("jax-fused-scan", "torch-stock-eager") for p in (1, 2)}
+    assert all(r["train_images_per_sec"] > 0 for r in records)
+    assert "P = 2" in res.stdout and "×)" in res.stdout
