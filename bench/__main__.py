@@ -179,6 +179,22 @@ def shape_bound(config: dict[str, Any], timeout: float) -> float | None:
     return json.loads(lines[-1])["images_per_sec"] if res.returncode == 0 and lines else None
 
 
+def _variant_config(args: argparse.Namespace, variant: str, **fields: Any) -> dict[str, Any]:
+    framework, kernels, mode = variant.split("-", 2)
+    return {"framework": framework, "kernels": kernels, "mode": mode, "variant": variant,
+            "repeats": args.repeats, "threads": args.threads, **fields}
+
+
+def _measured(config: dict[str, Any], args: argparse.Namespace, round_k: int, what: str,
+              unit: str) -> dict[str, Any]:
+    """One measurement, its progress line printed."""
+    r = measure(config, args.timeout)
+    rate = ("failed: " + r["error"]) if "error" in r else (
+        f"{r['train_images_per_sec']:,.0f} {unit} train")
+    print(f"  round {round_k + 1}/{args.rounds} {what}: {rate}", file=sys.stderr, flush=True)
+    return r
+
+
 def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
     """Every (width, batch, variant) and the shape bound of each (width, batch), ``--rounds``
     times interleaved; the merged results, each with the median of its shape bounds."""
@@ -197,20 +213,13 @@ def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
                     if b:
                         bounds.setdefault((spec, width, batch), []).append(b)
                     for variant in order:
-                        framework, kernels, mode = variant.split("-", 2)
-                        config = {"spec": spec, "framework": framework, "kernels": kernels,
-                                  "mode": mode, "variant": variant, "batch_size": batch,
-                                  "width": width, "steps": min(2_000, max(5, images // batch)),
-                                  "repeats": args.repeats,
-                                  "latency_calls": 50 if args.quick else 200,
-                                  "threads": args.threads}
-                        r = measure(config, args.timeout)
-                        results.append(r)
-                        rate = ("failed: " + r["error"]) if "error" in r else (
-                            f"{r['train_images_per_sec']:,.0f} img/s train")
-                        print(f"  round {k + 1}/{args.rounds} {spec} {variant:30s} width "
-                              f"{width:g} batch {batch:5d}: {rate}", file=sys.stderr,
-                              flush=True)
+                        config = _variant_config(
+                            args, variant, spec=spec, batch_size=batch, width=width,
+                            steps=min(2_000, max(5, images // batch)),
+                            latency_calls=50 if args.quick else 200)
+                        results.append(_measured(
+                            config, args, k, f"{spec} {variant:30s} width {width:g} batch "
+                            f"{batch:5d}", "img/s"))
         rounds.append(results)
     merged = report.merge_rounds(rounds, variants)
     for r in [*merged, *(r for rs in rounds for r in rs)]:
@@ -230,19 +239,12 @@ def populations(args: argparse.Namespace, variants: list[str]) -> list[dict[str,
             for batch in args.batch_sizes or [128]:
                 for members in args.population:
                     for variant in order:
-                        framework, kernels, mode = variant.split("-", 2)
-                        config = {"spec": spec, "framework": framework, "kernels": kernels,
-                                  "mode": mode, "variant": variant, "batch_size": batch,
-                                  "population": members, "repeats": args.repeats,
-                                  "steps": min(2_000, max(5, args.images // batch // members)),
-                                  "threads": args.threads}
-                        r = measure(config, args.timeout)
-                        results.append(r)
-                        rate = ("failed: " + r["error"]) if "error" in r else (
-                            f"{r['train_images_per_sec']:,.0f} member-img/s train")
-                        print(f"  round {k + 1}/{args.rounds} {spec} {variant:24s} batch "
-                              f"{batch} population {members:3d}: {rate}", file=sys.stderr,
-                              flush=True)
+                        config = _variant_config(
+                            args, variant, spec=spec, batch_size=batch, population=members,
+                            steps=min(2_000, max(5, args.images // batch // members)))
+                        results.append(_measured(
+                            config, args, k, f"{spec} {variant:24s} batch {batch} population "
+                            f"{members:3d}", "member-img/s"))
         rounds.append(results)
     return report.merge_populations(rounds)
 

@@ -9,7 +9,6 @@ the same computation as ``--seed seeds[m]`` alone, with the members' matrix prod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import optax
 from flax import nnx
 
 from lenet_jax.model import build, get_weights
-from lenet_jax.trainer import make_step, split_for_training
+from lenet_jax.trainer import compile_steps, make_step, split_for_training
 from lenet_spec import Spec
 
 
@@ -55,26 +54,11 @@ class Population:
         step = jax.vmap(make_step(self.graphdef, tx, loss, on_logits),
                         in_axes=(0, 0, None, None, 0, None, 0))
 
-        @partial(jax.jit, donate_argnums=(0,))
-        def one_step(state, rest, images, labels, idx, i, seeds):
-            return step(state, rest, images, labels, idx, i, seeds)
-
-        @partial(jax.jit, donate_argnums=(0,))
-        def many_steps(state, rest, images, labels, idxs, first, seeds):
-            def body(state, k_idx):
-                k, idx = k_idx
-                state, value, correct = step(state, rest, images, labels, idx, first + k, seeds)
-                return state, (value, correct)
-
-            state, (values, corrects) = jax.lax.scan(
-                body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs))
-            return state, values.T, jnp.sum(corrects, axis=0)
-
         def evaluate(params, stats, rest, x, y):
             logits = nnx.merge(self.eval_graphdef, params, stats, rest)(x, logits=on_logits)
             return loss(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
 
-        self._one, self._many = one_step, many_steps
+        self._one, self._many = compile_steps(step)
         self._eval = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None, None)))
 
     def __len__(self) -> int:
@@ -92,7 +76,7 @@ class Population:
         Returns the (P, K) losses and the (P,) correct counts summed over the K steps."""
         self.state, values, correct = self._many(self.state, self.rest, images, labels, idxs,
                                                  np.int32(first), self.seed_args)
-        return values, correct
+        return values.T, correct
 
     def evaluate(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Every member's summed loss and correct count on the batch (x, y)."""

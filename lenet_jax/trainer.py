@@ -73,17 +73,11 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss,
     return step
 
 
-def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, loss, seed: int = 0, on_logits: bool = True):
-    """The jitted train step on one batch (:func:`make_step`), its ``lax.scan`` over several,
-    and the eval step.
-
-    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
-    to (the new state, loss, correct count); the state is donated. The seed enters the
-    compiled steps as an argument, not a constant, so one compiled program (and JAX's
-    persistent cache entry) serves every seed."""
-    seed_arg = np.uint32(seed)
-    step = make_step(graphdef, tx, loss, on_logits)
+def compile_steps(step):
+    """A pure train step (:func:`make_step`'s signature, or a ``vmap`` of it) jitted twice,
+    the state donated: one step per call, and ``lax.scan`` over a leading axis of batch
+    indices, which returns the per-step values stacked along that axis and the correct counts
+    summed over it."""
 
     @partial(jax.jit, donate_argnums=(0,))
     def one_step(state, rest, images, labels, idx, i, seed):
@@ -98,7 +92,22 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
 
         state, (values, corrects) = jax.lax.scan(
             body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs))
-        return state, values, jnp.sum(corrects)
+        return state, values, jnp.sum(corrects, axis=0)
+
+    return one_step, many_steps
+
+
+def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, loss, seed: int = 0, on_logits: bool = True):
+    """The jitted train step on one batch (:func:`make_step`), its ``lax.scan`` over several,
+    and the eval step.
+
+    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
+    to (the new state, loss, correct count); the state is donated. The seed enters the
+    compiled steps as an argument, not a constant, so one compiled program (and JAX's
+    persistent cache entry) serves every seed."""
+    seed_arg = np.uint32(seed)
+    one_step, many_steps = compile_steps(make_step(graphdef, tx, loss, on_logits))
 
     def train_step(state, rest, images, labels, idx, i):
         return one_step(state, rest, images, labels, idx, i, seed_arg)
