@@ -107,11 +107,15 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: populations of P seeds (each size given) trained as one "
                         "program, in member-images/s, against P separate runs (P = 1); "
                         "e.g. 1,4,16,64")
+    p.add_argument("--population-command", type=int, default=None, metavar="P",
+                   help="instead: each program training seeds 0 … P-1 with --seeds against P "
+                        "separate commands (--seed S), whole commands, --rounds times")
     p.add_argument("--dataset", choices=tuple(SHAPES), default="mnist",
                    help="with --time-to-accuracy or --startup: what the programs train on "
                         "(pass a spec that takes it in --train-args, e.g. \"--spec cifar10_cnn\")")
     p.add_argument("--train-args", default="",
-                   help="extra flags for the training programs (--time-to-accuracy, --startup)")
+                   help="extra flags for the training programs (--time-to-accuracy, --startup, "
+                        "--population-command)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     return p
 
@@ -282,6 +286,13 @@ def _run(args: argparse.Namespace, env: dict[str, Any], extra: list[str],
         names = args.variants or list(POPULATION)
         out = {"env": env, "population": populations(args, names)}
         print(report.population_table(out["population"], env))
+    elif args.population_command is not None:
+        if args.population_command < 1:
+            p.error("--population-command must be at least 1")
+        out = {"env": env, "population_command": programs.population_commands(
+            args.population_command, args.rounds, extra, args.timeout)}
+        for line in _population_command_lines(out["population_command"]):
+            print(line)
     elif args.startup is not None:
         out = {"env": env, "startup": programs.startup(args.startup, extra, args.timeout)}
         for line in _startup_lines(out["startup"]):
@@ -309,6 +320,19 @@ def _tta_line(framework: str, target: float, s: dict[str, Any]) -> str:
     return (f"{head}; seeds {s['kept_seeds']} (fastest and slowest dropped): whole command "
             f"{w['mean']:.1f} s [{w['min']:.1f}, {w['max']:.1f}], training-only {t['mean']:.1f} s "
             f"[{t['min']:.1f}, {t['max']:.1f}], accuracy {100 * s['accuracy_mean']:.2f}%")
+
+
+def _population_command_lines(s: dict[str, Any]) -> list[str]:
+    p = s["members"]
+    lines = []
+    for framework, ways in s["seconds"].items():
+        pop, sep = (float(np.median(ways[w])) for w in ("population", "separate"))
+        ratios = [a / b for a, b in zip(ways["population"], ways["separate"], strict=True)]
+        lines.append(f"{framework}: --seeds {p} {pop:.1f} s, {p} separate commands {sep:.1f} s "
+                     f"(medians of {len(ratios)}); population / separate "
+                     f"{float(np.median(ratios)):.2f} (rounds {min(ratios):.2f}–"
+                     f"{max(ratios):.2f})")
+    return lines
 
 
 def _startup_lines(s: dict[str, Any]) -> list[str]:

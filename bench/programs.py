@@ -1,5 +1,6 @@
 """Measurements of the real training programs: time to accuracy over several seeds
-(MLPerf-style), and the one-step command's start-up, whole and phase by phase."""
+(MLPerf-style), the one-step command's start-up, whole and phase by phase, and a population
+of seeds (``--seeds``) against as many separate runs."""
 
 from __future__ import annotations
 
@@ -161,3 +162,39 @@ def _phases(framework: str, extra: list[str], timeout: float,
         raise ProgramFailed(f"bench.phases {framework}: "
                             f"{_last_line(res.stderr, res.returncode)}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _timed_command(framework: str, flags: list[str], extra: list[str], timeout: float) -> float:
+    """Seconds of one whole command of ``framework``'s program (in a fresh workdir)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", PROGRAMS[framework], "--quiet", *flags,
+               "--workdir", str(Path(tmp) / "run"), *extra]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                             preexec_fn=die_with_parent)
+        took = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise ProgramFailed(f"{' '.join(['python', *cmd[1:]])}: "
+                            f"{_last_line(res.stderr, res.returncode)}")
+    return took
+
+
+def population_commands(members: int, rounds: int, extra: list[str],
+                        timeout: float) -> dict[str, Any]:
+    """Per framework and round: one command training seeds 0 … P−1 as a population
+    (``--seeds``) and P commands of one seed each (``--seed S``), whole commands from launch
+    to exit; the frameworks and the two ways alternate within each round."""
+    seconds: dict[str, dict[str, list[float]]] = {
+        fw: {"population": [], "separate": []} for fw in PROGRAMS}
+    for k in range(rounds):
+        for framework in list(PROGRAMS)[:: 1 if k % 2 == 0 else -1]:
+            for way in ("population", "separate")[:: 1 if k % 2 == 0 else -1]:
+                if way == "population":
+                    took = _timed_command(framework, ["--seeds", str(members)], extra, timeout)
+                else:
+                    took = sum(_timed_command(framework, ["--seed", str(seed)], extra, timeout)
+                               for seed in range(members))
+                seconds[framework][way].append(took)
+                print(f"  round {k + 1} {framework} {way}: {took:.1f} s", file=sys.stderr,
+                      flush=True)
+    return {"members": members, "flags": extra, "seconds": seconds}

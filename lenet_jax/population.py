@@ -17,9 +17,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lenet_jax.model import build, get_weights
-from lenet_jax.trainer import compile_steps, make_step, split_for_training
+from lenet_jax.loss import loss_fn
+from lenet_jax.model import build, get_weights, set_weights
+from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
+from lenet_jax.trainer import JaxBackend, compile_steps, make_step, split_for_training
 from lenet_spec import Spec
+from lenet_train.checkpoints import State
+from lenet_train.errors import StateError
+from lenet_train.options import EVAL_BATCH, loss_on_logits
+from lenet_train.run import Run
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -43,7 +49,7 @@ class Population:
                  loss, on_logits: bool = True, kernels: str = "auto") -> None:
         if not seeds:
             raise ValueError("a population needs at least one seed")
-        self.spec, self.seeds = spec, [int(s) for s in seeds]
+        self.spec, self.seeds, self.tx = spec, [int(s) for s in seeds], tx
         splits = [split_for_training(build(spec, seed=s, kernels=kernels)) for s in self.seeds]
         self.graphdef, self.eval_graphdef = splits[0][0], splits[0][1]
         params = stack([s[2] for s in splits])
@@ -92,3 +98,88 @@ class Population:
     def weights(self, m: int) -> dict[str, np.ndarray]:
         """Member ``m``'s weights in canonical names and layouts."""
         return get_weights(self.network(m))
+
+    def optimizer(self, m: int) -> dict[str, np.ndarray]:
+        """Member ``m``'s optimizer state in canonical names (torch.optim's)."""
+        return optimizer_tensors(member(self.state[2], m), self.network(m))
+
+    def load(self, weights: Sequence[dict[str, np.ndarray]],
+             optimizer: Sequence[dict[str, np.ndarray]] | None = None, step: int = 0) -> None:
+        """Set every member's canonical weights and, if given, its optimizer state after
+        ``step`` steps (else a fresh one); ``ValueError`` naming what does not fit."""
+        states, rests = [], []
+        for m, w in enumerate(weights):
+            net = self.network(m)
+            set_weights(net, w)
+            _, _, params, stats, rest = split_for_training(net)
+            opt_state = self.tx.init(params)
+            if optimizer is not None:
+                opt_state = load_optimizer_tensors(opt_state, optimizer[m], net, step)
+            states.append((params, stats, opt_state))
+            rests.append(rest)
+        self.state, self.rest = stack(states), stack(rests)
+
+
+class PopulationBackend(JaxBackend):
+    """The JAX side of ``lenet_train.loop.fit`` for a population (``--seeds``): one compiled
+    step (or ``lax.scan`` of steps) trains every member, on one device."""
+
+    def configure(self, args) -> None:
+        super().configure(args)
+        self.seeds = list(args.seeds)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; a population of {len(self.seeds)} seeds (vmap)"
+
+    def start(self, run: Run, restore: State | None) -> None:
+        args = run.args
+        lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
+        schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
+        tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
+        self.pop = Population(run.spec, self.seeds, tx, loss_fn(args.loss),
+                              loss_on_logits(args.loss), args.kernels)
+        members = range(len(self.seeds))
+        if restore:
+            try:
+                self.pop.load([{k: v[m] for k, v in restore.weights.items()} for m in members],
+                              [{k: v[m] for k, v in restore.optimizer.items()} for m in members],
+                              int(restore.meta["step"]))
+            except (KeyError, ValueError, TypeError, IndexError) as e:
+                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                                 f"{e}") from None
+        elif run.init_weights:
+            self.pop.load([run.init_weights] * len(self.seeds))
+        device = jax.devices()[0]
+        self.train_x, self.test_x = (jax.device_put(x.transpose(0, 2, 3, 1), device)
+                                     for x in (run.train_x, run.test_x))
+        self.train_y, self.test_y = (jax.device_put(y.astype(np.int32), device)
+                                     for y in (run.train_y, run.test_y))
+
+    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
+        self.order = order.astype(np.int32)
+
+    def train(self, first: int, count: int, step: int):
+        if count > 1:
+            return self.pop.train_steps(self.train_x, self.train_y,
+                                        self.order[first : first + count], step)
+        return self.pop.train_step(self.train_x, self.train_y, self.order[first], step)
+
+    def fetch(self, pending) -> tuple[np.ndarray, np.ndarray]:
+        p = len(self.seeds)
+        losses = np.concatenate([np.asarray(v).reshape(p, -1).T for v, _ in pending])
+        return losses, sum(np.asarray(c, dtype=np.int64) for _, c in pending)
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.test_x, self.test_y
+        sums = [self.pop.evaluate(x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH])
+                for i in range(0, len(x), EVAL_BATCH)]
+        total_loss = sum(np.asarray(s[0], dtype=np.float64) for s in sums)
+        correct = sum(np.asarray(s[1], dtype=np.int64) for s in sums)
+        return total_loss / len(x), correct / len(x)
+
+    def state(self) -> State:
+        members = range(len(self.seeds))
+        weights = [self.pop.weights(m) for m in members]
+        optimizer = [self.pop.optimizer(m) for m in members]
+        return State({k: np.stack([w[k] for w in weights]) for k in weights[0]},
+                     {k: np.stack([o[k] for o in optimizer]) for k in optimizer[0]})

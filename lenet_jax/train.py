@@ -8,13 +8,19 @@ if __name__ == "__main__":  # a Ctrl-C from the first moment is one line (lenet_
 
     stop_on_signals()
 
+import argparse  # noqa: E402
+
 from lenet_jax import flags  # noqa: E402
 from lenet_train import program  # noqa: E402
 
 
-def make_backend() -> program.Backend:
-    """The JAX backend (imports jax)."""
+def make_backend(args: argparse.Namespace) -> program.Backend:
+    """The JAX backend (imports jax): a population's with --seeds."""
     # imported once the flags are read: importing jax takes seconds
+    if args.seeds is not None:
+        from lenet_jax.population import PopulationBackend
+
+        return PopulationBackend()
     from lenet_jax.trainer import JaxBackend
 
     return JaxBackend()

@@ -15,4 +15,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Nothing beyond what argparse checks."""
+    """A population (--seeds) trains torch's own layers, eagerly."""
+    if args.seeds is not None and args.compile:
+        p.error("--compile: not with --seeds (a population's step is torch.func.vmap of the "
+                "network, which this program does not compile)")
+    if args.seeds is not None and args.kernels == "fused":
+        p.error("--kernels fused: not with --seeds (a population trains torch's own layers)")

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -41,17 +41,24 @@ SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
 canonical, framework-neutral names, saved as ``{parameter}.{slot}``."""
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, net: torch.nn.Module) -> dict[str, np.ndarray]:
+def _named(net: torch.nn.Module | Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``net``'s parameters by name, in the order an optimizer over them holds them."""
+    return list(net.named_parameters() if isinstance(net, torch.nn.Module) else net.items())
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer,
+                      net: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The optimizer's per-parameter state in canonical names (``{parameter}.{slot}``; the
-    parameters are already in canonical layout). Step counts are the checkpoint's position."""
-    names = [k for k, _ in net.named_parameters()]
+    parameters, ``net``'s or the named tensors it was made over, are already in canonical
+    layout). Step counts are the checkpoint's position."""
+    names = [k for k, _ in _named(net)]
     return {f"{names[i]}.{slot}": v.detach().cpu().numpy()
             for i, per_param in opt.state_dict()["state"].items()
             for slot, v in per_param.items() if slot != "step" and v is not None}
 
 
 def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, np.ndarray],
-                           net: torch.nn.Module, name: str, step: int,
+                           net: torch.nn.Module | Mapping[str, torch.Tensor], name: str, step: int,
                            legacy_groups: list | None = None) -> None:
     """Restore the canonical ``tensors`` (saved by either framework) of optimizer ``name`` after
     ``step`` steps; ``ValueError`` naming the first one missing or of another shape."""
@@ -63,7 +70,7 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, np.nda
         slots = ()
     state: dict[int, dict[str, torch.Tensor]] = {}
     if step > 0:
-        for i, (pname, p) in enumerate(net.named_parameters()):
+        for i, (pname, p) in enumerate(_named(net)):
             per_param: dict[str, torch.Tensor] = {}
             for slot in slots:
                 key = f"{pname}.{slot}"

@@ -20,8 +20,14 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from lenet_spec import Spec
+from lenet_torch.loss import loss_fn
 from lenet_torch.model import build
-from lenet_torch.optim import make_optimizer
+from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
+from lenet_torch.trainer import TorchBackend
+from lenet_train.checkpoints import State
+from lenet_train.errors import StateError
+from lenet_train.options import EVAL_BATCH, loss_on_logits
+from lenet_train.run import Run
 
 
 class Population:
@@ -39,6 +45,7 @@ class Population:
         self.params, self.buffers = stack_module_state(nets)
         self.base = copy.deepcopy(nets[0]).to("meta")
         self.opt = make_optimizer(self.params.values(), optimizer, lr, momentum, weight_decay)
+        self.optimizer_name = optimizer
         self.loss, self.on_logits = loss, on_logits
 
         def member_loss(params, buffers, x, y):
@@ -80,3 +87,89 @@ class Population:
         """Member ``m``'s weights in canonical names and layouts (torch's state_dict names)."""
         return {k: v[m].detach().cpu().numpy().copy()
                 for k, v in {**self.params, **self.buffers}.items()}
+
+    def stacked_weights(self) -> dict[str, np.ndarray]:
+        """Every member's weights, each tensor stacked along a leading member axis."""
+        return {k: v.detach().cpu().numpy().copy()
+                for k, v in {**self.params, **self.buffers}.items()}
+
+    def optimizer_tensors(self) -> dict[str, np.ndarray]:
+        """The optimizer's state in canonical names, each tensor stacked over the members."""
+        return optimizer_tensors(self.opt, self.params)
+
+    def load(self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray] | None = None,
+             step: int = 0) -> None:
+        """Set the members' canonical ``weights`` (each tensor stacked over the members) and,
+        if given, the optimizer's state after ``step`` steps; ``ValueError`` naming the first
+        tensor that is missing or of another shape."""
+        with torch.no_grad():
+            for k, t in {**self.params, **self.buffers}.items():
+                if k not in weights or tuple(np.shape(weights[k])) != tuple(t.shape):
+                    raise ValueError(f"tensor {k!r} is missing or has another shape")
+                t.copy_(torch.from_numpy(np.asarray(weights[k])))
+        if optimizer is not None:
+            load_optimizer_tensors(self.opt, optimizer, self.params, self.optimizer_name, step)
+
+
+class PopulationBackend(TorchBackend):
+    """The torch side of ``lenet_train.loop.fit`` for a population (``--seeds``): every
+    member's step in one vmapped forward and backward pass, torch.optim on the stacked
+    parameters."""
+
+    def configure(self, args) -> None:
+        super().configure(args)
+        self.seeds = list(args.seeds)
+
+    def describe(self) -> str:
+        return f"{super().describe()}; a population of {len(self.seeds)} seeds (torch.func.vmap)"
+
+    def start(self, run: Run, restore: State | None) -> None:
+        args, device = run.args, self.device
+        self.loss, self.on_logits = loss_fn(args.loss), loss_on_logits(args.loss)
+        self.pop = Population(run.spec, self.seeds, self.loss, self.on_logits, args.optimizer,
+                              args.lr, args.momentum, args.weight_decay, device)
+        if restore:
+            try:
+                self.pop.load(restore.weights, restore.optimizer, int(restore.meta["step"]))
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                                 f"{e}") from None
+            if restore.meta.get("framework") == "torch":
+                self._restore_rng(restore, device)
+            else:  # a JAX checkpoint holds no torch generator: one from (seed, step)
+                torch.manual_seed((args.seed << 32 | int(restore.meta["step"])) % 2**63)
+        elif run.init_weights:
+            p = len(self.seeds)
+            self.pop.load({k: np.stack([v] * p) for k, v in run.init_weights.items()})
+        self.lrs = run.lr_table()
+        self.train_x, self.train_y, self.test_x, self.test_y = (
+            torch.from_numpy(a).to(device)
+            for a in (run.train_x, run.train_y, run.test_x, run.test_y))
+
+    def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
+        self.order = torch.from_numpy(order).to(self.device)
+
+    def train(self, first: int, count: int, step: int):
+        return self.pop.train_step(self.train_x, self.train_y, self.order[first],
+                                   float(self.lrs[step]))
+
+    def fetch(self, pending) -> tuple[np.ndarray, np.ndarray]:
+        losses = torch.stack([v for v, _ in pending]).cpu().numpy()
+        correct = torch.stack([c for _, c in pending]).sum(0).cpu().numpy().astype(np.int64)
+        return losses, correct
+
+    def evaluate(self) -> tuple[np.ndarray, np.ndarray]:
+        total_loss = np.zeros(len(self.seeds))
+        correct = np.zeros(len(self.seeds), np.int64)
+        for i in range(0, len(self.test_x), EVAL_BATCH):
+            loss, right = self.pop.evaluate(self.test_x[i : i + EVAL_BATCH],
+                                            self.test_y[i : i + EVAL_BATCH])
+            total_loss += loss.cpu().numpy()
+            correct += right.cpu().numpy()
+        return total_loss / len(self.test_x), correct / len(self.test_x)
+
+    def state(self) -> State:
+        rng = {"torch_cpu": torch.get_rng_state().numpy()}
+        if self.device.type == "cuda":
+            rng["torch_cuda"] = torch.cuda.get_rng_state().numpy()
+        return State(self.pop.stacked_weights(), self.pop.optimizer_tensors(), rng)

@@ -25,6 +25,7 @@ from lenet_spec import (
     read_lenet_file,
     write_safetensors,
 )
+from lenet_train.cli import shown_seeds
 from lenet_train.errors import fail
 
 FORMAT = "lenet-checkpoint"
@@ -37,7 +38,7 @@ class CheckpointError(ValueError):
 
 
 KEPT = ("spec", "optimizer", "momentum", "weight_decay", "schedule", "loss", "dataset",
-        "augment", "batch_size", "seed", "train_size", "init")
+        "augment", "batch_size", "seed", "seeds", "train_size", "init")
 """What a run keeps for life: ``--resume`` refuses a change to any of these flags (and to the
 data's content). What may change: where it ends (--epochs, --max-steps: the schedule is
 laid over the new length), --lr (the way on after a divergence), and how it runs
@@ -50,6 +51,7 @@ def settings(args: argparse.Namespace, data: Mapping[str, Any]) -> dict[str, Any
     kept = {k: getattr(args, k, None) for k in KEPT}
     kept["spec"] = args.spec.to_dict()
     kept["augment"] = list(args.augment)
+    kept["seeds"] = None if kept["seeds"] is None else list(kept["seeds"])
     kept["data"] = dict(data.get("content", {}))
     return kept
 
@@ -63,6 +65,8 @@ def _shown(key: str, value: Any) -> str:
         return repr(value.get("name"))
     if key == "augment":
         return ",".join(value) if value else "none"
+    if key == "seeds" and isinstance(value, list):
+        return shown_seeds(value)
     if key == "data" and isinstance(value, dict):
         return f"of SHA-256 train {value.get('train')}, test {value.get('test')}"
     return "none" if value is None else str(value)
@@ -127,8 +131,23 @@ class Position:
     done: int = 0
     step: int = 0
     losses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    correct: int = 0
+    correct: Any = 0
+    """The correct predictions so far: a count, or one per member (an array) in a population,
+    whose ``losses`` are (steps, members)."""
     epoch_s: float = 0.0
+
+    @classmethod
+    def start(cls, members: int | None = None) -> Position:
+        """Where a fresh run stands (a population's of ``members`` members)."""
+        if members is None:
+            return cls()
+        return cls(losses=np.zeros((0, members), np.float32),
+                   correct=np.zeros(members, np.int64))
+
+    def next_epoch(self) -> Position:
+        """Where the run stands once this position's epoch is over."""
+        return Position(self.epoch + 1, 0, self.step, self.losses[:0],
+                        self.correct * 0)
 
 
 @dataclass
@@ -206,6 +225,8 @@ class Checkpoints:
     """The step of the last checkpoint written or resumed from."""
     settings: dict[str, Any] = field(default_factory=dict)
     """What the run keeps for life (:func:`settings`), recorded in every checkpoint."""
+    members: int | None = None
+    """A population's size (its tensors are stacked along a leading member axis), else None."""
 
     @property
     def path(self) -> Path:
@@ -241,7 +262,8 @@ class Checkpoints:
         tensors["progress.losses"] = np.asarray(pos.losses, dtype=np.float32)
         a = self.args
         meta = {"framework": self.framework, "optimizer": a.optimizer, "spec": self.spec.to_dict(),
-                "epoch": pos.epoch, "done": pos.done, "step": pos.step, "correct": pos.correct,
+                "epoch": pos.epoch, "done": pos.done, "step": pos.step,
+                "correct": np.asarray(pos.correct).tolist(),
                 "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
                 "steps_per_epoch": self.steps_per_epoch, "wall_s": self.wall_s(),
                 "settings": self.settings, **state.meta}
@@ -265,7 +287,9 @@ class Checkpoints:
         check_resume(path, meta, self.settings)
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
-            check_weights(self.spec, weights)
+            for m in range(self.members or 1):
+                check_weights(self.spec, weights if self.members is None
+                              else {k: v[m] for k, v in weights.items()})
         except WeightsError as e:
             fail(f"{path}: not a checkpoint of this --spec: {e}")
         if meta.get("steps_per_epoch") != self.steps_per_epoch:
@@ -274,7 +298,7 @@ class Checkpoints:
                  "the settings it started with")
         try:
             position = Position(int(meta["epoch"]), int(meta["done"]), int(meta["step"]),
-                                tensors["progress.losses"], int(meta["correct"]),
+                                tensors["progress.losses"], self._correct(meta["correct"]),
                                 float(meta["epoch_s"]))
             wall_before = float(meta["wall_s"])
         except (KeyError, TypeError, ValueError) as e:
@@ -289,16 +313,37 @@ class Checkpoints:
                       {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta)
         return state, position, wall_before
 
+    def _correct(self, value: Any) -> Any:
+        """The saved correct count(s): an integer, or one per member in a population."""
+        if self.members is None:
+            return int(value)
+        counts = np.asarray(value)
+        if counts.shape != (self.members,) or counts.dtype.kind not in "iu":
+            raise ValueError(f"correct is not {self.members} integers")
+        return counts.astype(np.int64)
+
     def _check_header(self, shapes: dict[str, tuple[int, ...]], metadata: dict) -> None:
-        """Before any tensor is read: the weights are this spec's, and nothing else is larger
-        than what a run saves (an optimizer slot, the epoch's losses, a generator state)."""
+        """Before any tensor is read: the weights are this spec's (stacked, in a population:
+        one per member), and nothing else is larger than what a run saves (an optimizer slot,
+        the epoch's losses, a generator state)."""
+        weights = {k[6:]: tuple(v) for k, v in shapes.items() if k.startswith("model.")}
+        p = self.members
+        if p is not None:
+            stacked = [k for k, v in weights.items() if v[:1] != (p,)]
+            if stacked:
+                raise CheckpointError(f"{self.path}: not a checkpoint of a population of {p} "
+                                      f"(tensor {stacked[0]!r} has shape {weights[stacked[0]]})")
+            weights = {k: v[1:] for k, v in weights.items()}
+            losses = tuple(shapes.get("progress.losses", ()))
+            if len(losses) != 2 or losses[1] != p:
+                raise CheckpointError(f"{self.path}: damaged checkpoint (progress.losses of "
+                                      f"shape {losses}, not (steps, {p}))")
         try:
-            check_shapes(self.spec, {k[6:]: v for k, v in shapes.items()
-                                     if k.startswith("model.")})
+            check_shapes(self.spec, weights)
         except WeightsError as e:
             raise CheckpointError(f"{self.path}: not a checkpoint of this --spec: {e}") from None
-        largest = max([math.prod(s) for s in self.spec.param_shapes.values()]
-                      + [self.steps_per_epoch, 2**20])
+        largest = (p or 1) * max([math.prod(s) for s in self.spec.param_shapes.values()]
+                                 + [self.steps_per_epoch, 2**20])
         for name, shape in shapes.items():
             if not name.startswith("model.") and math.prod(shape) > largest:
                 raise CheckpointError(f"{self.path}: tensor {name!r} of shape {shape} is larger "

@@ -45,6 +45,52 @@ def _seed(text: str) -> int:
     return value
 
 
+SEEDS_MAX = 4096
+"""The most members --seeds takes (a population's state grows with it)."""
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """An argparse type: the seeds of a population, ``N`` (0 … N-1), ``A-B`` (A … B) or
+    ``A,B,…`` (a list, which may hold ranges), each once, at most :data:`SEEDS_MAX`."""
+    if text.strip().isdigit():
+        count = int(text)
+        if not 1 <= count <= SEEDS_MAX:
+            raise argparse.ArgumentTypeError(f"N must be in [1, {SEEDS_MAX}], got {count}")
+        return tuple(range(count))
+    seeds: list[int] = []
+    for part in text.split(","):
+        ends = part.strip().split("-")
+        if len(ends) > 2 or not all(e.strip().isdigit() for e in ends):
+            raise argparse.ArgumentTypeError(
+                f"expected N, A-B or a comma-separated list of seeds and ranges, got {text!r}")
+        first, last = int(ends[0]), int(ends[-1])
+        if last > SEED_MAX:
+            raise argparse.ArgumentTypeError(f"seeds must be in [0, {SEED_MAX}], got {last}")
+        if first > last:
+            raise argparse.ArgumentTypeError(f"the range {part.strip()} is empty")
+        if len(seeds) + last - first + 1 > SEEDS_MAX:
+            raise argparse.ArgumentTypeError(f"more than {SEEDS_MAX} seeds in {text!r}")
+        seeds.extend(range(first, last + 1))
+    seen: set[int] = set()
+    for seed in seeds:
+        if seed in seen:
+            raise argparse.ArgumentTypeError(f"seed {seed} is given twice in {text!r}")
+        seen.add(seed)
+    return tuple(seeds)
+
+
+def shown_seeds(seeds: tuple[int, ...] | list[int]) -> str:
+    """``seeds`` as --seeds would take them, runs of consecutive seeds as ranges."""
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -115,6 +161,11 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                         "network returns to one-hot labels")
     p.add_argument("--seed", type=_seed, default=0,
                    help="seeds the initial weights and the batch order")
+    p.add_argument("--seeds", type=seed_list, default=None, metavar="N|A-B|A,B,...",
+                   help="train a population in one process, one member per seed (N: seeds 0 to "
+                        "N-1), each as --seed S alone would train it; the epoch line shows the "
+                        "members' mean ± s.d., metrics.jsonl a record per member and a summary, "
+                        "and each member's weights go to weights-seed-S.safetensors")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist",
                    help="what to train on, named as TensorFlow Datasets names it")
     p.add_argument("--augment", type=_augment, nargs="?", const=("crop", "flip"), default=(),
@@ -144,6 +195,20 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="with several processes: seconds to wait for all of them to start "
                         "before giving up with an error")
     return p
+
+
+def check_seeds(p: argparse.ArgumentParser, args: argparse.Namespace,
+                argv: list[str]) -> None:
+    """Refuse --seeds with what a population cannot do; with --seeds, ``args.seed`` is the
+    first member's seed (what seeds the framework's own generator)."""
+    if args.seeds is None:
+        return
+    if any(a == "--seed" or a.startswith("--seed=") for a in argv):
+        p.error("--seed and --seeds contradict each other; give every seed to --seeds")
+    if args.augment:
+        p.error("--seeds: not with --augment (every member would need its own augmented copy of "
+                "the training set); train the seeds as separate runs")
+    args.seed = args.seeds[0]
 
 
 def default_workdir(framework: str) -> Path:

@@ -31,11 +31,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lenet_spec import save_weights
-from lenet_train.checkpoints import Position, State
+from lenet_train.checkpoints import State
 from lenet_train.errors import StateError, fail
 from lenet_train.run import Run
-from lenet_train.setup import WEIGHTS
 
 REPORT_EVERY = 50
 """Steps between report points, where the loop fetches the device's results."""
@@ -113,9 +111,8 @@ def fit(run: Run, backend: Trainer) -> dict:
                 ckpt.hold(backend.state(), pos)
         bar.close()
         record = run.end_epoch(pos, backend.evaluate())
-        pos = Position(epoch + 1, 0, pos.step)
+        pos = pos.next_epoch()
         ckpt.save(backend.state(), pos)
     if run.layout.writer:
-        save_weights(run.workdir / WEIGHTS, backend.state().weights, run.spec)
-        log.say(f"weights: {run.workdir / WEIGHTS}")
+        run.save_weights(backend.state())
     return record

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from lenet_train.cli import parser
+from lenet_train.cli import check_seeds, parser
 from lenet_train.distributed import Layout, peers_guard
 from lenet_train.errors import interruptible, stop_on_signals
 from lenet_train.loop import Trainer, fit
@@ -56,11 +56,12 @@ class Backend(Framework, Trainer, Protocol):
     """A framework's whole side of the program: :class:`Framework` and :class:`Trainer`."""
 
 
-def main(framework: str, title: str, flags: Flags, make_backend: Callable[[], Backend],
+def main(framework: str, title: str, flags: Flags,
+         make_backend: Callable[[argparse.Namespace], Backend],
          argv: list[str] | None = None) -> int:
-    """Parse the shared and the framework's flags, then (and only then) build the backend,
-    join the other processes, prepare the run (workdir, data, checkpoint) and train it; errors
-    end the program with one line."""
+    """Parse the shared and the framework's flags, then (and only then) build the backend
+    (``make_backend(args)``: a population's with --seeds), join the other processes, prepare
+    the run (workdir, data, checkpoint) and train it; errors end the program with one line."""
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop_on_signals()  # a Ctrl-C while jax or torch imports: one line, not a traceback
     try:
@@ -70,14 +71,15 @@ def main(framework: str, title: str, flags: Flags, make_backend: Callable[[], Ba
         signal.signal(signal.SIGTERM, previous[1])
 
 
-def _main(framework: str, title: str, flags: Flags, make_backend: Callable[[], Backend],
-          argv: list[str] | None) -> int:
+def _main(framework: str, title: str, flags: Flags,
+          make_backend: Callable[[argparse.Namespace], Backend], argv: list[str] | None) -> int:
     p = parser(f"python -m lenet_{framework}.train", title)
     flags.add_flags(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     flags.check_flags(p, args)
-    backend = make_backend()
+    check_seeds(p, args, argv)
+    backend = make_backend(args)
     backend.configure(args)
     try:
         with interruptible():

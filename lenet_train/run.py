@@ -18,13 +18,16 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from lenet_spec import Spec
+from lenet_spec import Spec, save_weights
 from lenet_train.checkpoints import Checkpoints, Position, State, settings
 from lenet_train.cli import lr_at
 from lenet_train.data import augment, epoch_order, prepare
 from lenet_train.distributed import Layout
 from lenet_train.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, fail, stop_on_signals
 from lenet_train.runlog import RunLog
+
+WEIGHTS = "weights.safetensors"
+"""The trained weights' file name in the workdir."""
 
 
 @dataclass
@@ -64,7 +67,13 @@ class Run:
     def __post_init__(self) -> None:
         self.checkpoints = Checkpoints(self.workdir, self.framework, self.args, self.spec,
                                        self.steps_per_epoch, self.layout.writer, self.wall_s,
-                                       self.diverged, settings=settings(self.args, self.data))
+                                       self.diverged, settings=settings(self.args, self.data),
+                                       members=self.members)
+
+    @property
+    def members(self) -> int | None:
+        """A population's size; None for a single run."""
+        return None
 
     def wall_s(self) -> float:
         """Seconds the run has spent, in all its sessions."""
@@ -73,7 +82,7 @@ class Run:
     def resume(self) -> tuple[State | None, Position]:
         """The state and position to start from: the checkpoint's on --resume, else none."""
         if not self.args.resume:
-            return None, Position()
+            return None, Position.start(self.members)
         state, pos, self.wall_before = self.checkpoints.load()
         written = state.meta.get("framework")
         if written != self.framework:
@@ -117,8 +126,9 @@ class Run:
         pos.epoch_s = epoch_s
         self.checkpoints.confirm()
         seen = pos.done * self.args.batch_size
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{pos.correct / seen:.4f}",
-                        img_s=f"{seen / max(epoch_s, 1e-9):,.0f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-1]):.4f}",
+                        acc=f"{np.mean(pos.correct) / seen:.4f}",
+                        img_s=f"{seen * (self.members or 1) / max(epoch_s, 1e-9):,.0f}")
         bar.update(pos.done - bar.n)
 
     def end_epoch(self, pos: Position, test: tuple[float, float]) -> dict:
@@ -143,6 +153,11 @@ class Run:
                               "checksum": self.data["checksum"]}
         self.log.epoch(record)
         return record
+
+    def save_weights(self, state: State) -> None:
+        """Write the trained weights (WORKDIR/weights.safetensors) and say where."""
+        save_weights(self.workdir / WEIGHTS, state.weights, self.spec)
+        self.log.say(f"weights: {self.workdir / WEIGHTS}")
 
     def stop_requested(self, at_report: bool) -> bool:
         """Whether to checkpoint and stop after this step. Several processes decide together,

@@ -57,6 +57,34 @@ class RunLog:
             f"{record['epoch_s']:6.1f} s  {record['images_per_sec']:8,.0f} img/s"
         )
 
+    def population_epoch(self, members: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Append the members' records and the summary to metrics.jsonl and print the
+        epoch's line: the members' mean ± sample s.d."""
+        if self.write:
+            with open(self.workdir / "metrics.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in (*members, summary))
+        r = summary
+
+        def pm(name: str, scale: float = 1.0, digits: int = 4) -> str:
+            return f"{scale * r[name]:.{digits}f} ± {scale * r[name + '_sd']:.{digits}f}"
+
+        self.say(
+            f"epoch {r['epoch']:3d}  step {r['step']:6d}  "
+            f"train loss {pm('train_loss')} acc {pm('train_accuracy', 100, 2)}%  "
+            f"test loss {pm('test_loss')} acc {pm('test_accuracy', 100, 2)}%  "
+            f"{r['epoch_s']:6.1f} s  {r['images_per_sec']:8,.0f} img/s  "
+            f"({r['members']} seeds)"
+        )
+
+    def member_steps(self, first_step: int, seeds: list[int], losses: Any) -> None:
+        """Append one {"step", "seed", "loss"} line per step and member to steps.jsonl."""
+        if not self.write:
+            return
+        with open(self.workdir / "steps.jsonl", "a") as f:
+            for i, row in enumerate(losses.tolist()):
+                f.writelines(json.dumps({"step": first_step + i, "seed": seed, "loss": loss})
+                             + "\n" for seed, loss in zip(seeds, row, strict=True))
+
     def steps(self, first_step: int, losses: list[float]) -> None:
         """Append one {"step", "loss"} line per step to steps.jsonl."""
         if not self.write:

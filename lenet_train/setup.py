@@ -38,13 +38,19 @@ from lenet_train.data.catalog import DATASETS
 from lenet_train.distributed import Layout
 from lenet_train.errors import fail
 from lenet_train.options import EVAL_BATCH
-from lenet_train.run import Run
+from lenet_train.population import MEMBER_WEIGHTS, PopulationRun, member_weights
+from lenet_train.run import WEIGHTS, Run
 from lenet_train.runlog import RunLog, log_to_stderr
 
-WEIGHTS = "weights.safetensors"
-"""The trained weights' file name in the workdir."""
 RUN_FILES = ("config.json", "metrics.jsonl", "steps.jsonl", CHECKPOINT, WEIGHTS)
-"""What a run writes in its workdir (and what --overwrite deletes)."""
+"""What a run writes in its workdir (and what --overwrite deletes), beside a population's
+weights files (:data:`MEMBER_WEIGHTS`)."""
+
+
+def _run_files(workdir: Path) -> list[Path]:
+    """The files of a run's in ``workdir``: :data:`RUN_FILES` and members' weights."""
+    named = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+    return named + sorted(workdir.glob(MEMBER_WEIGHTS.format(seed="*")))
 
 
 LOCK = ".lenet.lock"
@@ -88,8 +94,8 @@ def _prepare_workdir(args: argparse.Namespace, workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {workdir}: not a folder")
     _lock(workdir)
-    for name in RUN_FILES:  # what killed writes of ours left (no writer runs: we hold the lock)
-        for tmp in workdir.glob(f".{name}.*.tmp"):
+    for name in (*RUN_FILES, MEMBER_WEIGHTS.format(seed="*")):  # what killed writes left (no
+        for tmp in workdir.glob(f".{name}.*.tmp"):              # writer runs: we hold the lock)
             tmp.unlink(missing_ok=True)
     if args.resume:
         if not (workdir / CHECKPOINT).is_file():
@@ -101,13 +107,13 @@ def _prepare_workdir(args: argparse.Namespace, workdir: Path) -> None:
         if not args.overwrite:
             fail(f"{workdir} is not empty; pass --resume to continue the run in it, --overwrite "
                  "to start afresh there, or pick another --workdir")
-        named = [name for name in RUN_FILES if (workdir / name).exists()]
+        named = _run_files(workdir)
         if named and not _holds_run(workdir):
             fail(f"--overwrite: {workdir} holds no lenet run, but files named as a run's "
-                 f"({', '.join(named)}); it deletes only a run's own files, so pick another "
-                 "--workdir")
-        for name in RUN_FILES:
-            (workdir / name).unlink(missing_ok=True)
+                 f"({', '.join(p.name for p in named)}); it deletes only a run's own files, so "
+                 "pick another --workdir")
+        for path in named:
+            path.unlink(missing_ok=True)
 
 
 def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
@@ -126,14 +132,17 @@ def _check_memory(args: argparse.Namespace, spec: Spec) -> None:
     data = 4 * images * math.prod(spec.input_shape)
     widest = max(math.prod(i.out_shape) for i in spec.infos)
     evaluation = 4 * 2 * EVAL_BATCH * widest
-    needed = data + spec.training_bytes(args.batch_size) + evaluation
+    members = len(args.seeds) if args.seeds else 1
+    training = members * spec.training_bytes(args.batch_size)
+    evaluation *= members
+    needed = data + training + evaluation
     try:
         have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return
     if needed > have:
         fail(f"spec {spec.name} needs about {_gib(needed)} at --batch-size {args.batch_size} "
-             f"(data {_gib(data)}, training {_gib(spec.training_bytes(args.batch_size))}, "
+             f"(data {_gib(data)}, training {_gib(training)}, "
              f"evaluation {_gib(evaluation)}, float32); this machine has {_gib(have)}")
 
 
@@ -160,11 +169,14 @@ def _check_resume(args: argparse.Namespace, workdir: Path,
                          losses=False)
     if why and spe == steps_per_epoch:
         fail(f"{path}: damaged checkpoint ({why})")
-    # a run killed after its last checkpoint but before its weights file finishes on resume
-    if (step >= total or epoch >= args.epochs) and (workdir / WEIGHTS).is_file():
+    # a run killed after its last checkpoint but before its weights files finishes on resume
+    weights = ([member_weights(workdir, seed) for seed in args.seeds] if args.seeds
+               else [workdir / WEIGHTS])
+    if (step >= total or epoch >= args.epochs) and all(w.is_file() for w in weights):
         where = (f"step {step} of {total}" if step >= total
                  else f"epoch {epoch} of --epochs {args.epochs}")
-        fail(f"{path}: the run is complete ({where}); its weights are {workdir / WEIGHTS}. To "
+        shown = weights[0] if len(weights) == 1 else f"{weights[0]} …"
+        fail(f"{path}: the run is complete ({where}); its weights are {shown}. To "
              "train on, resume with more --epochs or a larger --max-steps")
 
 
@@ -178,6 +190,9 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
     log_to_stderr(args.quiet or not layout.writer)  # the other processes print nothing
     if args.resume and args.workdir is None:
         fail("--resume needs --workdir: the folder of the run to continue")
+    if args.seeds and layout.distributed:
+        fail(f"--seeds: a population trains in one process, not {layout.process_count}; "
+             "start it as one")
     workdir = args.workdir or default_workdir(framework)
     if layout.writer:
         _prepare_workdir(args, workdir)
@@ -247,6 +262,7 @@ def setup(args: argparse.Namespace, framework: str, argv: list[str],
         config["data"] = data
         config["processes"] = layout.process_count
         atomic_write_bytes(workdir / "config.json", json.dumps(config, indent=2).encode())
-    return Run(args, spec, framework, workdir, log, train_x, train_y, test_x, test_y,
-               steps_per_epoch, total, started, list(argv),
-               init_weights, data, train_images if args.augment else None, layout=layout)
+    return (PopulationRun if args.seeds else Run)(
+        args, spec, framework, workdir, log, train_x, train_y, test_x, test_y, steps_per_epoch,
+        total, started, list(argv), init_weights, data,
+        train_images if args.augment else None, layout=layout)

@@ -91,8 +91,8 @@ def _args(**changes) -> argparse.Namespace:
 DATA = {"content": {"train": "a" * 16, "test": "b" * 16}}
 CHANGED = {"spec": PRESETS["lenet5_classic"], "optimizer": "sgd", "momentum": 0.5,
            "weight_decay": 1e-4, "schedule": "cosine", "loss": "mse", "dataset": "kmnist",
-           "augment": ("crop",), "batch_size": 32, "seed": 7, "train_size": 1000,
-           "init": "lecun_normal"}
+           "augment": ("crop",), "batch_size": 32, "seed": 7, "seeds": (0, 1, 2),
+           "train_size": 1000, "init": "lecun_normal"}
 
 
 @pytest.mark.parametrize("key", KEPT)
