@@ -210,3 +210,34 @@ def test_bench_population_mode(tmp_path) -> None:
         (v, p) for v in ("jax-fused-scan", "torch-stock-eager") for p in (1, 2)}
     assert all(r["train_images_per_sec"] > 0 for r in records)
     assert "P = 2" in res.stdout and "×)" in res.stdout
+
+
+def test_population_command_times_one_population_against_separate_commands(
+        monkeypatch) -> None:
+    """``--population-command P``: per framework and round one ``--seeds P`` command and the P
+    ``--seed S`` commands, the frameworks and the two ways alternating between rounds; the
+    lines give the medians and each round's ratio."""
+    from bench import programs
+    from bench.__main__ import _population_command_lines
+
+    calls: list[tuple[str, list[str]]] = []
+    took = {"jax": {"--seeds": 30.0, "--seed": 5.0}, "torch": {"--seeds": 50.0, "--seed": 7.0}}
+
+    def fake(framework: str, flags: list[str], extra: list[str], timeout: float) -> float:
+        assert extra == ["--epochs", "1"]
+        calls.append((framework, flags))
+        return took[framework][flags[0]] + len(calls) / 1000
+
+    monkeypatch.setattr(programs, "_timed_command", fake)
+    out = programs.population_commands(3, 2, ["--epochs", "1"], 60.0)
+    assert calls[:4] == [("jax", ["--seeds", "3"]), *(("jax", ["--seed", str(s)])
+                                                      for s in range(3))]
+    assert [c for c in calls if c[0] == "torch"][0] == ("torch", ["--seeds", "3"])
+    assert calls[8] == ("torch", ["--seed", "0"])  # round 2: torch first, separate first
+    assert len(calls) == 2 * 2 * (1 + 3)
+    jax = out["seconds"]["jax"]
+    assert len(jax["population"]) == 2 and jax["separate"][0] == pytest.approx(15.0, abs=0.1)
+    lines = _population_command_lines(out)
+    assert lines[0].startswith("jax: --seeds 3 30.0 s, 3 separate commands 15.0 s")
+    assert "population / separate 2.00" in lines[0]
+    assert lines[1].startswith("torch: --seeds 3 50.0 s, 3 separate commands 21.0 s")

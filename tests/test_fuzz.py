@@ -25,9 +25,17 @@ from lenet_spec import (
     parse_spec_json,
     save_weights,
 )
-from lenet_train.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from lenet_train.checkpoints import (
+    CheckpointError,
+    Checkpoints,
+    check_position,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lenet_train.checkpoints import settings as run_settings
 from lenet_train.data import DataError, get, idx_bytes, parse_idx
 from lenet_train.data.store import read_idx_split
+from lenet_train.setup import _check_resume
 
 FUZZ = settings(max_examples=300, deadline=2000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -286,16 +294,41 @@ def a_checkpoint(tmp_path_factory):
     return workdir, args, data, tensors, meta, argparse
 
 
+@pytest.fixture(scope="module")
+def a_population_checkpoint(tmp_path_factory):
+    """A torch population's checkpoint (--seeds 0,3) on a small spec, as :func:`a_checkpoint`:
+    every tensor stacked along a leading member axis, a correct count per member."""
+
+    from lenet_torch.loss import loss_fn
+    from lenet_torch.population import Population
+    from lenet_train.checkpoints import Checkpoints, Position, State, settings
+    from lenet_train.cli import parser
+
+    spec = PRESETS["lenet5"]
+    args = parser("prog", "x").parse_args(["--max-steps", "4", "--optimizer", "sgd",
+                                           "--momentum", "0.9", "--seeds", "0,3"])
+    args.spec, args.seed = spec, 0
+    data = {"content": {"train": "0" * 16, "test": "1" * 16}}
+    workdir = tmp_path_factory.mktemp("population")
+    pop = Population(spec, [0, 3], loss_fn("ce"), optimizer="sgd", momentum=0.9)
+    ckpt = Checkpoints(workdir, "torch", args, spec, 4, True, lambda: 1.0, None,
+                       settings=settings(args, data), members=2)
+    ckpt.save(State(pop.stacked_weights(), pop.optimizer_tensors(), {}),
+              Position(0, 2, 2, np.ones((2, 2), np.float32), np.array([3, 4])))
+    tensors, meta = load_checkpoint(ckpt.path)
+    return workdir, args, data, tensors, meta, 2
+
+
 @FUZZ
 @given(data=st.data())
-def test_hostile_checkpoint_metadata_is_one_clear_error(a_checkpoint, data, capsys) -> None:
+@pytest.mark.parametrize("which", ["a_checkpoint", "a_population_checkpoint"])
+def test_hostile_checkpoint_metadata_is_one_clear_error(which, request, data, capsys) -> None:
     """Any metadata field replaced by any JSON value, or dropped, or the saved losses of
-    another length, dtype or value: the resume check and the loader end with one error line
-    (SystemExit) or accept a position a run can stand at, never another exception."""
-    from lenet_train.checkpoints import Checkpoints, check_position, settings
-    from lenet_train.setup import _check_resume
-
-    workdir, args, run_data, tensors, meta, _ = a_checkpoint
+    another length, dtype or value, or (a population's) a weight of another member count: the
+    resume check and the loader end with one error line (SystemExit) or accept a position a
+    run can stand at, never another exception."""
+    workdir, args, run_data, tensors, meta, members = request.getfixturevalue(which)
+    members = members if isinstance(members, int) else None
     meta = json.loads(json.dumps(meta))
     for key in data.draw(st.lists(st.sampled_from(sorted(meta)), max_size=3, unique=True)):
         if data.draw(st.booleans()):
@@ -306,15 +339,18 @@ def test_hostile_checkpoint_metadata_is_one_clear_error(a_checkpoint, data, caps
     if data.draw(st.booleans()):
         tensors["progress.losses"] = data.draw(st.sampled_from([
             np.array([np.nan, 1.0], np.float32), np.zeros(5, np.float32),
-            np.zeros(2, np.int64), np.zeros((1, 2), np.float32)]))
+            np.zeros(2, np.int64), np.zeros((1, 2), np.float32), np.zeros((2, 3), np.float32)]))
+    if members and data.draw(st.booleans()):
+        name = data.draw(st.sampled_from(sorted(k for k in tensors if k.startswith("model."))))
+        tensors[name] = tensors[name][: data.draw(st.sampled_from([0, 1]))]
     path = workdir / "checkpoint.safetensors"
     try:
         save_checkpoint(path, tensors, meta)
     except (TypeError, ValueError):
         return  # not writable as JSON (a NaN key, a huge int): no file to resume from
-    now = settings(args, run_data)
+    now = run_settings(args, run_data)
     ckpt = Checkpoints(workdir, "torch", args, args.spec, 4, False, lambda: 1.0, None,
-                       settings=now)
+                       settings=now, members=members)
     try:
         _check_resume(args, workdir, now, 4, 4)
         _, pos, _ = ckpt.load()

@@ -6,6 +6,7 @@ line."""
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import subprocess
 import sys
@@ -213,3 +214,13 @@ def test_resume_keeps_the_population(runs, base) -> None:
             (single, ["--seeds", "3"], "--seed")):
         res = _run("jax", workdir, base, "--epochs", "3", "--resume", *extra, check=False)
         _one_line_error(res, says)
+
+
+def test_a_diverging_member_stops_the_population_naming_its_seed(tmp_path, base) -> None:
+    """A non-finite loss of any member stops the run (exit 3) at that step, naming the seed."""
+    res = _run("torch", tmp_path / "run", base, "--seeds", "0,3", "--lr", "1e6", "--schedule",
+               "constant", check=False)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert re.search(r"error: the loss of seed [03] is (nan|inf|-inf) at step \d+; run stopped",
+                     res.stderr), res.stderr
