@@ -22,6 +22,10 @@ to, evaluates, and converts its state to and from named numpy arrays. :func:`fit
   collective), so all of them checkpoint and stop after the same step.
 - **Epoch ends.** The backend evaluates the test split; the loop logs the epoch (metrics.jsonl,
   steps.jsonl, the summary line). After the last epoch process 0 writes the weights file.
+- **Populations.** With ``--seeds`` the run is a :class:`lenet_train.population.PopulationRun`
+  and the backend a population's: the same loop, with one batch per member each step,
+  (steps, members) losses, a correct count and a test result per member, and a weights file
+  per member.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ class Trainer(Protocol):
         fit); put the data where the steps read it."""
 
     def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
-        """Take the epoch's (steps, batch) training indices of the global batches, and, when
-        the images change each epoch (--augment), its training images (NCHW float32)."""
+        """Take the epoch's (steps, batch) training indices of the global batches (a
+        population's: (steps, members, batch)), and, when the images change each epoch
+        (--augment), its training images (NCHW float32)."""
 
     def train(self, first: int, count: int, step: int) -> Any:
         """Run optimizer steps on batches ``first`` … ``first + count - 1`` of the epoch
@@ -61,10 +66,11 @@ class Trainer(Protocol):
 
     def fetch(self, pending: list[Any]) -> tuple[np.ndarray, int]:
         """The per-step losses (global batch means) and the correct count of the
-        :meth:`train` results ``pending``, all processes' together."""
+        :meth:`train` results ``pending``, all processes' together (a population's: (steps,
+        members) losses and a count per member)."""
 
     def evaluate(self) -> tuple[float, float]:
-        """Mean loss and accuracy over the test split."""
+        """Mean loss and accuracy over the test split (a population's: one per member)."""
 
     def state(self) -> State:
         """The current state as named numpy arrays."""

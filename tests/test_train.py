@@ -15,6 +15,7 @@ import lenet_jax
 import lenet_torch
 from lenet_spec import PRESETS, load_weights, save_weights
 from lenet_train.cli import lr_at, parser
+from lenet_train.plot import curve
 from lenet_train.runlog import read_jsonl
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
@@ -232,6 +233,8 @@ def test_init_weights_of_another_spec(tmp_path, mnist_dir, framework: str) -> No
 
 
 def test_plot(tmp_path) -> None:
+    """Several runs on one chart; a population's curve is its summaries' mean and s.d., not
+    its members' records."""
     for name, acc in (("jax", 0.98), ("torch", 0.97)):
         (tmp_path / name).mkdir()
         with open(tmp_path / name / "metrics.jsonl", "w") as f:
@@ -239,8 +242,24 @@ def test_plot(tmp_path) -> None:
                 f.write(json.dumps({"epoch": e, "train_loss": 1 / (e + 1), "test_loss": 1 / (e + 2),
                                     "train_accuracy": acc - 0.1 / (e + 1),
                                     "test_accuracy": acc}) + "\n")
+    (tmp_path / "population").mkdir()
+    with open(tmp_path / "population" / "metrics.jsonl", "w") as f:
+        for e in range(3):
+            members = [{"epoch": e, "seed": s, "train_loss": 1.0 + s, "test_loss": 1.0 + s,
+                        "train_accuracy": 0.9, "test_accuracy": 0.9 + s / 100} for s in (0, 2)]
+            summary = {"epoch": e, "seeds": [0, 2], "members": 2}
+            for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+                values = [m[key] for m in members]
+                summary[key], summary[key + "_sd"] = np.mean(values), np.std(values, ddof=1)
+            f.writelines(json.dumps(r) + "\n" for r in (*members, summary))
+    records = read_jsonl(tmp_path / "population" / "metrics.jsonl")
+    assert curve(records, "test_accuracy") == ([1, 2, 3], [0.91] * 3,
+                                               [pytest.approx(0.02 / 2**0.5)] * 3)
+    assert curve(read_jsonl(tmp_path / "jax" / "metrics.jsonl"), "test_accuracy") == (
+        [1, 2, 3], [0.98] * 3, None)
     out = tmp_path / "curves.png"
-    res = _run("lenet_train.plot", str(tmp_path / "jax"), str(tmp_path / "torch"), "-o", str(out))
+    res = _run("lenet_train.plot", str(tmp_path / "jax"), str(tmp_path / "torch"),
+               str(tmp_path / "population"), "-o", str(out))
     assert "wrote" in res.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
