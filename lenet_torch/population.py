@@ -134,10 +134,7 @@ class PopulationBackend(TorchBackend):
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
                                  f"{e}") from None
-            if restore.meta.get("framework") == "torch":
-                self._restore_rng(restore, device)
-            else:  # a JAX checkpoint holds no torch generator: one from (seed, step)
-                torch.manual_seed((args.seed << 32 | int(restore.meta["step"])) % 2**63)
+            self._restore_generators(restore, args.seed, device)
         elif run.init_weights:
             p = len(self.seeds)
             self.pop.load({k: np.stack([v] * p) for k, v in run.init_weights.items()})

@@ -76,6 +76,15 @@ class TorchBackend(distributed.Processes):
                 raise StateError(f"its random generator state rng.{name} is invalid: "
                                  f"{e}") from None
 
+    @classmethod
+    def _restore_generators(cls, restore: State, seed: int, device: torch.device) -> None:
+        """torch's generators as a torch checkpoint saved them; after a JAX checkpoint, which
+        holds none, seeded from (seed, step)."""
+        if restore.meta.get("framework") == "torch":
+            cls._restore_rng(restore, device)
+        else:
+            torch.manual_seed((seed << 32 | int(restore.meta["step"])) % 2**63)
+
     def start(self, run: Run, restore: State | None) -> None:
         args, device = run.args, self.device
         self.net = net = build(run.spec, seed=args.seed, kernels=args.kernels).to(device)
@@ -91,10 +100,7 @@ class TorchBackend(distributed.Processes):
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
                 raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
                                  f"{e}") from None
-            if restore.meta.get("framework") == "torch":
-                self._restore_rng(restore, device)
-            else:  # a JAX checkpoint holds no torch generator: one from (seed, step)
-                torch.manual_seed((args.seed << 32 | int(restore.meta["step"])) % 2**63)
+            self._restore_generators(restore, args.seed, device)
         self.mine = distributed.shard(args.batch_size, self.layout)
         model = distributed.wrap(net, self.layout, device)
         self.model = torch.compile(model) if self.compile else model
