@@ -19,8 +19,8 @@ from flax import nnx
 
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
-from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
-from lenet_jax.trainer import JaxBackend, compile_steps, make_step, split_for_training
+from lenet_jax.optim import load_optimizer_tensors, optimizer_tensors
+from lenet_jax.trainer import JaxBackend, compile_steps, make_step, run_tx, split_for_training
 from lenet_spec import Spec
 from lenet_train.checkpoints import State
 from lenet_train.errors import StateError
@@ -133,9 +133,7 @@ class PopulationBackend(JaxBackend):
 
     def start(self, run: Run, restore: State | None) -> None:
         args = run.args
-        lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
-        schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
-        tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
+        tx = run_tx(run)
         self.pop = Population(run.spec, self.seeds, tx, loss_fn(args.loss),
                               loss_on_logits(args.loss), args.kernels)
         members = range(len(self.seeds))

@@ -123,6 +123,15 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
     return train_step, train_steps, eval_step
 
 
+def run_tx(run: Run) -> optax.GradientTransformation:
+    """The run's optimizer (--optimizer, --momentum, --weight-decay) with its learning rate
+    schedule tabulated per step (``run.lr_table``), indexed by optax's step count."""
+    args = run.args
+    lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
+    schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
+    return make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
+
+
 def use_compilation_cache() -> None:
     """Keep every compiled program, small ones too, in JAX's persistent cache
     (``$JAX_COMPILATION_CACHE_DIR``, else the cache folder's ``lenet/jax``): a later run loads
@@ -157,9 +166,7 @@ class JaxBackend(distributed.Processes):
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)
-        lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
-        schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
-        tx = make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
+        tx = run_tx(run)
         self.graphdef, eval_graphdef, params, stats, rest = split_for_training(net)
         opt_state = tx.init(params)
         if restore:
