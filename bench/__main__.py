@@ -27,8 +27,9 @@ import numpy as np
 
 from bench import programs, report
 from bench.worker import KERNELS, MODES
-from lenet_spec import SHAPES, atomic_write_bytes
-from lenet_spec.cli import Parser
+from lenet_spec import SHAPES
+from lenet_util import atomic_write_bytes
+from lenet_util.cli import Parser
 
 VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS for m in modes)
 """Every variant, ``framework-kernels-mode``."""

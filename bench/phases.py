@@ -51,8 +51,8 @@ def main(argv: list[str]) -> int:
 
     marks: dict[str, float] = {}
 
-    def backend(args) -> Stopwatch:
-        made = train.make_backend(args)
+    def backend(config) -> Stopwatch:
+        made = train.make_backend(config)
         marks["imports"] = time.perf_counter()
         return Stopwatch(made, marks)
 

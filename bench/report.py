@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lenet_spec import atomic_write_bytes
+from lenet_util import atomic_write_bytes
 
 SAME_MATH = {"jax": "jax-stock-jit", "torch": "torch-stock-eager"}
 """The same-math tier: the frameworks' own layers, each in its usual execution mode."""

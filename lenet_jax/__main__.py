@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from lenet_jax.model import build, layer_param_counts
 from lenet_spec import SpecError, load_spec
-from lenet_spec.cli import Parser
+from lenet_util.cli import Parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,32 +7,31 @@ them all, and each process feeds and computes only its own devices' shard of eve
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lenet_train.config import Config
 from lenet_train.distributed import Layout, deadline, did_not_meet
-from lenet_train.errors import activate, active, fail
+from lenet_train.errors import ConfigError, activate, active
 
 
-def init(args: argparse.Namespace) -> Layout:
+def init(config: Config) -> Layout:
     """Join the other processes (when the flags or the cluster ask for it); this process's
     place in the run. Gives up with one error after --dist-timeout seconds."""
-    if args.num_processes is None and not args.distributed:
+    if config.num_processes is None and not config.distributed:
         return Layout()
-    if args.num_processes == 1:
+    if config.num_processes == 1:
         return Layout()
-    given = (args.process_id, args.num_processes, args.coordinator)
+    given = (config.process_id, config.num_processes, config.coordinator)
     where = ("process {} of {}, coordinator {}".format(*given) if None not in given
              else "the cluster JAX detects")
-    timeout = args.dist_timeout
+    timeout = config.dist_timeout
     with deadline(timeout, did_not_meet(where, timeout)):
         jax.distributed.initialize(
-            args.coordinator, args.num_processes, args.process_id,
+            config.coordinator, config.num_processes, config.process_id,
             initialization_timeout=int(timeout) + 60,
             heartbeat_timeout_seconds=max(int(timeout), 10))
     layout = Layout(jax.process_index(), jax.process_count())
@@ -59,8 +58,8 @@ def shardings(batch_size: int) -> tuple[NamedSharding, dict[int, NamedSharding]]
     receives only its shard. XLA inserts the gradient all-reduce."""
     mesh = Mesh(np.array(jax.devices()), ("batch",))
     if batch_size % mesh.size:
-        fail(f"--batch-size {batch_size} does not split evenly over {mesh.size} devices",
-             everyone=True)
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly over {mesh.size} "
+                          "devices", everyone=True)
     return NamedSharding(mesh, P()), {1: NamedSharding(mesh, P("batch")),
                                       2: NamedSharding(mesh, P(None, "batch"))}
 
@@ -85,8 +84,8 @@ class Processes:
     # a collective whose peer has gone fails in XLA's runtime (gloo: a ValueError on CPU)
     transport_errors = (jax.errors.JaxRuntimeError, ValueError)
 
-    def connect(self, args: argparse.Namespace) -> Layout:
-        self.layout = init(args)
+    def connect(self, config: Config) -> Layout:
+        self.layout = init(config)
         return self.layout
 
     def disconnect(self) -> None:

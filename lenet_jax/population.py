@@ -22,10 +22,11 @@ from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import load_optimizer_tensors, optimizer_tensors
 from lenet_jax.trainer import JaxBackend, compile_steps, make_step, run_tx, split_for_training
 from lenet_spec import Spec
-from lenet_train.checkpoints import State
+from lenet_train.config import Config
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.run import Run
+from lenet_train.state import State
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -124,18 +125,18 @@ class PopulationBackend(JaxBackend):
     """The JAX side of ``lenet_train.loop.fit`` for a population (``--seeds``): one compiled
     step (or ``lax.scan`` of steps) trains every member, on one device."""
 
-    def configure(self, args) -> None:
-        super().configure(args)
-        self.seeds = list(args.seeds)
+    def configure(self, config: Config) -> None:
+        super().configure(config)
+        self.seeds = list(config.seeds)
 
     def describe(self) -> str:
         return f"{super().describe()}; a population of {len(self.seeds)} seeds (vmap)"
 
     def start(self, run: Run, restore: State | None) -> None:
-        args = run.args
+        c = run.config
         tx = run_tx(run)
-        self.pop = Population(run.spec, self.seeds, tx, loss_fn(args.loss),
-                              loss_on_logits(args.loss), args.kernels)
+        self.pop = Population(run.spec, self.seeds, tx, loss_fn(c.loss), loss_on_logits(c.loss),
+                              c.kernels)
         members = range(len(self.seeds))
         if restore:
             try:
@@ -143,7 +144,7 @@ class PopulationBackend(JaxBackend):
                               [{k: v[m] for k, v in restore.optimizer.items()} for m in members],
                               int(restore.meta["step"]))
             except (KeyError, ValueError, TypeError, IndexError) as e:
-                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                raise StateError(f"optimizer state does not fit --optimizer {c.optimizer}: "
                                  f"{e}") from None
         elif run.init_weights:
             self.pop.load([run.init_weights] * len(self.seeds))
@@ -181,3 +182,9 @@ class PopulationBackend(JaxBackend):
         optimizer = [self.pop.optimizer(m) for m in members]
         return State({k: np.stack([w[k] for w in weights]) for k in weights[0]},
                      {k: np.stack([o[k] for o in optimizer]) for k in optimizer[0]})
+
+    def model(self) -> list[nnx.Module]:
+        nets = [self.pop.network(m) for m in range(len(self.seeds))]
+        for net in nets:
+            net.eval()
+        return nets

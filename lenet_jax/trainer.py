@@ -23,11 +23,12 @@ from lenet_jax.kernels import resolve
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
-from lenet_train.checkpoints import State
+from lenet_train.config import Config
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.paths import cache_root
 from lenet_train.run import Run
+from lenet_train.state import State
 
 DROPOUT_STREAM = 1
 """Dropout's keys are ``fold_in(fold_in(key(seed), DROPOUT_STREAM), step)``: a function of the
@@ -124,12 +125,12 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
 
 
 def run_tx(run: Run) -> optax.GradientTransformation:
-    """The run's optimizer (--optimizer, --momentum, --weight-decay) with its learning rate
-    schedule tabulated per step (``run.lr_table``), indexed by optax's step count."""
-    args = run.args
+    """The run's optimizer (optimizer, momentum, weight_decay) with its learning rate schedule
+    tabulated per step (``run.lr_table``), indexed by optax's step count."""
+    c = run.config
     lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
     schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
-    return make_tx(args.optimizer, schedule, args.momentum, args.weight_decay)
+    return make_tx(c.optimizer, schedule, c.momentum, c.weight_decay)
 
 
 def use_compilation_cache() -> None:
@@ -148,9 +149,9 @@ class JaxBackend(distributed.Processes):
     framework = "jax"
     steps_per_call = 1
 
-    def configure(self, args) -> None:
-        self.steps_per_call, self.kernels = args.steps_per_call, args.kernels
-        if not args.no_compile_cache:
+    def configure(self, config: Config) -> None:
+        self.steps_per_call, self.kernels = config.steps_per_call, config.kernels
+        if not config.no_compile_cache:
             use_compilation_cache()
 
     def describe(self) -> str:
@@ -161,8 +162,8 @@ class JaxBackend(distributed.Processes):
                 f"{resolve(self.kernels)} kernels")
 
     def start(self, run: Run, restore: State | None) -> None:
-        args = run.args
-        net = build(run.spec, seed=args.seed, kernels=args.kernels)
+        c = run.config
+        net = build(run.spec, seed=c.seed, kernels=c.kernels)
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)
@@ -174,12 +175,11 @@ class JaxBackend(distributed.Processes):
                 opt_state = load_optimizer_tensors(opt_state, restore.optimizer, net,
                                                    int(restore.meta["step"]))
             except (KeyError, ValueError, TypeError) as e:
-                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                raise StateError(f"optimizer state does not fit --optimizer {c.optimizer}: "
                                  f"{e}") from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
-            self.graphdef, eval_graphdef, tx, loss_fn(args.loss), args.seed,
-            loss_on_logits(args.loss))
-        replicated, self.split = distributed.shardings(args.batch_size)
+            self.graphdef, eval_graphdef, tx, loss_fn(c.loss), c.seed, loss_on_logits(c.loss))
+        replicated, self.split = distributed.shardings(c.batch_size)
         self.replicated = replicated
         self.train_state, self.rest = distributed.replicate(((params, stats, opt_state), rest),
                                                             replicated)
@@ -221,3 +221,9 @@ class JaxBackend(distributed.Processes):
         params, stats, opt_state = self.train_state
         net = nnx.merge(self.graphdef, params, stats, self.rest)
         return State(get_weights(net), optimizer_tensors(opt_state, net))
+
+    def model(self) -> nnx.Module:
+        params, stats, _ = self.train_state
+        net = nnx.merge(self.graphdef, params, stats, self.rest)
+        net.eval()
+        return net

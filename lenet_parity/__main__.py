@@ -19,14 +19,14 @@ from lenet_spec import (
     Spec,
     SpecError,
     WeightsError,
-    atomic_write_bytes,
     canonical_dtype,
     check_weights,
     load_spec,
     load_weights,
 )
-from lenet_spec.cli import Parser
 from lenet_train.cli import int_at_least, non_negative_int, positive_float, positive_int
+from lenet_util import atomic_write_bytes
+from lenet_util.cli import Parser
 
 
 class UsageError(ValueError):

@@ -10,8 +10,9 @@ from pathlib import Path
 from lenet_port.assemble import port
 from lenet_port.errors import PortError, first_line
 from lenet_port.files import load_class, load_state_dict
-from lenet_spec import atomic_write_bytes, save_weights
-from lenet_spec.cli import Parser
+from lenet_spec import save_weights
+from lenet_util import atomic_write_bytes
+from lenet_util.cli import Parser
 
 
 def input_shape_arg(text: str) -> tuple[int, int, int]:

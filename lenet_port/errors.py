@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from lenet_util.errors import LenetError
+
 SUPPORTED = (
     "supported: nn.Conv2d, nn.Linear, nn.BatchNorm1d/2d, nn.Dropout, nn.Dropout2d, "
     "nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, "
@@ -27,7 +29,7 @@ def batch_shape(shape: tuple[int, ...], batch: int) -> str:
     return "(" + ", ".join([head, *map(str, shape[1:])]) + ")"
 
 
-class PortError(ValueError):
+class PortError(LenetError, ValueError):
     """A module that cannot be expressed as a spec; the message names the module or graph node
     and the operation, and lists what is supported."""
 

@@ -3,7 +3,6 @@
 Everything public is imported from here: ``from lenet_spec import Spec, Conv, load_spec``.
 """
 
-from lenet_spec.atomic import atomic_write_bytes
 from lenet_spec.datasets import SHAPES, fitting, misfit
 from lenet_spec.files import load_spec, parse_spec_json
 from lenet_spec.layers import (
@@ -63,7 +62,7 @@ __all__ = [
     "GELU", "INITS", "LAYER_TYPES", "Layer", "LayerInfo", "LeakyReLU", "Linear", "LogSoftmax",
     "MAX_PARAMS", "MaxPool", "OUTPUT_TYPES", "PARAMETERISED", "PRESETS", "Pair", "ReLU",
     "SHAPES", "Shape", "SiLU", "Sigmoid", "Softmax", "Spec", "SpecError", "Tanh",
-    "WeightsError", "adaptive_windows", "atomic_write_bytes", "canonical_dtype",
+    "WeightsError", "adaptive_windows", "canonical_dtype",
     "check_shapes", "check_weights", "chw_to_hwc", "fitting", "fmt_pair", "fmt_shape", "hwc_to_chw",
     "is_monotone", "load_spec", "load_weights", "misfit", "parse_spec_json", "read_lenet_file",
     "save_weights", "widen", "write_safetensors",

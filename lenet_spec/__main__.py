@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from lenet_spec import SpecError, load_spec
-from lenet_spec.cli import Parser
 from lenet_spec.presets import PRESETS
+from lenet_util.cli import Parser
 
 
 def main(argv: list[str] | None = None) -> int:

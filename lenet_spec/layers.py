@@ -12,11 +12,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union
 
+from lenet_util.errors import LenetError
+
 Shape = tuple[int, ...]
 Pair = tuple[int, int]
 
 
-class SpecError(ValueError):
+class SpecError(LenetError, ValueError):
     """A spec that cannot describe a network; the message names the layer and the problem."""
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from lenet_spec.atomic import atomic_write_bytes
 from lenet_spec.layers import Shape, SpecError
 from lenet_spec.spec import COUNTERS, Spec
+from lenet_util.errors import LenetError
+from lenet_util.files import atomic_write_bytes
 
 FORMAT = "lenet-weights"
 
@@ -25,7 +26,7 @@ INITS = ("torch", "lecun_normal")
 LeCun-normal weights with zero biases."""
 
 
-class WeightsError(ValueError):
+class WeightsError(LenetError, ValueError):
     """Weights that do not fit a spec, or a weights file that cannot be read."""
 
 

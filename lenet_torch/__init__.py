@@ -3,11 +3,15 @@
 
 from typing import Any
 
-__all__ = ["LeNet", "build", "get_weights", "set_weights"]
+__all__ = ["LeNet", "build", "fit", "get_weights", "set_weights"]
 
 
 def __getattr__(name: str) -> Any:
     # imported on first use: ``python -m lenet_torch.train`` reads its flags before torch loads
+    if name == "fit":  # the training run from Python (lenet_torch.train.fit)
+        from lenet_torch.train import fit
+
+        return fit
     if name in __all__:
         from lenet_torch import model
 

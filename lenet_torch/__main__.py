@@ -7,8 +7,8 @@ import sys
 import torch
 
 from lenet_spec import SpecError, load_spec
-from lenet_spec.cli import Parser
 from lenet_torch.model import build, layer_param_counts
+from lenet_util.cli import Parser
 
 
 def main(argv: list[str] | None = None) -> int:

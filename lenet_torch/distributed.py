@@ -9,7 +9,6 @@ sees the global batch's mean gradient whatever the number of ranks.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 
@@ -17,11 +16,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lenet_train.config import Config
 from lenet_train.distributed import Layout, deadline, did_not_meet
-from lenet_train.errors import activate, fail, give_up
+from lenet_train.errors import ConfigError, LostPeer, activate
 
 
-def init(args: argparse.Namespace, device: torch.device) -> Layout:
+def init(config: Config, device: torch.device) -> Layout:
     """Join the other ranks when started by torchrun (WORLD_SIZE > 1); this process's place in
     the run. Gives up with one error after --dist-timeout seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -30,7 +30,7 @@ def init(args: argparse.Namespace, device: torch.device) -> Layout:
     rank = int(os.environ.get("RANK", "0"))
     where = (f"rank {rank} of {world}, store {os.environ.get('MASTER_ADDR')}:"
              f"{os.environ.get('MASTER_PORT')}")
-    timeout = args.dist_timeout
+    timeout = config.dist_timeout
     message = did_not_meet(where, timeout, "ranks")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -41,7 +41,7 @@ def init(args: argparse.Namespace, device: torch.device) -> Layout:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout + 60))
         except dist.DistError:
-            give_up(message)
+            raise LostPeer(message) from None
     layout = Layout(dist.get_rank(), dist.get_world_size())
     activate(layout.distributed)
     return layout
@@ -81,8 +81,8 @@ def _collective_device() -> torch.device:
 def shard(batch_size: int, layout: Layout) -> slice:
     """This rank's slice of every global batch (DDP then averages the ranks' gradients)."""
     if batch_size % layout.process_count:
-        fail(f"--batch-size {batch_size} does not split evenly over {layout.process_count} "
-             "ranks", everyone=True)
+        raise ConfigError(f"--batch-size {batch_size} does not split evenly over "
+                          f"{layout.process_count} ranks", everyone=True)
     size = batch_size // layout.process_count
     return slice(layout.process_index * size, (layout.process_index + 1) * size)
 
@@ -169,8 +169,8 @@ class Processes:
     # a collective whose peer has gone fails with a RuntimeError (gloo, NCCL)
     transport_errors = (RuntimeError,)
 
-    def connect(self, args: argparse.Namespace) -> Layout:
-        self.layout = init(args, self.device)
+    def connect(self, config: Config) -> Layout:
+        self.layout = init(config, self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         return self.layout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from lenet_train.cli import positive_int
+from lenet_train.config import Config
+from lenet_train.errors import ConfigError
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -14,10 +16,12 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="CPU threads (torch.set_num_threads; default: torch's choice)")
 
 
-def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """A population (--seeds) trains torch's own layers, eagerly."""
-    if args.seeds is not None and args.compile:
-        p.error("--compile: not with --seeds (a population's step is torch.func.vmap of the "
-                "network, which this program does not compile)")
-    if args.seeds is not None and args.kernels == "fused":
-        p.error("--kernels fused: not with --seeds (a population trains torch's own layers)")
+def check(config: Config) -> None:
+    """A population (seeds) trains torch's own layers, eagerly: :class:`ConfigError` for
+    compile or fused kernels with seeds."""
+    if config.seeds is not None and config.compile:
+        raise ConfigError("--compile: not with --seeds (a population's step is torch.func.vmap "
+                          "of the network, which this program does not compile)")
+    if config.seeds is not None and config.kernels == "fused":
+        raise ConfigError("--kernels fused: not with --seeds (a population trains torch's own "
+                          "layers)")

@@ -21,13 +21,14 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from lenet_spec import Spec
 from lenet_torch.loss import loss_fn
-from lenet_torch.model import build
+from lenet_torch.model import build, set_weights
 from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
 from lenet_torch.trainer import TorchBackend
-from lenet_train.checkpoints import State
+from lenet_train.config import Config
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.run import Run
+from lenet_train.state import State
 
 
 class Population:
@@ -116,25 +117,25 @@ class PopulationBackend(TorchBackend):
     member's step in one vmapped forward and backward pass, torch.optim on the stacked
     parameters."""
 
-    def configure(self, args) -> None:
-        super().configure(args)
-        self.seeds = list(args.seeds)
+    def configure(self, config: Config) -> None:
+        super().configure(config)
+        self.seeds = list(config.seeds)
 
     def describe(self) -> str:
         return f"{super().describe()}; a population of {len(self.seeds)} seeds (torch.func.vmap)"
 
     def start(self, run: Run, restore: State | None) -> None:
-        args, device = run.args, self.device
-        self.loss, self.on_logits = loss_fn(args.loss), loss_on_logits(args.loss)
-        self.pop = Population(run.spec, self.seeds, self.loss, self.on_logits, args.optimizer,
-                              args.lr, args.momentum, args.weight_decay, device)
+        c, device = run.config, self.device
+        self.loss, self.on_logits = loss_fn(c.loss), loss_on_logits(c.loss)
+        self.pop = Population(run.spec, self.seeds, self.loss, self.on_logits, c.optimizer,
+                              c.lr, c.momentum, c.weight_decay, device)
         if restore:
             try:
                 self.pop.load(restore.weights, restore.optimizer, int(restore.meta["step"]))
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
-                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                raise StateError(f"optimizer state does not fit --optimizer {c.optimizer}: "
                                  f"{e}") from None
-            self._restore_generators(restore, args.seed, device)
+            self._restore_generators(restore, c.seed, device)
         elif run.init_weights:
             p = len(self.seeds)
             self.pop.load({k: np.stack([v] * p) for k, v in run.init_weights.items()})
@@ -170,3 +171,11 @@ class PopulationBackend(TorchBackend):
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state().numpy()
         return State(self.pop.stacked_weights(), self.pop.optimizer_tensors(), rng)
+
+    def model(self) -> list[torch.nn.Module]:
+        nets = []
+        for m in range(len(self.seeds)):
+            net = build(self.pop.spec, kernels="stock").to(self.device)
+            set_weights(net, self.pop.weights(m))
+            nets.append(net.eval())
+        return nets

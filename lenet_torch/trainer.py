@@ -16,10 +16,11 @@ from lenet_torch.kernels import resolve
 from lenet_torch.loss import loss_fn
 from lenet_torch.model import build, get_weights, set_weights
 from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
-from lenet_train.checkpoints import State
+from lenet_train.config import Config
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.run import Run
+from lenet_train.state import State
 
 
 def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss, on_logits: bool = True):
@@ -46,12 +47,12 @@ class TorchBackend(distributed.Processes):
     framework = "torch"
     steps_per_call = 1
 
-    def configure(self, args) -> None:
-        torch.manual_seed(args.seed)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+    def configure(self, config: Config) -> None:
+        torch.manual_seed(config.seed)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.compile, self.kernels = args.compile, args.kernels
+        self.compile, self.kernels = config.compile, config.kernels
 
     def describe(self) -> str:
         where = (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda"
@@ -86,27 +87,27 @@ class TorchBackend(distributed.Processes):
             torch.manual_seed((seed << 32 | int(restore.meta["step"])) % 2**63)
 
     def start(self, run: Run, restore: State | None) -> None:
-        args, device = run.args, self.device
-        self.net = net = build(run.spec, seed=args.seed, kernels=args.kernels).to(device)
+        c, device = run.config, self.device
+        self.net = net = build(run.spec, seed=c.seed, kernels=c.kernels).to(device)
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)
-        self.opt = make_optimizer(net, args.optimizer, args.lr, args.momentum, args.weight_decay)
+        self.opt = make_optimizer(net, c.optimizer, c.lr, c.momentum, c.weight_decay)
         if restore:
             try:
-                load_optimizer_tensors(self.opt, restore.optimizer, net, args.optimizer,
+                load_optimizer_tensors(self.opt, restore.optimizer, net, c.optimizer,
                                        int(restore.meta["step"]),
                                        restore.meta.get("param_groups"))
             except (KeyError, ValueError, RuntimeError, TypeError) as e:
-                raise StateError(f"optimizer state does not fit --optimizer {args.optimizer}: "
+                raise StateError(f"optimizer state does not fit --optimizer {c.optimizer}: "
                                  f"{e}") from None
-            self._restore_generators(restore, args.seed, device)
-        self.mine = distributed.shard(args.batch_size, self.layout)
+            self._restore_generators(restore, c.seed, device)
+        self.mine = distributed.shard(c.batch_size, self.layout)
         model = distributed.wrap(net, self.layout, device)
-        self.model = torch.compile(model) if self.compile else model
-        self.loss = loss_fn(args.loss)
-        self.on_logits = loss_on_logits(args.loss)
-        self.step = make_step(self.model, self.opt, self.loss, self.on_logits)
+        self.runner = torch.compile(model) if self.compile else model
+        self.loss = loss_fn(c.loss)
+        self.on_logits = loss_on_logits(c.loss)
+        self.step = make_step(self.runner, self.opt, self.loss, self.on_logits)
         self.lrs = run.lr_table()
         self.train_x, self.train_y, self.test_x, self.test_y = (
             torch.from_numpy(a).to(device)
@@ -129,15 +130,15 @@ class TorchBackend(distributed.Processes):
         return losses.cpu().numpy(), int(correct.item())
 
     def evaluate(self) -> tuple[float, float]:
-        self.model.eval()
+        self.runner.eval()
         total_loss, correct = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(self.test_x), EVAL_BATCH):
-                logits = self.model(self.test_x[i : i + EVAL_BATCH], logits=self.on_logits)
+                logits = self.runner(self.test_x[i : i + EVAL_BATCH], logits=self.on_logits)
                 labels = self.test_y[i : i + EVAL_BATCH]
                 total_loss += self.loss(logits, labels).item() * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()
-        self.model.train()
+        self.runner.train()
         return total_loss / len(self.test_x), correct / len(self.test_x)
 
     def state(self) -> State:
@@ -146,3 +147,6 @@ class TorchBackend(distributed.Processes):
         if self.device.type == "cuda":
             rng["torch_cuda"] = torch.cuda.get_rng_state().numpy()
         return State(get_weights(self.net), tensors, rng)
+
+    def model(self) -> torch.nn.Module:
+        return self.net.eval()

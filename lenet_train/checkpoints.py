@@ -1,57 +1,45 @@
-"""A run's checkpoint: where a run stands (:class:`Position`), what a framework saves
-(:class:`State`), the file (named arrays and JSON metadata in one safetensors file, written
-atomically; nothing unpickled or executed on load), and :class:`Checkpoints`, which holds,
-writes, reads back and checks a run's checkpoint and trims its logs to it."""
+"""A run's checkpoint: the file (named arrays and JSON metadata in one safetensors file, written
+atomically; nothing unpickled or executed on load), the settings a run keeps for life, and
+:class:`Checkpoints`, which writes a run's checkpoint, and reads it back, checked once, on
+resume (trimming the run's logs to it)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from lenet_spec import (
     Spec,
     WeightsError,
-    atomic_write_bytes,
     check_shapes,
     check_weights,
     read_lenet_file,
     write_safetensors,
 )
-from lenet_train.cli import shown_seeds
-from lenet_train.errors import fail
+from lenet_train.config import KEPT, Config, shown_seeds
+from lenet_train.errors import CheckpointError, NonFinite
+from lenet_train.state import Position, State
+from lenet_util import atomic_write_bytes
 
 FORMAT = "lenet-checkpoint"
 CHECKPOINT = "checkpoint.safetensors"
 """The checkpoint's file name in the workdir."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
-
-
-KEPT = ("spec", "optimizer", "momentum", "weight_decay", "schedule", "loss", "dataset",
-        "augment", "batch_size", "seed", "seeds", "train_size", "init")
-"""What a run keeps for life: ``--resume`` refuses a change to any of these flags (and to the
-data's content). What may change: where it ends (--epochs, --max-steps: the schedule is
-laid over the new length), --lr (the way on after a divergence), and how it runs
-(--checkpoint-every, --kernels, --threads, --compile, --steps-per-call, --log-steps, --quiet,
---data-dir for the same data)."""
-
-
-def settings(args: argparse.Namespace, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`KEPT` flags of ``args`` as JSON values, and the data's checksums."""
-    kept = {k: getattr(args, k, None) for k in KEPT}
-    kept["spec"] = args.spec.to_dict()
-    kept["augment"] = list(args.augment)
-    kept["seeds"] = None if kept["seeds"] is None else list(kept["seeds"])
+def settings(config: Config, spec: Spec, data: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run keeps for life as JSON values: the spec, the :data:`KEPT` settings of
+    ``config`` and the data's content (checksums)."""
+    kept: dict[str, Any] = {"spec": spec.to_dict()}
+    kept.update({k: getattr(config, k) for k in KEPT})
+    kept["augment"] = list(config.augment)
+    kept["seeds"] = None if config.seeds is None else list(config.seeds)
     kept["data"] = dict(data.get("content", {}))
     return kept
 
@@ -73,11 +61,12 @@ def _shown(key: str, value: Any) -> str:
 
 
 def check_resume(path: Path, meta: dict[str, Any], now: dict[str, Any]) -> None:
-    """Exit with one line unless the checkpoint ``meta`` was written (by either framework:
-    checkpoints are framework-neutral) with the settings ``now`` (:func:`settings`): the flag,
-    the old value and the new."""
+    """Raise :class:`CheckpointError` unless the checkpoint ``meta`` was written (by either
+    framework: checkpoints are framework-neutral) with the settings ``now``
+    (:func:`settings`), naming the flag, the old value and the new."""
     if meta.get("framework") not in ("jax", "torch"):
-        fail(f"{path}: damaged checkpoint metadata (framework {meta.get('framework')!r})")
+        raise CheckpointError(f"{path}: damaged checkpoint metadata (framework "
+                              f"{meta.get('framework')!r})")
     before = meta.get("settings")
     if not isinstance(before, dict):  # an older checkpoint: what it recorded
         before = {"optimizer": meta.get("optimizer"), "spec": meta.get("spec"),
@@ -85,12 +74,14 @@ def check_resume(path: Path, meta: dict[str, Any], now: dict[str, Any]) -> None:
     for key, old in before.items():
         new = now.get(key)
         if key == "spec" and old != new:
-            fail(f"{path}: written for spec {_shown(key, old)}, not --spec {_shown(key, new)} "
-                 "(their layers differ); a run resumes with the spec it started with")
+            raise CheckpointError(
+                f"{path}: written for spec {_shown(key, old)}, not --spec {_shown(key, new)} "
+                "(their layers differ); a run resumes with the spec it started with")
         if old != new:
-            fail(f"{path}: written with {_flag(key)} {_shown(key, old)}, now {_shown(key, new)}; "
-                 "a run resumes with the settings it started with (--epochs, --max-steps and "
-                 "--lr may change)")
+            raise CheckpointError(
+                f"{path}: written with {_flag(key)} {_shown(key, old)}, now "
+                f"{_shown(key, new)}; a run resumes with the settings it started with "
+                "(--epochs, --max-steps and --lr may change)")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -120,46 +111,6 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged checkpoint metadata (not a JSON object)")
     return meta
-
-
-@dataclass
-class Position:
-    """Where a run stands: the epoch, the steps of it done, the optimizer steps done in all,
-    and the epoch's results so far (per-step losses, correct predictions, seconds)."""
-
-    epoch: int = 0
-    done: int = 0
-    step: int = 0
-    losses: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    correct: Any = 0
-    """The correct predictions so far: a count, or one per member (an array) in a population,
-    whose ``losses`` are (steps, members)."""
-    epoch_s: float = 0.0
-
-    @classmethod
-    def start(cls, members: int | None = None) -> Position:
-        """Where a fresh run stands (a population's of ``members`` members)."""
-        if members is None:
-            return cls()
-        return cls(losses=np.zeros((0, members), np.float32),
-                   correct=np.zeros(members, np.int64))
-
-    def next_epoch(self) -> Position:
-        """Where the run stands once this position's epoch is over."""
-        return Position(self.epoch + 1, 0, self.step, self.losses[:0],
-                        self.correct * 0)
-
-
-@dataclass
-class State:
-    """A framework's training state as named numpy arrays: canonical weights (torch's
-    ``state_dict`` names and layouts), the optimizer's tensors, RNG state, and JSON-able extras
-    (torch's param groups; on load, the whole checkpoint's metadata)."""
-
-    weights: dict[str, np.ndarray]
-    optimizer: dict[str, np.ndarray]
-    rng: dict[str, np.ndarray] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, tensors: Mapping[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -206,106 +157,121 @@ def check_position(pos: Position, steps_per_epoch: int, losses: bool = True) -> 
 @dataclass
 class Checkpoints:
     """The checkpoint of one run in ``workdir``: written by process 0 alone (``writer``),
-    read by every process on --resume."""
+    read by every process on resume. A population's tensors are stacked along a leading
+    member axis; a single run's losses and correct count are saved without one."""
 
     workdir: Path
     framework: str
-    args: argparse.Namespace
     spec: Spec
+    config: Config
     steps_per_epoch: int
-    writer: bool
-    wall_s: Callable[[], float]
-    """Seconds the run has trained, in all its sessions."""
-    diverged: Callable[[str], NoReturn]
-    """Stops the run on a non-finite weight (the message says what)."""
-    held: tuple[State, Position] | None = None
-    """A due checkpoint kept in memory until the loss of its weights' next step is known
-    finite, so that the checkpoint on disk is always one that trains on."""
-    last_step: int | None = None
-    """The step of the last checkpoint written or resumed from."""
+    writer: bool = True
     settings: dict[str, Any] = field(default_factory=dict)
     """What the run keeps for life (:func:`settings`), recorded in every checkpoint."""
-    members: int | None = None
-    """A population's size (its tensors are stacked along a leading member axis), else None."""
+    last_step: int | None = None
+    """The step of the last checkpoint written or resumed from."""
 
     @property
     def path(self) -> Path:
         return self.workdir / CHECKPOINT
 
+    @property
+    def members(self) -> int | None:
+        """A population's size, else None."""
+        return self.config.members
+
     def due(self, before: int, after: int) -> bool:
-        """Whether the steps ``before`` → ``after`` crossed a multiple of --checkpoint-every."""
-        every = self.args.checkpoint_every
+        """Whether the steps ``before`` → ``after`` crossed a multiple of checkpoint_every."""
+        every = self.config.checkpoint_every
         return bool(every) and before // every != after // every
 
-    def hold(self, state: State, pos: Position) -> None:
-        """Keep a copy of ``state``; :meth:`confirm` writes it once the next step's loss,
-        computed from these weights, is known to be finite."""
-        copy = lambda d: {k: np.array(v, copy=True) for k, v in d.items()}  # noqa: E731
-        self.held = (State(copy(state.weights), copy(state.optimizer), copy(state.rng),
-                           dict(state.meta)), replace(pos))
-
-    def confirm(self) -> None:
-        """Write the held checkpoint, if any (the losses after it are finite)."""
-        if self.held is not None:
-            self.save(*self.held)
-
-    def save(self, state: State, pos: Position) -> None:
+    def save(self, state: State, pos: Position, wall_s: float) -> None:
         """Write WORKDIR/checkpoint.safetensors atomically now: canonical weights, optimizer
-        state, position and partial epoch results, RNG state, spec and settings."""
-        self.held = None
+        state, position and partial epoch results, RNG state, spec and settings, and
+        ``wall_s``, the seconds the run has trained. :class:`NonFinite` if a weight is not
+        finite (nothing is written); :class:`CheckpointError` if the file cannot be written
+        (the previous one is kept)."""
         bad = [k for k, v in state.weights.items() if not np.all(np.isfinite(v))]
         if bad:
-            self.diverged(f"weight {bad[0]!r} is not finite after step {pos.step}")
+            raise NonFinite(f"weight {bad[0]!r} is not finite after step {pos.step}")
         tensors = {f"model.{k}": v for k, v in state.weights.items()}
         tensors.update({f"optim.{k}": v for k, v in state.optimizer.items()})
         tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
-        tensors["progress.losses"] = np.asarray(pos.losses, dtype=np.float32)
-        a = self.args
-        meta = {"framework": self.framework, "optimizer": a.optimizer, "spec": self.spec.to_dict(),
-                "epoch": pos.epoch, "done": pos.done, "step": pos.step,
-                "correct": np.asarray(pos.correct).tolist(),
-                "epoch_s": pos.epoch_s, "batch_size": a.batch_size, "seed": a.seed,
-                "steps_per_epoch": self.steps_per_epoch, "wall_s": self.wall_s(),
+        losses = np.asarray(pos.losses, dtype=np.float32)
+        correct = np.asarray(pos.correct)
+        if self.members is None:
+            losses, correct = losses.reshape(len(losses), 1)[:, 0], correct.reshape(1)[0]
+        tensors["progress.losses"] = losses
+        c = self.config
+        meta = {"framework": self.framework, "optimizer": c.optimizer,
+                "spec": self.spec.to_dict(), "epoch": pos.epoch, "done": pos.done,
+                "step": pos.step, "correct": correct.tolist(), "epoch_s": pos.epoch_s,
+                "batch_size": c.batch_size, "seed": c.seed,
+                "steps_per_epoch": self.steps_per_epoch, "wall_s": wall_s,
                 "settings": self.settings, **state.meta}
         if self.writer:
             try:
                 save_checkpoint(self.path, tensors, meta)
             except OSError as e:
-                fail(f"{self.path}: cannot write the checkpoint ({e.strerror or e}); the "
-                     "previous one, if any, is kept")
+                raise CheckpointError(f"{self.path}: cannot write the checkpoint "
+                                      f"({e.strerror or e}); the previous one, if any, is "
+                                      "kept") from None
         self.last_step = pos.step
 
-    def load(self) -> tuple[State, Position, float]:
-        """The state and position to resume from, and the seconds trained before; any problem
-        (damaged, another framework, optimizer, spec, batch size or seed) exits with one clear
-        error. Process 0 trims the logs to the checkpoint."""
+    def load(self, total: int, finished: Callable[[], bool]) -> tuple[State, Position, float]:
+        """The state and position to resume from, and the seconds trained before, checked
+        once, before anything of the run is written: the metadata (settings, position, the
+        run not complete: at step ``total`` or past its epochs with ``finished()`` true, its
+        weights written), then the tensors (this spec's shapes, a member count's). Any
+        problem is one :class:`CheckpointError`. Process 0 then trims the logs to the
+        checkpoint."""
         path = self.path
-        try:
-            tensors, meta = load_checkpoint(path, self._check_header)
-        except CheckpointError as e:
-            fail(str(e))
+        meta = read_meta(path)
         check_resume(path, meta, self.settings)
+        try:
+            epoch, done, step = (int(meta[k]) for k in ("epoch", "done", "step"))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"{path}: damaged checkpoint metadata ({e!r} missing or "
+                                  "invalid)") from None
+        spe = meta.get("steps_per_epoch")
+        why = check_position(Position(epoch, done, step), spe if isinstance(spe, int) else 0,
+                             losses=False)
+        if why and spe == self.steps_per_epoch:
+            raise CheckpointError(f"{path}: damaged checkpoint ({why})")
+        epochs = self.config.epochs
+        if (step >= total or epoch >= epochs) and finished():
+            where = (f"step {step} of {total}" if step >= total
+                     else f"epoch {epoch} of --epochs {epochs}")
+            raise CheckpointError(f"{path}: the run is complete ({where}). To train on, "
+                                  "resume with more --epochs or a larger --max-steps")
+        tensors, meta = load_checkpoint(path, self._check_header)
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
             for m in range(self.members or 1):
                 check_weights(self.spec, weights if self.members is None
                               else {k: v[m] for k, v in weights.items()})
         except WeightsError as e:
-            fail(f"{path}: not a checkpoint of this --spec: {e}")
+            raise CheckpointError(f"{path}: not a checkpoint of this --spec: {e}") from None
         if meta.get("steps_per_epoch") != self.steps_per_epoch:
-            fail(f"{path}: written with {meta.get('steps_per_epoch')} steps an epoch, now "
-                 f"{self.steps_per_epoch} (another --train-size or data); a run resumes with "
-                 "the settings it started with")
+            raise CheckpointError(
+                f"{path}: written with {meta.get('steps_per_epoch')} steps an epoch, now "
+                f"{self.steps_per_epoch} (another --train-size or data); a run resumes with "
+                "the settings it started with")
         try:
+            losses = np.asarray(tensors["progress.losses"], dtype=np.float32)
+            if self.members is None:
+                if losses.ndim != 1:
+                    raise ValueError(f"progress.losses of shape {losses.shape}, not (steps,)")
+                losses = losses.reshape(-1, 1)
             position = Position(int(meta["epoch"]), int(meta["done"]), int(meta["step"]),
-                                tensors["progress.losses"], self._correct(meta["correct"]),
-                                float(meta["epoch_s"]))
+                                losses, self._correct(meta["correct"]), float(meta["epoch_s"]))
             wall_before = float(meta["wall_s"])
-        except (KeyError, TypeError, ValueError) as e:
-            fail(f"{path}: damaged checkpoint metadata ({e!r} missing or invalid)")
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise CheckpointError(f"{path}: damaged checkpoint metadata ({e!r} missing or "
+                                  "invalid)") from None
         why = check_position(position, self.steps_per_epoch)
         if why:
-            fail(f"{path}: damaged checkpoint ({why})")
+            raise CheckpointError(f"{path}: damaged checkpoint ({why})")
         self.last_step = position.step
         if self.writer:
             self._trim_logs(position)
@@ -313,10 +279,12 @@ class Checkpoints:
                       {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}, meta)
         return state, position, wall_before
 
-    def _correct(self, value: Any) -> Any:
+    def _correct(self, value: Any) -> np.ndarray:
         """The saved correct count(s): an integer, or one per member in a population."""
         if self.members is None:
-            return int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"correct is not an integer: {value!r}")
+            return np.array([value], np.int64)
         counts = np.asarray(value)
         if counts.shape != (self.members,) or counts.dtype.kind not in "iu":
             raise ValueError(f"correct is not {self.members} integers")

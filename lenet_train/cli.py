@@ -3,110 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import math
 from pathlib import Path
 
 from lenet_spec import Spec, SpecError, load_spec
-from lenet_spec.cli import Parser
-from lenet_train.options import AUGMENTS, DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
+from lenet_train import config
+from lenet_train.config import SEED_MAX, SEEDS_MAX, Config, shown_seeds
+from lenet_train.errors import ConfigError
+from lenet_train.options import DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
+from lenet_util.cli import Parser
+
+__all__ = ["SEEDS_MAX", "SEED_MAX", "check_seeds", "default_workdir", "int_at_least",
+           "non_negative_int", "parser", "positive_float", "positive_int", "seed_list",
+           "shown_seeds", "to_config"]
+
+
+def _type(check, parse=None):
+    """An argparse type: the text parsed (``parse``, else taken as it is), then ``check``-ed
+    as :class:`lenet_train.Config` checks the setting."""
+
+    def convert(text: str):
+        try:
+            return check(parse(text) if parse else text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return convert
+
+
+def _parse_int(what: str):
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected {what}, got {text!r}") from None
+    return parse
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
 
 
 def int_at_least(minimum: int):
     """An argparse type: an integer that is at least ``minimum``."""
     what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
+    return _type(lambda v: config.int_at_least(v, minimum), _parse_int(what))
 
 
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
-
-SEED_MAX = 2**32 - 1
-"""The largest --seed: what numpy, torch and JAX all take as a seed."""
-
-
-def _seed(text: str) -> int:
-    """An argparse type: an integer in [0, SEED_MAX]."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be in [0, {SEED_MAX}], got {text}")
-    return value
-
-
-SEEDS_MAX = 4096
-"""The most members --seeds takes (a population's state grows with it)."""
-
-
-def seed_list(text: str) -> tuple[int, ...]:
-    """An argparse type: the seeds of a population, ``N`` (0 … N-1), ``A-B`` (A … B) or
-    ``A,B,…`` (a list, which may hold ranges), each once, at most :data:`SEEDS_MAX`."""
-    if text.strip().isdigit():
-        count = int(text)
-        if not 1 <= count <= SEEDS_MAX:
-            raise argparse.ArgumentTypeError(f"N must be in [1, {SEEDS_MAX}], got {count}")
-        return tuple(range(count))
-    seeds: list[int] = []
-    for part in text.split(","):
-        ends = part.strip().split("-")
-        if len(ends) > 2 or not all(e.strip().isdigit() for e in ends):
-            raise argparse.ArgumentTypeError(
-                f"expected N, A-B or a comma-separated list of seeds and ranges, got {text!r}")
-        first, last = int(ends[0]), int(ends[-1])
-        if last > SEED_MAX:
-            raise argparse.ArgumentTypeError(f"seeds must be in [0, {SEED_MAX}], got {last}")
-        if first > last:
-            raise argparse.ArgumentTypeError(f"the range {part.strip()} is empty")
-        if len(seeds) + last - first + 1 > SEEDS_MAX:
-            raise argparse.ArgumentTypeError(f"more than {SEEDS_MAX} seeds in {text!r}")
-        seeds.extend(range(first, last + 1))
-    seen: set[int] = set()
-    for seed in seeds:
-        if seed in seen:
-            raise argparse.ArgumentTypeError(f"seed {seed} is given twice in {text!r}")
-        seen.add(seed)
-    return tuple(seeds)
-
-
-def shown_seeds(seeds: tuple[int, ...] | list[int]) -> str:
-    """``seeds`` as --seeds would take them, runs of consecutive seeds as ranges."""
-    parts, i = [], 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}-{seeds[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number greater than 0."""
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
+positive_float = _type(config.positive_float, _parse_float)
+"""An argparse type: a finite number greater than 0."""
+_non_negative_float = _type(config.non_negative_float, _parse_float)
+_seed = _type(config.seed, _parse_int("an integer"))
+seed_list = _type(config.seed_list)
+"""An argparse type: the seeds of a population (:func:`lenet_train.config.seed_list`)."""
+_augment = _type(config.augment_value)
 
 
 def _spec(text: str) -> Spec:
@@ -114,14 +69,6 @@ def _spec(text: str) -> Spec:
         return load_spec(text)
     except SpecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _augment(text: str) -> tuple[str, ...]:
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in AUGMENTS]
-    if bad or not kinds:
-        raise argparse.ArgumentTypeError(f"expected crop, flip or crop,flip, got {text!r}")
-    return tuple(dict.fromkeys(kinds))
 
 
 def parser(prog: str, framework: str) -> argparse.ArgumentParser:
@@ -199,16 +146,18 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
 
 def check_seeds(p: argparse.ArgumentParser, args: argparse.Namespace,
                 argv: list[str]) -> None:
-    """Refuse --seeds with what a population cannot do; with --seeds, ``args.seed`` is the
-    first member's seed (what seeds the framework's own generator)."""
-    if args.seeds is None:
-        return
-    if any(a == "--seed" or a.startswith("--seed=") for a in argv):
+    """Refuse --seed beside --seeds (Config cannot tell a --seed 0 given from the default)."""
+    if args.seeds is not None and any(a == "--seed" or a.startswith("--seed=") for a in argv):
         p.error("--seed and --seeds contradict each other; give every seed to --seeds")
-    if args.augment:
-        p.error("--seeds: not with --augment (every member would need its own augmented copy of "
-                "the training set); train the seeds as separate runs")
-    args.seed = args.seeds[0]
+
+
+def to_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """The parsed flags as a :class:`Config` (a contradiction is the parser's one-line error)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    try:
+        return Config(**{k: v for k, v in vars(args).items() if k in names})
+    except ConfigError as e:
+        p.error(str(e))
 
 
 def default_workdir(framework: str) -> Path:
@@ -220,30 +169,3 @@ def default_workdir(framework: str) -> Path:
         n += 1
         path = Path("runs") / f"{stamp}-{framework}-{n}"
     return path
-
-
-def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
-    """Optimizer steps of the whole run: epochs × steps per epoch, capped by --max-steps."""
-    steps = args.epochs * steps_per_epoch
-    return min(steps, args.max_steps) if args.max_steps else steps
-
-
-def lr_at(schedule: str, peak: float, step: int, total: int) -> float:
-    """The learning rate of ``step`` (0-based) of ``total``.
-
-    constant: ``peak``. cosine: ``peak · ½(1 + cos(π·step/total))``. onecycle: linear warm-up
-    from peak/25 to peak over the first 30% of steps, then cosine down to peak/25e4 (the start,
-    end and 30% of torch's OneCycleLR defaults; its warm-up is a cosine, ours is linear).
-    """
-    if schedule == "constant":
-        return peak
-    t = min(step, total) / max(total, 1)
-    if schedule == "cosine":
-        return peak * 0.5 * (1 + math.cos(math.pi * t))
-    if schedule == "onecycle":
-        start, end, warm = peak / 25, peak / 25e4, 0.3
-        if t < warm:
-            return start + (peak - start) * t / warm
-        u = (t - warm) / (1 - warm)
-        return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * u))
-    raise ValueError(f"unknown schedule {schedule!r}")

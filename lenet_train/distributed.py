@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from lenet_train.errors import exit_now, give_up
+from lenet_train.errors import LenetError, LostPeer, exit_now, give_up
 
 
 @dataclass(frozen=True)
@@ -67,19 +67,22 @@ LOST_CONTACT = ("gloo", "nccl", "connection", "timed out", "timeout", "unavailab
 @contextmanager
 def peers_guard(layout: Layout, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
     """Turn a failed collective (one of ``errors``, the types the framework raises, whose
-    message speaks of the transport) into one clear error and exit status 4, instead of a
-    traceback or a hang. Any other exception in one of several processes is printed and ends
-    that process at once (exit 1), so that the others stop on their next collective rather
-    than wait for it at the runtime's shutdown. A single process is left alone."""
+    message speaks of the transport) into :class:`LostPeer` (exit status 4), instead of a
+    traceback or a hang. Any other unexpected exception in one of several processes is
+    printed and ends that process at once (exit 1), so that the others stop on their next
+    collective rather than wait for it at the runtime's shutdown. A single process, and our
+    own errors, are left alone."""
     try:
         yield
+    except LenetError:
+        raise
     except Exception as e:
         if not layout.distributed:
             raise
         text = str(e).strip()
         if isinstance(e, errors) and any(w in text.lower() for w in LOST_CONTACT):
-            give_up(f"{layout}: lost contact with the other processes (one of them stopped or "
-                    f"crashed; its own output says why); stopping. The runtime said: "
-                    f"{text.splitlines()[0]}")
+            raise LostPeer(f"{layout}: lost contact with the other processes (one of them "
+                           "stopped or crashed; its own output says why); stopping. The "
+                           f"runtime said: {text.splitlines()[0]}") from None
         traceback.print_exc()
         exit_now(1)

@@ -13,19 +13,20 @@ to, evaluates, and converts its state to and from named numpy arrays. :func:`fit
 - **Report points.** What a call returns (per-step losses, correct counts) stays on the
   device; the loop fetches it only every :data:`REPORT_EVERY` steps, at a due checkpoint, at
   an epoch's end and when asked to stop, since fetching waits for the device. There it checks
-  the losses are finite (exit 3 naming the step), updates the progress bar, and writes a held
-  checkpoint.
-- **Checkpoints.** Every ``--checkpoint-every`` steps the backend's state is copied and held
+  the losses are finite (:class:`Diverged` naming the step), updates the progress bar, and
+  writes a held checkpoint.
+- **Checkpoints.** Every ``checkpoint_every`` steps the backend's state is copied and held
   until the next fetched loss, computed from those weights, is known finite; then it is
-  written. At every epoch's end and on a stop the state is written at once.
+  written. At every epoch's end and on a stop the state is written at once. Every write is
+  in :func:`fit`.
 - **Signals.** SIGINT/SIGTERM set a flag; several processes agree on it at report points (a
-  collective), so all of them checkpoint and stop after the same step.
+  collective), so all of them checkpoint and stop after the same step, then raise
+  :class:`Interrupted`.
 - **Epoch ends.** The backend evaluates the test split; the loop logs the epoch (metrics.jsonl,
   steps.jsonl, the summary line). After the last epoch process 0 writes the weights file.
-- **Populations.** With ``--seeds`` the run is a :class:`lenet_train.population.PopulationRun`
-  and the backend a population's: the same loop, with one batch per member each step,
-  (steps, members) losses, a correct count and a test result per member, and a weights file
-  per member.
+- **Populations.** With ``seeds`` the backend is a population's and the run writes a record
+  and a weights file per member: the same loop and the same :class:`Run` (a single run is a
+  run of one member), with one batch per member each step.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lenet_train.checkpoints import State
-from lenet_train.errors import StateError, fail
+from lenet_train.errors import CheckpointError, NonFinite, StateError
 from lenet_train.run import Run
+from lenet_train.state import Position, State
 
 REPORT_EVERY = 50
 """Steps between report points, where the loop fetches the device's results."""
@@ -50,8 +51,8 @@ class Trainer(Protocol):
     """The most optimizer steps one :meth:`train` call runs."""
 
     def start(self, run: Run, restore: State | None) -> None:
-        """Build the model and optimizer from ``run.spec`` and the seed, then load
-        ``run.init_weights``, or everything in ``restore`` (``StateError`` if it does not
+        """Build the model and optimizer from ``run.spec`` and ``run.config``, then load
+        ``run.init_weights``, or everything in ``restore`` (:class:`StateError` if it does not
         fit); put the data where the steps read it."""
 
     def begin_epoch(self, order: np.ndarray, images: np.ndarray | None = None) -> None:
@@ -75,50 +76,61 @@ class Trainer(Protocol):
     def state(self) -> State:
         """The current state as named numpy arrays."""
 
+    def model(self) -> Any:
+        """The trained network in its framework, in evaluation mode (a population's: a list,
+        one network per member)."""
 
-def fit(run: Run, backend: Trainer) -> dict:
-    """Train ``run`` with ``backend`` to its last step (or a signal); returns the last
-    epoch's metrics record."""
-    args, log, ckpt = run.args, run.log, run.checkpoints
-    restore, pos = run.resume()
+
+def fit(run: Run, backend: Trainer) -> list[dict]:
+    """Train ``run`` with ``backend`` to its last step; returns the epochs' metrics records.
+    Raises :class:`Diverged` at a non-finite loss or weight and :class:`Interrupted` after
+    the checkpoint a signal asked for."""
+    ckpt, pos = run.checkpoints, run.start.copy()
     try:
-        backend.start(run, restore)
+        backend.start(run, run.restore)
     except StateError as e:
-        fail(f"{ckpt.path}: {e}")
-    run.watch_signals()
-    record: dict = {}
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    history: list[dict] = []
+    held: tuple[State, Position] | None = None  # a due checkpoint, until its weights train on
     k_max = backend.steps_per_call
-    for epoch in range(pos.epoch, args.epochs):
-        order = run.epoch_batches(pos)
-        if len(order) == 0:
-            break
-        backend.begin_epoch(order, run.epoch_images(epoch))
-        pending: list[Any] = []
-        t0, before = time.perf_counter(), pos.epoch_s
-        bar = log.bar(len(order), epoch, initial=pos.done)
-        while pos.done < len(order):
-            i = pos.done
-            k = min(k_max - i % k_max, len(order) - i)
-            pending.append(backend.train(i, k, pos.step))
-            pos.done, pos.step = i + k, pos.step + k
-            due = ckpt.due(pos.step - k, pos.step) and pos.done < len(order)
-            report = (i // REPORT_EVERY != pos.done // REPORT_EVERY or pos.done == len(order)
-                      or due)
-            stop = run.stop_requested(report)
-            if report or ckpt.held or stop:
-                losses, correct = backend.fetch(pending)
-                run.account(pos, losses, correct, before + time.perf_counter() - t0, bar)
-                pending = []
-            if stop:
-                bar.close()
-                ckpt.save(backend.state(), pos)
-                run.stop_interrupted(pos)
-            if due:
-                ckpt.hold(backend.state(), pos)
-        bar.close()
-        record = run.end_epoch(pos, backend.evaluate())
-        pos = pos.next_epoch()
-        ckpt.save(backend.state(), pos)
+    with run.watching_signals():
+        try:
+            for epoch in range(pos.epoch, run.config.epochs):
+                order = run.epoch_batches(pos)
+                if len(order) == 0:
+                    break
+                backend.begin_epoch(order, run.epoch_images(epoch))
+                pending: list[Any] = []
+                t0, before = time.perf_counter(), pos.epoch_s
+                with run.log.bar(len(order), epoch, initial=pos.done) as bar:
+                    while pos.done < len(order):
+                        i = pos.done
+                        k = min(k_max - i % k_max, len(order) - i)
+                        pending.append(backend.train(i, k, pos.step))
+                        pos.done, pos.step = i + k, pos.step + k
+                        due = ckpt.due(pos.step - k, pos.step) and pos.done < len(order)
+                        report = (i // REPORT_EVERY != pos.done // REPORT_EVERY
+                                  or pos.done == len(order) or due)
+                        stop = run.stop_requested(report)
+                        if report or held or stop:
+                            losses, correct = backend.fetch(pending)
+                            pending = []
+                            run.account(pos, losses, correct,
+                                        before + time.perf_counter() - t0, bar)
+                            if held:  # the losses after it are finite: its weights train on
+                                ckpt.save(*held, run.wall_s())
+                                held = None
+                        if stop:
+                            bar.close()
+                            ckpt.save(backend.state(), pos, run.wall_s())
+                            raise run.interrupted_at(pos)
+                        if due:
+                            held = backend.state().copy(), pos.copy()
+                history += run.end_epoch(pos, backend.evaluate())
+                pos = pos.next_epoch()
+                ckpt.save(backend.state(), pos, run.wall_s())
+        except NonFinite as e:
+            raise run.diverged(str(e)) from None
     if run.layout.writer:
         run.save_weights(backend.state())
-    return record
+    return history

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lenet_spec import atomic_write_bytes
-from lenet_spec.cli import Parser
 from lenet_train.runlog import read_jsonl
+from lenet_util import atomic_write_bytes
+from lenet_util.cli import Parser
 
 
 def curve(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float],

@@ -1,5 +1,7 @@
-"""``python -m lenet_<framework>.train``: the program both ports run around :func:`fit`, and
-the :class:`Framework` it is written against."""
+"""``python -m lenet_<framework>.train``: the command line around :func:`lenet_train.api.train`.
+Flags become a :class:`~lenet_train.config.Config`; the run's errors become one line and an
+exit status (2: bad input, 3: diverged, 4: lost a process, 130: interrupted). The only place
+the training runtime exits."""
 
 from __future__ import annotations
 
@@ -9,11 +11,18 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from lenet_train.cli import check_seeds, parser
-from lenet_train.distributed import Layout, peers_guard
-from lenet_train.errors import interruptible, stop_on_signals
-from lenet_train.loop import Trainer, fit
-from lenet_train.setup import setup
+from lenet_train.api import Backend, train
+from lenet_train.cli import check_seeds, parser, to_config
+from lenet_train.config import Config
+from lenet_train.errors import (
+    EXIT_INTERRUPTED,
+    INTERRUPTED,
+    ConfigError,
+    LenetError,
+    active,
+    exit_now,
+    stop_on_signals,
+)
 
 
 class Flags(Protocol):
@@ -22,46 +31,15 @@ class Flags(Protocol):
     def add_flags(self, parser: argparse.ArgumentParser) -> None:
         """Add the framework's own flags to the shared ones."""
 
-    def check_flags(self, parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-        """Refuse inconsistent flags (``parser.error``)."""
+    def check(self, config: Config) -> None:
+        """Refuse settings this framework cannot train with (:class:`ConfigError`)."""
 
 
-class Framework(Protocol):
-    """What a framework supplies to the program around :func:`fit`: settings, processes and
-    the first line."""
-
-    framework: str
-    """``"jax"`` or ``"torch"``: names the program (``python -m lenet_<framework>.train``) and
-    the checkpoints it can resume."""
-    transport_errors: tuple[type[BaseException], ...]
-    """The exception types with which the framework reports a failed collective."""
-
-    def configure(self, args: argparse.Namespace) -> None:
-        """Apply process-wide settings of the parsed flags."""
-
-    def connect(self, args: argparse.Namespace) -> Layout:
-        """Join the run's other processes, if any; this process's place among them."""
-
-    def disconnect(self) -> None:
-        """Leave the run's other processes (nothing when alone)."""
-
-    def any_process(self, flag: bool) -> bool:
-        """Whether ``flag`` is set in any process (a collective: all of them call it)."""
-
-    def describe(self) -> str:
-        """The framework, its version and the devices it trains on, for the first line."""
-
-
-class Backend(Framework, Trainer, Protocol):
-    """A framework's whole side of the program: :class:`Framework` and :class:`Trainer`."""
-
-
-def main(framework: str, title: str, flags: Flags,
-         make_backend: Callable[[argparse.Namespace], Backend],
+def main(framework: str, title: str, flags: Flags, make_backend: Callable[[Config], Backend],
          argv: list[str] | None = None) -> int:
     """Parse the shared and the framework's flags, then (and only then) build the backend
-    (``make_backend(args)``: a population's with --seeds), join the other processes, prepare
-    the run (workdir, data, checkpoint) and train it; errors end the program with one line."""
+    (``make_backend(config)``, which imports the framework: a population's with --seeds) and
+    train; the exit status. Errors end the program with one line."""
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     stop_on_signals()  # a Ctrl-C while jax or torch imports: one line, not a traceback
     try:
@@ -71,25 +49,36 @@ def main(framework: str, title: str, flags: Flags,
         signal.signal(signal.SIGTERM, previous[1])
 
 
-def _main(framework: str, title: str, flags: Flags,
-          make_backend: Callable[[argparse.Namespace], Backend], argv: list[str] | None) -> int:
+def _main(framework: str, title: str, flags: Flags, make_backend: Callable[[Config], Backend],
+          argv: list[str] | None) -> int:
     p = parser(f"python -m lenet_{framework}.train", title)
     flags.add_flags(p)
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    flags.check_flags(p, args)
     check_seeds(p, args, argv)
-    backend = make_backend(args)
-    backend.configure(args)
+    config = to_config(p, args)
     try:
-        with interruptible():
-            layout = backend.connect(args)
-            run = setup(args, backend.framework, argv, layout)
-            run.any_process = backend.any_process
-            run.log.say(f"{backend.describe()}; {run.spec.name}, {run.total_steps} steps; "
-                        f"workdir {run.workdir}")
-            with peers_guard(layout, backend.transport_errors):
-                fit(run, backend)
-    finally:
-        backend.disconnect()
+        flags.check(config)
+    except ConfigError as e:
+        p.error(str(e))
+    try:
+        train(args.spec, config, make_backend(config), list(argv))
+    except LenetError as e:
+        return leave(e)
+    except KeyboardInterrupt:  # before the run could checkpoint, or a second Ctrl-C
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        if active():
+            exit_now(EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     return 0
+
+
+def leave(e: LenetError) -> int:
+    """Print ``e``'s line; its exit status (at once, when this process alone of several
+    failed: the others then stop on their next collective)."""
+    line = e.line()
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    if active() and not e.everyone:
+        exit_now(e.exit_code)
+    return e.exit_code

@@ -4,7 +4,6 @@ empty splits and bad seeds are one line each, before anything is written."""
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -17,16 +16,12 @@ import pytest
 from helpers import SLOW, idx_split
 
 from lenet_spec import PRESETS
-from lenet_train.checkpoints import (
-    KEPT,
-    Position,
-    check_position,
-    check_resume,
-    read_meta,
-    settings,
-)
+from lenet_train import CheckpointError, Config
+from lenet_train.checkpoints import check_position, check_resume, read_meta, settings
 from lenet_train.cli import parser
+from lenet_train.config import KEPT
 from lenet_train.setup import LOCK
+from lenet_train.state import Position
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 SHORT = ["--train-size", "256", "--batch-size", "64", "--epochs", "1", "--max-steps", "3",
@@ -81,38 +76,34 @@ def test_resume_refuses_another_run_and_keeps_its_files(tmp_path, mnist_dir,
     assert read_meta(workdir / "checkpoint.safetensors")["step"] == 5
 
 
-def _args(**changes) -> argparse.Namespace:
-    args = parser("prog", "x").parse_args([])
-    for k, v in changes.items():
-        setattr(args, k, v)
-    return args
-
-
 DATA = {"content": {"train": "a" * 16, "test": "b" * 16}}
+LENET5 = PRESETS["lenet5"]
 CHANGED = {"spec": PRESETS["lenet5_classic"], "optimizer": "sgd", "momentum": 0.5,
            "weight_decay": 1e-4, "schedule": "cosine", "loss": "mse", "dataset": "kmnist",
            "augment": ("crop",), "batch_size": 32, "seed": 7, "seeds": (0, 1, 2),
-           "train_size": 1000, "init": "lecun_normal"}
+           "train_size": 1000}
 
 
-@pytest.mark.parametrize("key", KEPT)
-def test_every_kept_setting_is_compared(key: str, capsys) -> None:
+def _settings(spec=LENET5, data=DATA, **changes) -> dict:
+    return settings(Config(**changes), spec, data)
+
+
+@pytest.mark.parametrize("key", ["spec", *KEPT])
+def test_every_kept_setting_is_compared(key: str) -> None:
     """Each setting a run keeps for life, changed alone, is refused naming it; the data's
-    content too; --epochs, --max-steps and --lr are not compared."""
-    before = {"framework": "torch", "settings": settings(_args(), DATA)}
-    check_resume(Path("ck"), before, settings(_args(epochs=9, max_steps=5, lr=0.5), DATA))
-    with pytest.raises(SystemExit):
-        check_resume(Path("ck"), before, settings(_args(**{key: CHANGED[key]}), DATA))
-    err = capsys.readouterr().err
+    content too; epochs, max_steps and lr are not compared."""
+    before = {"framework": "torch", "settings": _settings()}
+    check_resume(Path("ck"), before, _settings(epochs=9, max_steps=5, lr=0.5))
+    now = _settings(spec=CHANGED["spec"]) if key == "spec" else _settings(**{key: CHANGED[key]})
+    with pytest.raises(CheckpointError) as e:
+        check_resume(Path("ck"), before, now)
     flag = "--" + key.replace("_", "-")
-    assert err.startswith("error: ck: written ") and (flag in err or key == "spec"), err
+    assert str(e.value).startswith("ck: written ") and (flag in str(e.value) or key == "spec")
     other = {"content": {"train": "a" * 16, "test": "c" * 16}}
-    with pytest.raises(SystemExit):
-        check_resume(Path("ck"), before, settings(_args(), other))
-    assert "written with data of SHA-256" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        check_resume(Path("ck"), {**before, "framework": ["x"]}, settings(_args(), DATA))
-    assert "damaged checkpoint metadata (framework ['x'])" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="written with data of SHA-256"):
+        check_resume(Path("ck"), before, _settings(data=other))
+    with pytest.raises(CheckpointError, match=r"damaged checkpoint metadata \(framework \['x'\]\)"):
+        check_resume(Path("ck"), {**before, "framework": ["x"]}, _settings())
 
 
 @pytest.mark.parametrize("pos, why", [
@@ -294,27 +285,27 @@ def test_a_spec_too_large_for_memory_is_refused_with_the_estimate(tmp_path, mnis
                     "training 129.4 GiB, evaluation 1,007.3 GiB, float32); this machine has")
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
-                                                                    capsys) -> None:
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
+                                                                    monkeypatch) -> None:
     import errno
 
     import lenet_torch
     from lenet_train import checkpoints
-    from lenet_train.checkpoints import Checkpoints, State
+    from lenet_train.checkpoints import Checkpoints
+    from lenet_train.state import State
 
     spec = PRESETS["lenet5"]
-    ckpt = Checkpoints(tmp_path, "torch", _args(), spec, 4, True, lambda: 1.0, None)
+    ckpt = Checkpoints(tmp_path, "torch", spec, Config(), 4)
     state = State(lenet_torch.get_weights(lenet_torch.build(spec)), {}, {})
-    ckpt.save(state, Position(0, 1, 1, np.ones(1, np.float32)))
+    ckpt.save(state, Position(0, 1, 1, np.ones((1, 1), np.float32)), 1.0)
     before = ckpt.path.read_bytes()
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoints, "save_checkpoint", full)
-    with pytest.raises(SystemExit):
-        ckpt.save(state, Position(0, 2, 2, np.ones(2, np.float32)))
-    err = capsys.readouterr().err
-    assert err == (f"error: {ckpt.path}: cannot write the checkpoint (No space left on device); "
-                   "the previous one, if any, is kept\n")
+    with pytest.raises(CheckpointError) as e:
+        ckpt.save(state, Position(0, 2, 2, np.ones((2, 1), np.float32)), 1.0)
+    assert str(e.value) == (f"{ckpt.path}: cannot write the checkpoint (No space left on "
+                            "device); the previous one, if any, is kept")
     assert ckpt.path.read_bytes() == before

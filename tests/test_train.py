@@ -14,9 +14,10 @@ from helpers import SLOW, fast_only, mnist
 import lenet_jax
 import lenet_torch
 from lenet_spec import PRESETS, load_weights, save_weights
-from lenet_train.cli import lr_at, parser
+from lenet_train.cli import parser
 from lenet_train.plot import curve
 from lenet_train.runlog import read_jsonl
+from lenet_train.schedule import lr_at
 
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from lenet_spec import SHAPES
 from lenet_train.paths import cache_root
+from lenet_util.errors import LenetError
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -100,7 +101,7 @@ DATASETS = {d.name: d for d in (
 )}
 
 
-class DataError(RuntimeError):
+class DataError(LenetError, RuntimeError):
     """Data that cannot be found or read; the message names the file and the problem."""
 
 

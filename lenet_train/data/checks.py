@@ -7,7 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-from lenet_spec import atomic_write_bytes
 from lenet_train.data.catalog import (
     DATASETS,
     MANIFEST,
@@ -16,6 +15,7 @@ from lenet_train.data.catalog import (
     DataError,
     Dataset,
 )
+from lenet_util import atomic_write_bytes
 
 
 def sha256(data: bytes) -> str:

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 import lenet_train.data.sources as sources
-from lenet_spec import atomic_write_bytes
 from lenet_train.data.catalog import (
     CIFAR_ARCHIVE,
     CIFAR_ARCHIVE_SIZE,
@@ -59,6 +58,7 @@ from lenet_train.data.checks import (
     write_manifest,
 )
 from lenet_train.data.formats import cifar_bytes, idx_bytes, parse_cifar, parse_idx, read_raw
+from lenet_util import atomic_write_bytes
 
 log = logging.getLogger("lenet.data")
 
