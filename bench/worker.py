@@ -222,11 +222,9 @@ def measure_population(framework: str, spec: Spec, kernels: str, mode: str, batc
     if framework == "jax":
         import jax  # a worker imports only the framework it measures
 
-        from lenet_jax.loss import loss_fn
-        from lenet_jax.optim import make_tx
         from lenet_jax.population import Population
 
-        pop = Population(spec, seeds, make_tx("adam", 1e-3), loss_fn("ce"), kernels=kernels)
+        pop = Population(spec, seeds, optimizer="adam", lr=1e-3, kernels=kernels)
         images, labels = (jax.device_put(a) for a in (x.astype(np.float32),
                                                       y.astype(np.int32)))
         idx = jax.device_put(idx.astype(np.int32))
@@ -244,22 +242,20 @@ def measure_population(framework: str, spec: Spec, kernels: str, mode: str, batc
     else:
         import torch  # a worker imports only the framework it measures
 
-        from lenet_torch.loss import loss_fn as torch_loss
         from lenet_torch.population import Population as TorchPopulation
 
         if threads:
             torch.set_num_threads(threads)
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        pop = TorchPopulation(spec, seeds, torch_loss("ce"), optimizer="adam", lr=1e-3,
-                              device=dev)
+        pop = TorchPopulation(spec, seeds, optimizer="adam", lr=1e-3, device=dev)
         images = torch.from_numpy(x.astype(np.float32)).to(dev)
         labels = torch.from_numpy(y).to(dev)
         idx = torch.from_numpy(idx).to(dev)
 
         def block() -> None:
             for i in range(steps):
-                pop.train_step(images, labels, idx[i], 1e-3)
+                pop.train_step(images, labels, idx[i], i)
             sync()
         device, used = dev.type, torch.get_num_threads()
     t0 = time.perf_counter()

@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lenet_kernels import check_kernels, conv_pool_block, phase_scatter, plain_conv, window_slices
-from lenet_spec import ACTIVATION_TYPES, AvgPool, MaxPool, Pair, is_monotone
+from lenet_kernels import check_kernels, fusion_plan, phase_scatter, window_slices
+from lenet_spec import Pair
 
 
 def resolve(kernels: str) -> str:
@@ -36,36 +36,27 @@ def resolve(kernels: str) -> str:
 
 
 def forward(net: Any, x: jax.Array, rngs: Any = None, end: int | None = None) -> jax.Array:
-    """``net``'s output for NHWC ``x`` (its first ``end`` layers), fused where a formulation
-    applies, else by ``net``'s own layers (dropout drawing from ``rngs``)."""
-    infos, i = net.spec.infos[:end], 0
-    while i < len(infos):
-        layer = infos[i].layer
-        span = conv_pool_block(infos, i)
-        if span:  # conv, the layers between, pool: computed together
-            module, pool_layer = getattr(net, layer.name), infos[i + span - 1].layer
-            between = [info.layer for info in infos[i + 1 : i + span - 1]]
+    """``net``'s output for NHWC ``x`` (its first ``end`` layers) by the shared fusion plan
+    (:func:`lenet_kernels.fusion_plan`): fused where a formulation applies, else by ``net``'s
+    own layers (dropout drawing from ``rngs``)."""
+    infos = net.spec.infos[:end]
+    for step in fusion_plan(infos):
+        layer = infos[step.start].layer
+        if step.kind == "conv_pool":  # conv, the layers between, pool: computed together
+            module = getattr(net, layer.name)
+            between = [lambda y, b=infos[k].layer: net.apply_layer(b, y) for k in step.between]
             x = conv_pool(x, module.kernel[...], _bias(module), layer.padding,
-                          pool_layer.kernel_size,
-                          [lambda y, b=b: net.apply_layer(b, y) for b in between],
-                          isinstance(pool_layer, MaxPool), _commutes(between))
-        elif plain_conv(layer) and getattr(net, layer.name).in_features == 1:
+                          infos[step.stop - 1].layer.kernel_size, between, step.take_max,
+                          step.commutes)
+        elif step.kind == "conv_one_channel":
             module = getattr(net, layer.name)
             x = conv_one_channel(x, module.kernel[...], _bias(module), layer.stride,
                                  layer.padding)
-        elif isinstance(layer, (MaxPool, AvgPool)) and layer.stride == layer.kernel_size:
-            x = pool(x, layer.kernel_size, "max" if isinstance(layer, MaxPool) else "mean")
+        elif step.kind == "pool":
+            x = pool(x, layer.kernel_size, "max" if step.take_max else "mean")
         else:
             x = net.apply_layer(layer, x, rngs)
-        i += span or 1
     return x
-
-
-def _commutes(between: list) -> bool:
-    """Whether a max over the pool's phases may be taken before ``between``: a monotone
-    activation or nothing (the bias commutes with the max too)."""
-    return not between or (len(between) == 1 and isinstance(between[0], ACTIVATION_TYPES)
-                           and is_monotone(between[0]))
 
 
 def _bias(module: Any) -> jax.Array:
@@ -85,8 +76,6 @@ def pool(x: jax.Array, window: tuple[int, int], reduce: str) -> jax.Array:
     if reduce == "mean":
         return x.mean(axis=(2, 4))
     return _phase_max(x.transpose(0, 1, 3, 2, 4, 5).reshape(n, ho, wo, kh * kw, c))
-
-
 
 
 def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,

@@ -14,13 +14,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
-from lenet_jax.optim import load_optimizer_tensors, optimizer_tensors
-from lenet_jax.trainer import JaxBackend, compile_steps, make_step, run_tx, split_for_training
+from lenet_jax.optim import load_optimizer_tensors, lr_schedule, make_tx, optimizer_tensors
+from lenet_jax.trainer import JaxBackend, compile_steps, make_step, split_for_training
 from lenet_spec import Spec
 from lenet_train.config import Config
 from lenet_train.errors import StateError
@@ -40,30 +39,38 @@ def member(tree: Any, m: int) -> Any:
 
 
 class Population:
-    """The stacked state of ``len(seeds)`` networks of ``spec`` and their compiled steps.
+    """The stacked state of ``len(seeds)`` networks of ``spec`` and their compiled steps (the
+    same API as ``lenet_torch.population.Population``).
 
-    ``state`` is (params, batch statistics, optimizer state), each leaf of shape (P, …);
-    ``rest`` the other variables, stacked too. The train steps take (P, batch) indices (one
-    batch per member) and return (P,) losses and correct counts."""
+    Member m starts as ``build(spec, seed=seeds[m], kernels=kernels)``; it trains with
+    ``optimizer`` at learning rate ``lr`` (a number, or one per step) on ``loss``. ``state``
+    is (params, batch statistics, optimizer state), each leaf of shape (P, …); ``rest`` the
+    other variables, stacked too. The train steps take (P, batch) indices (one batch per
+    member) and return (P,) losses and correct counts."""
 
-    def __init__(self, spec: Spec, seeds: Sequence[int], tx: optax.GradientTransformation,
-                 loss, on_logits: bool = True, kernels: str = "auto") -> None:
+    def __init__(self, spec: Spec, seeds: Sequence[int], *, optimizer: str = "sgd",
+                 lr: float | Sequence[float] = 0.01, momentum: float = 0.0,
+                 weight_decay: float = 0.0, loss: str = "ce", kernels: str = "auto",
+                 device: Any = None) -> None:
         if not seeds:
             raise ValueError("a population needs at least one seed")
-        self.spec, self.seeds, self.tx = spec, [int(s) for s in seeds], tx
+        self.spec, self.seeds = spec, [int(s) for s in seeds]
+        self.tx = tx = make_tx(optimizer, lr_schedule(lr), momentum, weight_decay)
+        self.device = device or jax.devices()[0]
+        on_logits, loss_of = loss_on_logits(loss), loss_fn(loss)
         splits = [split_for_training(build(spec, seed=s, kernels=kernels)) for s in self.seeds]
         self.graphdef, self.eval_graphdef = splits[0][0], splits[0][1]
         params = stack([s[2] for s in splits])
         stats = stack([s[3] for s in splits])
-        self.rest = stack([s[4] for s in splits])
-        self.state = (params, stats, jax.vmap(tx.init)(params))
-        self.seed_args = jnp.asarray(np.array(self.seeds, dtype=np.uint32))
-        step = jax.vmap(make_step(self.graphdef, tx, loss, on_logits),
+        self.state, self.rest = jax.device_put(((params, stats, jax.vmap(tx.init)(params)),
+                                                stack([s[4] for s in splits])), self.device)
+        self.seed_args = jax.device_put(np.array(self.seeds, dtype=np.uint32), self.device)
+        step = jax.vmap(make_step(self.graphdef, tx, loss_of, on_logits),
                         in_axes=(0, 0, None, None, 0, None, 0))
 
         def evaluate(params, stats, rest, x, y):
             logits = nnx.merge(self.eval_graphdef, params, stats, rest)(x, logits=on_logits)
-            return loss(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
+            return loss_of(logits, y) * len(y), jnp.sum(jnp.argmax(logits, -1) == y)
 
         self._one, self._many = compile_steps(step)
         self._eval = jax.jit(jax.vmap(evaluate, in_axes=(0, 0, 0, None, None)))
@@ -71,16 +78,17 @@ class Population:
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def train_step(self, images: jax.Array, labels: jax.Array, idx: Any, i: int):
-        """One optimizer step of every member, member m on ``images[idx[m]]``; returns the
-        (P,) losses and correct counts as device values."""
+    def train_step(self, images: jax.Array, labels: jax.Array, idx: Any, step: int):
+        """Optimizer step ``step`` of every member, member m on ``images[idx[m]]``; returns
+        the (P,) losses and correct counts as device values."""
         self.state, values, correct = self._one(self.state, self.rest, images, labels, idx,
-                                                np.int32(i), self.seed_args)
+                                                np.int32(step), self.seed_args)
         return values, correct
 
     def train_steps(self, images: jax.Array, labels: jax.Array, idxs: Any, first: int):
-        """``len(idxs)`` steps in one dispatch (``lax.scan``); ``idxs`` is (K, P, batch).
-        Returns the (P, K) losses and the (P,) correct counts summed over the K steps."""
+        """``len(idxs)`` steps from step ``first`` in one dispatch (``lax.scan``); ``idxs`` is
+        (K, P, batch). Returns the (P, K) losses and the (P,) correct counts summed over the K
+        steps."""
         self.state, values, correct = self._many(self.state, self.rest, images, labels, idxs,
                                                  np.int32(first), self.seed_args)
         return values.T, correct
@@ -100,25 +108,41 @@ class Population:
         """Member ``m``'s weights in canonical names and layouts."""
         return get_weights(self.network(m))
 
-    def optimizer(self, m: int) -> dict[str, np.ndarray]:
-        """Member ``m``'s optimizer state in canonical names (torch.optim's)."""
-        return optimizer_tensors(member(self.state[2], m), self.network(m))
+    def stacked_weights(self) -> dict[str, np.ndarray]:
+        """Every member's canonical weights, each tensor stacked along a leading member axis."""
+        weights = [self.weights(m) for m in range(len(self))]
+        return {k: np.stack([w[k] for w in weights]) for k in weights[0]}
 
-    def load(self, weights: Sequence[dict[str, np.ndarray]],
-             optimizer: Sequence[dict[str, np.ndarray]] | None = None, step: int = 0) -> None:
-        """Set every member's canonical weights and, if given, its optimizer state after
-        ``step`` steps (else a fresh one); ``ValueError`` naming what does not fit."""
+    def optimizer_tensors(self) -> dict[str, np.ndarray]:
+        """The optimizer's state in canonical names (torch.optim's), each tensor stacked over
+        the members."""
+        tensors = [optimizer_tensors(member(self.state[2], m), self.network(m))
+                   for m in range(len(self))]
+        return {k: np.stack([o[k] for o in tensors]) for k in tensors[0]}
+
+    def load(self, weights: dict[str, np.ndarray],
+             optimizer: dict[str, np.ndarray] | None = None, step: int = 0) -> None:
+        """Set the members' canonical ``weights`` (each tensor stacked over the members) and,
+        if given, the optimizer's state after ``step`` steps (else a fresh one);
+        ``ValueError`` naming what does not fit."""
+        p = len(self)
+        for name, tensors in (("weights", weights), ("optimizer", optimizer or {})):
+            wrong = [k for k, v in tensors.items() if np.shape(v)[:1] != (p,)]
+            if wrong:
+                raise ValueError(f"{name} tensor {wrong[0]!r} has shape "
+                                 f"{np.shape(tensors[wrong[0]])}, not one per member ({p})")
         states, rests = [], []
-        for m, w in enumerate(weights):
+        for m in range(p):
             net = self.network(m)
-            set_weights(net, w)
+            set_weights(net, {k: v[m] for k, v in weights.items()})
             _, _, params, stats, rest = split_for_training(net)
             opt_state = self.tx.init(params)
             if optimizer is not None:
-                opt_state = load_optimizer_tensors(opt_state, optimizer[m], net, step)
+                opt_state = load_optimizer_tensors(opt_state, {k: v[m] for k, v in
+                                                               optimizer.items()}, net, step)
             states.append((params, stats, opt_state))
             rests.append(rest)
-        self.state, self.rest = stack(states), stack(rests)
+        self.state, self.rest = jax.device_put((stack(states), stack(rests)), self.device)
 
 
 class PopulationBackend(JaxBackend):
@@ -134,21 +158,19 @@ class PopulationBackend(JaxBackend):
 
     def start(self, run: Run, restore: State | None) -> None:
         c = run.config
-        tx = run_tx(run)
-        self.pop = Population(run.spec, self.seeds, tx, loss_fn(c.loss), loss_on_logits(c.loss),
-                              c.kernels)
-        members = range(len(self.seeds))
+        self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr_table(),
+                              momentum=c.momentum, weight_decay=c.weight_decay, loss=c.loss,
+                              kernels=c.kernels)
         if restore:
             try:
-                self.pop.load([{k: v[m] for k, v in restore.weights.items()} for m in members],
-                              [{k: v[m] for k, v in restore.optimizer.items()} for m in members],
-                              int(restore.meta["step"]))
+                self.pop.load(restore.weights, restore.optimizer, int(restore.meta["step"]))
             except (KeyError, ValueError, TypeError, IndexError) as e:
                 raise StateError(f"optimizer state does not fit --optimizer {c.optimizer}: "
                                  f"{e}") from None
         elif run.init_weights:
-            self.pop.load([run.init_weights] * len(self.seeds))
-        device = jax.devices()[0]
+            self.pop.load({k: np.stack([v] * len(self.seeds))
+                           for k, v in run.init_weights.items()})
+        device = self.pop.device
         self.train_x, self.test_x = (jax.device_put(x.transpose(0, 2, 3, 1), device)
                                      for x in (run.train_x, run.test_x))
         self.train_y, self.test_y = (jax.device_put(y.astype(np.int32), device)
@@ -177,11 +199,7 @@ class PopulationBackend(JaxBackend):
         return total_loss / len(x), correct / len(x)
 
     def state(self) -> State:
-        members = range(len(self.seeds))
-        weights = [self.pop.weights(m) for m in members]
-        optimizer = [self.pop.optimizer(m) for m in members]
-        return State({k: np.stack([w[k] for w in weights]) for k in weights[0]},
-                     {k: np.stack([o[k] for o in optimizer]) for k in optimizer[0]})
+        return State(self.pop.stacked_weights(), self.pop.optimizer_tensors())
 
     def model(self) -> list[nnx.Module]:
         nets = [self.pop.network(m) for m in range(len(self.seeds))]

@@ -22,7 +22,12 @@ from lenet_jax import distributed
 from lenet_jax.kernels import resolve
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
-from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
+from lenet_jax.optim import (
+    load_optimizer_tensors,
+    lr_schedule,
+    make_tx,
+    optimizer_tensors,
+)
 from lenet_train.config import Config
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
@@ -128,9 +133,7 @@ def run_tx(run: Run) -> optax.GradientTransformation:
     """The run's optimizer (optimizer, momentum, weight_decay) with its learning rate schedule
     tabulated per step (``run.lr_table``), indexed by optax's step count."""
     c = run.config
-    lrs = jnp.asarray(run.lr_table(), dtype=jnp.float32)
-    schedule = lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]  # noqa: E731
-    return make_tx(c.optimizer, schedule, c.momentum, c.weight_decay)
+    return make_tx(c.optimizer, lr_schedule(run.lr_table()), c.momentum, c.weight_decay)
 
 
 def use_compilation_cache() -> None:

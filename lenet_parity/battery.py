@@ -272,31 +272,33 @@ def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 2
                  say: Any = None, record: list | None = None,
                  replay: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``steps`` optimizer steps (``opt``: make_optimizer's arguments) of the torch net ``t``
-    and the JAX net ``j`` (in training mode, dropout off) on the same batches, batch k drawn
-    from seed ``first_seed + k`` clear of kinks under ``t``'s weights; the per-step losses of
-    each. The nets end at their trained weights. The batches are appended to ``record``;
-    ``replay`` gives them instead (cast to the nets' precision: a float64 run of the same
-    steps)."""
+    and the JAX net ``j`` (in training mode, dropout off) on the same batches, each by the
+    train step its training program runs (``lenet_torch.trainer.make_step`` eagerly,
+    ``lenet_jax.trainer.make_step`` jitted), batch k drawn from seed ``first_seed + k`` clear of
+    kinks under ``t``'s weights; the per-step losses of each. The nets end at their trained
+    weights. The batches are appended to ``record``; ``replay`` gives them instead (cast to
+    the nets' precision: a float64 run of the same steps)."""
     # frameworks load on first use: the spec tests import this module without them
+    import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
 
     from lenet_jax.loss import loss_fn as jax_loss_fn
-    from lenet_jax.optim import make_optimizer as jax_optimizer
+    from lenet_jax.optim import make_tx
+    from lenet_jax.trainer import make_step as jax_make_step
+    from lenet_jax.trainer import split_for_training
     from lenet_torch.loss import loss_fn as torch_loss_fn
     from lenet_torch.optim import make_optimizer as torch_optimizer
+    from lenet_torch.trainer import make_step as torch_make_step
 
-    t_opt, j_opt = torch_optimizer(t, **opt), jax_optimizer(j, **opt)
-    t_loss, j_loss = torch_loss_fn(loss), jax_loss_fn(loss)
     on_logits = loss_on_logits(loss)
-
-    @nnx.jit
-    def j_step(model: Any, optimizer: Any, x: Any, y: Any) -> Any:
-        value, grads = nnx.value_and_grad(lambda m: j_loss(m(x, logits=on_logits), y))(model)
-        optimizer.update(model, grads)
-        return value
-
+    t_step = torch_make_step(t, torch_optimizer(t, **opt), torch_loss_fn(loss), on_logits)
+    tx = make_tx(**opt)
+    graphdef, _, params, stats, rest = split_for_training(j)
+    j_step = jax.jit(jax_make_step(graphdef, tx, jax_loss_fn(loss), on_logits))
+    state = (params, stats, tx.init(params))
+    every = jnp.arange(batch, dtype=jnp.int32)  # the step indexes its data: all of it here
     losses_t, losses_j = [], []
     for step in range(steps):
         if replay is not None:
@@ -306,12 +308,12 @@ def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 2
             x, y = clear_batch(spec, t, batch, first_seed + step)
         if record is not None:
             record.append((x, y))
-        t_opt.zero_grad()
-        value = t_loss(t(torch.from_numpy(x), logits=on_logits), torch.from_numpy(y))
-        value.backward()
-        t_opt.step()
+        value, _ = t_step(torch.from_numpy(x), torch.from_numpy(y), opt["lr"])
         losses_t.append(value.item())
-        losses_j.append(float(j_step(j, j_opt, jnp.asarray(nhwc(x)), jnp.asarray(y))))
+        state, value, _ = j_step(state, rest, jnp.asarray(nhwc(x)), jnp.asarray(y),
+                                 every[: len(y)], np.int32(step), np.uint32(0))
+        losses_j.append(float(value))
         if say is not None:
             say(f"trajectory step {step + 1}/{steps}")
+    nnx.update(j, state[0], state[1])
     return np.array(losses_t), np.array(losses_j)

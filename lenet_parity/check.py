@@ -34,8 +34,8 @@ Weights = Mapping[str, np.ndarray]
 
 FORWARD = "forward, evaluation mode"
 GRADIENTS = "gradients, training mode (dropout off), cross-entropy"
-TRAJECTORY = "SGD trajectory (lr 0.01, momentum 0.9, weight decay 5e-4)"
-STATISTICS = "batch_norm running statistics after the trajectory"
+TRAJECTORY = "optimizer trajectory"
+STATISTICS = "batch_norm running statistics"
 
 
 ROUNDING_MULTIPLE = 2.0
@@ -90,6 +90,9 @@ class Report:
     spec: Spec
     notes: list[str] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
+    moved: float = math.nan
+    """The largest change of a parameter along the trajectory (torch's, float32): a
+    trajectory whose weights barely moved proves little."""
 
     @property
     def ok(self) -> bool:
@@ -241,18 +244,24 @@ def _grad_bound(scale: float) -> float:
     return GRAD_TOL * scale
 
 
-def _floored_grad_bound(scale: float) -> float:
-    """Without a float64 reference: the tests' fixed floor for gradients that cancel."""
-    return GRAD_TOL * scale + GRAD_FLOOR
+LOSS_NAMES = {"ce": "cross-entropy", "mse": "mean squared error"}
+
+PARTS = ("forward", "gradients", "trajectory")
+"""What :func:`check` compares: each layer's output; the loss and the gradients; a trajectory
+of optimizer steps (its losses, parameters and batch_norm statistics)."""
 
 
 def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights | None = None,
           *, steps: int = 20, batch: int = 16, seed: int = 0, single_step: bool = False,
           kernels: tuple[str, str] = ("auto", "auto"), reference: bool = True,
+          optimizer: dict[str, Any] | None = None, loss: str = "ce",
+          parts: tuple[str, ...] = PARTS, grad_floor: float = GRAD_FLOOR,
           progress: Callable[[str], None] | None = None) -> Report:
-    """Both ports of ``spec`` compared: every layer's output in evaluation mode, the loss and
-    every gradient in training mode (dropout off: two frameworks cannot draw the same masks),
-    ``steps`` SGD steps' losses and parameters, and batch_norm's running statistics.
+    """Both ports of ``spec`` compared: every layer's output in evaluation mode, the loss
+    (``loss``) and every gradient in training mode (dropout off: two frameworks cannot draw
+    the same masks), ``steps`` optimizer steps (``optimizer``: make_optimizer's arguments,
+    default :data:`SGD`) by each training program's own train step, their losses and
+    parameters, and batch_norm's running statistics; ``parts`` of :data:`PARTS` only.
 
     Weights: each side from its own mapping, one mapping for both, or (neither) the torch
     port's initialisation from ``seed`` with non-trivial batch_norm state, copied to JAX.
@@ -263,8 +272,10 @@ def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights
     With ``reference`` (the default) everything is computed again in float64 by both ports on
     the same batches, and a row's bound grows to :data:`ROUNDING_MULTIPLE` × the two sides'
     own float32 errors where the fixed bound is tighter than float32 rounding can meet (a
-    gradient that is zero in exact arithmetic, a long trajectory).
+    gradient that is zero in exact arithmetic, a long trajectory). Without it, a gradient's
+    bound is the fixed one plus ``grad_floor``.
     """
+    optimizer = optimizer or SGD
     # frameworks load on first use: the command line reads its flags first
     import lenet_jax
     import lenet_torch
@@ -312,15 +323,19 @@ def check(spec: Spec, torch_weights: Weights | None = None, jax_weights: Weights
             return tn, jn
 
         cmps: list[Cmp] = []
-        say(f"forward ({precision})")
-        cmps += _forward(spec, *twins(spec, "eval"), batch, seed, single_step, dtype)
+        if "forward" in parts:
+            say(f"forward ({precision})")
+            cmps += _forward(spec, *twins(spec, "eval"), batch, seed, single_step, dtype)
         bare = without_dropout(spec)
-        say(f"gradients ({precision})")
-        cmps += _gradients(bare, *twins(bare, "train"), batch, seed, single_step, memo,
-                           _grad_bound if reference else _floored_grad_bound)
-        if steps:
+        if "gradients" in parts:
+            say(f"gradients ({precision})")
+            bound = _grad_bound if reference else (lambda s: GRAD_TOL * s + grad_floor)
+            cmps += _gradients(bare, *twins(bare, "train"), batch, seed, single_step, memo,
+                               bound, loss)
+        if steps and "trajectory" in parts:
             say(f"trajectory ({precision})")
-            cmps += _trajectory(bare, *twins(bare, "train"), steps, batch, seed, say, memo)
+            cmps += _trajectory(bare, *twins(bare, "train"), steps, batch, seed, say, memo,
+                                optimizer, loss, report if precision == "float32" else None)
         return cmps
 
     import jax
@@ -383,21 +398,22 @@ def _forward(spec: Spec, t, j, batch: int, seed: int, single_step: bool,
 
 
 def _gradients(spec: Spec, t, j, batch: int, seed: int, single_step: bool,
-               memo: dict[str, Any], bound: Callable[[float], float]) -> list[Cmp]:
+               memo: dict[str, Any], bound: Callable[[float], float],
+               loss: str = "ce") -> list[Cmp]:
     if "gradients" not in memo:
         memo["gradients"] = clear_batch(spec, t, batch, seed + 1)
     x, y = memo["gradients"]
     x = x.astype(next(t.parameters()).detach().numpy().dtype)
     if single_step:
         return _gradients_per_layer(spec, t, j, x, y, bound)
-    lt, gt = torch_loss_and_grads(t, x, y, "ce")
-    lj, gj = jax_loss_and_grads(j, x, y, "ce")
-    cmps = [_cmp(GRADIENTS, "loss", "loss", "cross-entropy", lt, lj,
+    lt, gt = torch_loss_and_grads(t, x, y, loss)
+    lj, gj = jax_loss_and_grads(j, x, y, loss)
+    cmps = [_cmp(GRADIENTS, "loss", "loss", LOSS_NAMES[loss], lt, lj,
                  lambda scale: LOSS_TOL * max(1.0, scale))]
     owner = {k: info.label for info in spec.infos for k in info.params}
     for k, shape in spec.param_shapes.items():
         cmps.append(_cmp(GRADIENTS, owner[k], k, fmt_shape(shape), gt[k], gj[k], bound))
-    return cmps
+    return cmps + _statistics(spec, t, j, "after the gradients' forward pass")
 
 
 def _gradients_per_layer(spec: Spec, t, j, x: np.ndarray, y: np.ndarray,
@@ -454,27 +470,45 @@ def _gradients_per_layer(spec: Spec, t, j, x: np.ndarray, y: np.ndarray,
 
 
 def _trajectory(spec: Spec, t, j, steps: int, batch: int, seed: int,
-                say: Callable[[str], None], memo: dict[str, Any]) -> list[Cmp]:
+                say: Callable[[str], None], memo: dict[str, Any], optimizer: dict[str, Any],
+                loss: str, report: Report | None) -> list[Cmp]:
     # frameworks load on first use: the command line reads its flags first
     import lenet_jax
     import lenet_torch
 
     replay = memo.get("trajectory")
     record = None if replay is not None else memo.setdefault("trajectory", [])
-    lt, lj = trajectories(spec, t, j, SGD, steps, batch, seed + 100, "ce", say,
+    before = lenet_torch.get_weights(t)
+    lt, lj = trajectories(spec, t, j, optimizer, steps, batch, seed + 100, loss, say,
                           record=record, replay=replay)
-    cmps = [_cmp(TRAJECTORY, "loss", f"losses, {steps} steps", "relative, worst step", lt, lj,
-                 lambda _: TRAJ_LOSS_TOL, relative=True)]
+    shown = ", ".join(f"{k} {v:g}" for k, v in optimizer.items() if k != "name")
+    cmps = [_cmp(TRAJECTORY, "loss", f"losses, {steps} {optimizer['name']} steps",
+                 f"relative, worst step ({shown})", lt, lj, lambda _: TRAJ_LOSS_TOL,
+                 relative=True)]
     wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
-    owner = {k: info.label for info in spec.infos for k in (*info.params, *info.buffers)}
+    if report is not None:
+        report.moved = max(float(np.abs(wt[k] - before[k]).max()) for k in spec.param_shapes)
+    owner = {k: info.label for info in spec.infos for k in info.params}
     for name, shape in spec.param_shapes.items():
         cmps.append(_cmp(TRAJECTORY, owner[name], name, fmt_shape(shape), wt[name], wj[name],
                          lambda _: TRAJ_PARAM_TOL))
+    return cmps + _statistics(spec, t, j, "after the trajectory")
+
+
+def _statistics(spec: Spec, t, j, when: str) -> list[Cmp]:
+    """batch_norm's running statistics of the two nets (the batch counts exactly)."""
+    # frameworks load on first use: the command line reads its flags first
+    import lenet_jax
+    import lenet_torch
+
+    wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
+    owner = {k: info.label for info in spec.infos for k in info.buffers}
+    cmps = []
     for name, shape in spec.buffer_shapes.items():
         if name.endswith("num_batches_tracked"):
-            cmps.append(_cmp(STATISTICS, owner[name], name, "count", wt[name], wj[name],
-                             lambda _: 0.0))
+            cmps.append(_cmp(STATISTICS, owner[name], name, f"count, {when}", wt[name],
+                             wj[name], lambda _: 0.0))
             continue
-        cmps.append(_cmp(STATISTICS, owner[name], name, fmt_shape(shape), wt[name], wj[name],
-                         lambda scale: STATS_TOL * scale))
+        cmps.append(_cmp(STATISTICS, owner[name], name, f"{fmt_shape(shape)}, {when}",
+                         wt[name], wj[name], lambda scale: STATS_TOL * scale))
     return cmps

@@ -1,8 +1,11 @@
-"""The torch port's tuned formulations (``build(..., kernels="fused")``), the same as the JAX
-port's, each computing what torch's own layers compute, to float32 rounding:
+"""The torch port's tuned formulations (``build(..., kernels="fused")``), the JAX port's by the
+same plan (:func:`lenet_kernels.fusion_plan`), each computing what torch's own layers compute,
+to float32 rounding:
 
-- a stride-1 conv, a monotone activation and a non-overlapping max-pool as ONE matrix product
-  over the pool's phases (:func:`conv_max_pool`);
+- a stride-1 conv, any batch_norm and activations, and a non-overlapping max- or avg-pool as
+  ONE matrix product over the pool's phases, the layers between applied to every phase and the
+  pool a reduction over them (:func:`conv_pool`; with a monotone activation or none before a
+  max-pool, the maximum is taken first: :func:`conv_max_pool`);
 - a one-channel conv as a shift-and-add with a GEMM backward pass (:func:`conv_one_channel`);
 - a non-overlapping pool as a reshape and a reduction (:func:`pool`).
 
@@ -19,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lenet_kernels import check_kernels, conv_pool_span, phase_scatter, plain_conv, window_slices
-from lenet_spec import AvgPool, MaxPool, Pair
+from lenet_kernels import check_kernels, fusion_plan, phase_scatter, window_slices
+from lenet_spec import Pair
 
 
 def resolve(kernels: str) -> str:
@@ -31,25 +34,25 @@ def resolve(kernels: str) -> str:
 
 
 def forward(net: Any, x: torch.Tensor, end: int | None = None) -> torch.Tensor:
-    """``net``'s output for NCHW ``x`` (its first ``end`` layers), fused where a formulation
-    applies, else by ``net``'s own layers."""
-    layers, i = net.spec.layers[:end], 0
-    while i < len(layers):
-        span = conv_pool_span(layers, i)
-        layer = layers[i]
-        if span:  # conv [+ activation] + max-pool, computed together
-            conv, act = getattr(net, layer.name), layers[i + 1] if span == 3 else None
-            x = conv_max_pool(x, conv.weight, conv.bias, layer.padding,
-                              layers[i + span - 1].kernel_size,
-                              act and (lambda y, act=act: net.apply_layer(act, y)))
-        elif plain_conv(layer) and getattr(net, layer.name).in_channels == 1:
+    """``net``'s output for NCHW ``x`` (its first ``end`` layers) by the shared fusion plan
+    (:func:`lenet_kernels.fusion_plan`): fused where a formulation applies, else by ``net``'s
+    own layers."""
+    infos = net.spec.infos[:end]
+    for step in fusion_plan(infos):
+        layer = infos[step.start].layer
+        if step.kind == "conv_pool":  # conv, the layers between, pool: computed together
+            conv = getattr(net, layer.name)
+            between = [lambda y, b=infos[k].layer: net.apply_layer(b, y) for k in step.between]
+            x = conv_pool(x, conv.weight, conv.bias, layer.padding,
+                          infos[step.stop - 1].layer.kernel_size, between, step.take_max,
+                          step.commutes)
+        elif step.kind == "conv_one_channel":
             conv = getattr(net, layer.name)
             x = conv_one_channel(x, conv.weight, conv.bias, layer.stride, layer.padding)
-        elif isinstance(layer, (MaxPool, AvgPool)) and layer.stride == layer.kernel_size:
-            x = pool(x, layer.kernel_size, "max" if isinstance(layer, MaxPool) else "mean")
+        elif step.kind == "pool":
+            x = pool(x, layer.kernel_size, "max" if step.take_max else "mean")
         else:
             x = net.apply_layer(layer, x)
-        i += span or 1
     return x
 
 
@@ -64,16 +67,51 @@ def pool(x: torch.Tensor, window: Pair, reduce: str) -> torch.Tensor:
     return x.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, kh * kw).max(dim=4).values
 
 
+def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Pair,
+              pool: Pair, between: list, take_max: bool, commutes: bool = False) -> torch.Tensor:
+    """pool(between(conv(x) + bias)) for an NCHW ``x``, an OIHW ``weight`` of stride 1 and
+    non-overlapping ``pool`` windows (max if ``take_max``, else mean), ``between`` a list of
+    functions applied in turn to the conv's output (batch_norm, activations): the conv as one
+    matrix product over the pool's phases (:func:`conv_max_pool`), ``between`` applied to
+    every phase (as NCHW tensors whose rows are the phases' rows one after another: a
+    batch_norm sees every output of the conv), the pool a reduction over the phases. With
+    ``commutes`` (``between`` is a monotone activation or nothing) a max-pool is taken before
+    the bias and ``between``."""
+    y = _phase_product(x, weight, padding, pool)  # (N, Cout, phases, Ho, Wo)
+    n, c, phases, ho, wo = y.shape
+    if take_max and commutes:
+        y = y.max(dim=2).values
+        y = y + bias.reshape(1, c, 1, 1) if bias is not None else y
+        for f in between:
+            y = f(y)
+        return y
+    y = y + bias.reshape(1, c, 1, 1, 1) if bias is not None else y
+    y = y.reshape(n, c, phases * ho, wo)
+    for f in between:
+        y = f(y)
+    y = y.reshape(n, c, phases, ho, wo)
+    return y.max(dim=2).values if take_max else y.mean(dim=2)
+
+
 def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: Pair,
                   pool: Pair, activation=None) -> torch.Tensor:
-    """max-pool(activation(conv(x) + bias)) for an NCHW ``x``, an OIHW ``weight`` of stride 1
-    and non-overlapping ``pool`` windows, as one matrix product.
+    """max-pool(activation(conv(x) + bias)) for an NCHW ``x``, an OIHW ``weight`` of stride 1,
+    non-overlapping ``pool`` windows and a monotone ``activation`` (or none), as one matrix
+    product.
 
     The convolution is evaluated at the pool's ph·pw phases at once: the input is rearranged
     space-to-depth by the pool's shape, so that every phase of the output is a convolution of
     that input with a kernel scattered from ``weight`` (zeros elsewhere); the phases' maximum is
     the pool, and the bias and a monotone activation commute with it.
     """
+    return conv_pool(x, weight, bias, padding, pool, [activation] if activation else [], True,
+                     True)
+
+
+def _phase_product(x: torch.Tensor, weight: torch.Tensor, padding: Pair,
+                   pool: Pair) -> torch.Tensor:
+    """conv(x) (no bias) at the pool's phases: (N, Cout, ph·pw, Ho, Wo), Ho, Wo pooled, the
+    phases in the window's row-major order; a ragged edge the pool drops is not computed."""
     (ph, pw), (cout, cin, kh, kw) = pool, weight.shape
     (pad_h, pad_w) = padding
     n, _, h, w = x.shape
@@ -91,10 +129,7 @@ def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     patches = torch.cat([x[:, p : p + ho, r : r + wo] for p in range(kp) for r in range(kq)],
                         dim=-1)
     y = (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
-    y = y.max(dim=3).values
-    y = y + bias if bias is not None else y
-    y = activation(y) if activation else y
-    return y.permute(0, 3, 1, 2)
+    return y.permute(0, 4, 3, 1, 2)
 
 
 def _windows(x: torch.Tensor, kernel: Pair, stride: Pair, out: Pair) -> list[torch.Tensor]:

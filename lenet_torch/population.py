@@ -33,29 +33,38 @@ from lenet_train.state import State
 
 class Population:
     """The stacked state of ``len(seeds)`` networks of ``spec`` (torch's own layers), its
-    optimizer and its steps. A step takes (P, batch) indices (one batch per member) and returns
-    (P,) losses and correct counts."""
+    optimizer and its steps (the same API as ``lenet_jax.population.Population``).
 
-    def __init__(self, spec: Spec, seeds: Sequence[int], loss, on_logits: bool = True,
-                 optimizer: str = "sgd", lr: float = 0.01, momentum: float = 0.0,
-                 weight_decay: float = 0.0, device: torch.device | str = "cpu") -> None:
+    Member m starts as ``build(spec, seed=seeds[m])``; it trains with ``optimizer`` at
+    learning rate ``lr`` (a number, or one per step) on ``loss``. A step takes (P, batch)
+    indices (one batch per member) and returns (P,) losses and correct counts."""
+
+    def __init__(self, spec: Spec, seeds: Sequence[int], *, optimizer: str = "sgd",
+                 lr: float | Sequence[float] = 0.01, momentum: float = 0.0,
+                 weight_decay: float = 0.0, loss: str = "ce", kernels: str = "auto",
+                 device: torch.device | str | None = None) -> None:
         if not seeds:
             raise ValueError("a population needs at least one seed")
+        if kernels == "fused":
+            raise ValueError("a torch population trains torch's own layers (kernels stock)")
         self.spec, self.seeds = spec, [int(s) for s in seeds]
-        nets = [build(spec, seed=s, kernels="stock").to(device) for s in self.seeds]
+        self.device = torch.device(device or "cpu")
+        self.lrs = np.atleast_1d(np.asarray(lr, dtype=np.float64))
+        nets = [build(spec, seed=s, kernels="stock").to(self.device) for s in self.seeds]
         self.params, self.buffers = stack_module_state(nets)
         self.base = copy.deepcopy(nets[0]).to("meta")
-        self.opt = make_optimizer(self.params.values(), optimizer, lr, momentum, weight_decay)
+        self.opt = make_optimizer(self.params.values(), optimizer, float(self.lrs[0]), momentum,
+                                  weight_decay)
         self.optimizer_name = optimizer
-        self.loss, self.on_logits = loss, on_logits
+        on_logits, loss_of = loss_on_logits(loss), loss_fn(loss)
 
         def member_loss(params, buffers, x, y):
             out = functional_call(self.base, (params, buffers), (x,), {"logits": on_logits})
-            return loss(out, y), (out.argmax(1) == y).sum()
+            return loss_of(out, y), (out.argmax(1) == y).sum()
 
         def member_eval(params, buffers, x, y):
             out = functional_call(self.base, (params, buffers), (x,), {"logits": on_logits})
-            return loss(out, y) * len(y), (out.argmax(1) == y).sum()
+            return loss_of(out, y) * len(y), (out.argmax(1) == y).sum()
 
         self._train = vmap(member_loss, randomness="different")
         self._eval = vmap(member_eval, in_dims=(0, 0, None, None))
@@ -64,17 +73,26 @@ class Population:
         return len(self.seeds)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor,
-                   lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step of every member, member m on ``images[idx[m]]`` at learning rate
-        ``lr``; returns the (P,) losses and correct counts (detached)."""
+                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optimizer step ``step`` of every member, member m on ``images[idx[m]]``; returns
+        the (P,) losses and correct counts (detached)."""
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = float(self.lrs[min(step, len(self.lrs) - 1)])
         self.base.train()
         self.opt.zero_grad(set_to_none=True)
         values, correct = self._train(self.params, self.buffers, images[idx], labels[idx])
         values.sum().backward()
         self.opt.step()
         return values.detach(), correct
+
+    def train_steps(self, images: torch.Tensor, labels: torch.Tensor, idxs: torch.Tensor,
+                    first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``len(idxs)`` steps from step ``first``, one after the other; ``idxs`` is (K, P,
+        batch). Returns the (P, K) losses and the (P,) correct counts summed over the K
+        steps."""
+        out = [self.train_step(images, labels, idx, first + k) for k, idx in enumerate(idxs)]
+        return (torch.stack([v for v, _ in out], dim=1),
+                torch.stack([c for _, c in out]).sum(0))
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every member's summed loss and correct count on the batch (x, y)."""
@@ -84,13 +102,19 @@ class Population:
         self.base.train()
         return out
 
+    def network(self, m: int) -> torch.nn.Module:
+        """Member ``m`` as a network of its own (a copy of its current state)."""
+        net = build(self.spec, kernels="stock").to(self.device)
+        set_weights(net, self.weights(m))
+        return net
+
     def weights(self, m: int) -> dict[str, np.ndarray]:
         """Member ``m``'s weights in canonical names and layouts (torch's state_dict names)."""
         return {k: v[m].detach().cpu().numpy().copy()
                 for k, v in {**self.params, **self.buffers}.items()}
 
     def stacked_weights(self) -> dict[str, np.ndarray]:
-        """Every member's weights, each tensor stacked along a leading member axis."""
+        """Every member's canonical weights, each tensor stacked along a leading member axis."""
         return {k: v.detach().cpu().numpy().copy()
                 for k, v in {**self.params, **self.buffers}.items()}
 
@@ -126,9 +150,9 @@ class PopulationBackend(TorchBackend):
 
     def start(self, run: Run, restore: State | None) -> None:
         c, device = run.config, self.device
-        self.loss, self.on_logits = loss_fn(c.loss), loss_on_logits(c.loss)
-        self.pop = Population(run.spec, self.seeds, self.loss, self.on_logits, c.optimizer,
-                              c.lr, c.momentum, c.weight_decay, device)
+        self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr_table(),
+                              momentum=c.momentum, weight_decay=c.weight_decay, loss=c.loss,
+                              device=device)
         if restore:
             try:
                 self.pop.load(restore.weights, restore.optimizer, int(restore.meta["step"]))
@@ -139,7 +163,6 @@ class PopulationBackend(TorchBackend):
         elif run.init_weights:
             p = len(self.seeds)
             self.pop.load({k: np.stack([v] * p) for k, v in run.init_weights.items()})
-        self.lrs = run.lr_table()
         self.train_x, self.train_y, self.test_x, self.test_y = (
             torch.from_numpy(a).to(device)
             for a in (run.train_x, run.train_y, run.test_x, run.test_y))
@@ -148,8 +171,7 @@ class PopulationBackend(TorchBackend):
         self.order = torch.from_numpy(order).to(self.device)
 
     def train(self, first: int, count: int, step: int):
-        return self.pop.train_step(self.train_x, self.train_y, self.order[first],
-                                   float(self.lrs[step]))
+        return self.pop.train_step(self.train_x, self.train_y, self.order[first], step)
 
     def fetch(self, pending) -> tuple[np.ndarray, np.ndarray]:
         losses = torch.stack([v for v, _ in pending]).cpu().numpy()
@@ -173,9 +195,4 @@ class PopulationBackend(TorchBackend):
         return State(self.pop.stacked_weights(), self.pop.optimizer_tensors(), rng)
 
     def model(self) -> list[torch.nn.Module]:
-        nets = []
-        for m in range(len(self.seeds)):
-            net = build(self.pop.spec, kernels="stock").to(self.device)
-            set_weights(net, self.pop.weights(m))
-            nets.append(net.eval())
-        return nets
+        return [self.pop.network(m).eval() for m in range(len(self.seeds))]

@@ -262,7 +262,7 @@ def _prepare(spec: Spec, config: Config, framework: str, workdir: Path, layout: 
         run.restore, run.start, run.wall_before = ckpt.load(
             total, lambda: all(w.is_file() for w in run.weights_files()))
     if layout.writer:
-        record = config.to_json()
+        record = {"framework": framework, **config.to_json()}
         record["spec"] = spec.to_dict()
         record["data"] = data
         record["processes"] = layout.process_count

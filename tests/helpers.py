@@ -4,8 +4,12 @@ both frameworks, and writers of the publishers' data formats."""
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
+import subprocess
+import sys
 import tarfile
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +127,57 @@ def fast_only(values, *fast) -> list:
     """``values`` as pytest parameters with all but ``fast`` marked slow: the fast tier runs
     one case of the test, the full suite all of them."""
     return [v if v in fast else pytest.param(v, marks=SLOW) for v in values]
+
+
+# ----------------------------------------------------------------------------- the programs
+
+PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
+"""Each framework's training program."""
+
+
+def run_program(program: str, *argv: str) -> subprocess.CompletedProcess:
+    """A training program (a framework's name or the module, e.g. ``lenet_torch.train``) run
+    in this process on ``argv`` as its command line would run it: its exit status and what it
+    printed, as ``subprocess.run`` would return them. No interpreter start and no imports per
+    run; the tests of the real command line (its first moments, its signals, what the
+    frameworks print on import) start it as a process."""
+    module = importlib.import_module(PROGRAMS.get(program, program))
+    threads = _torch_threads()
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = module.main([str(a) for a in argv])
+        except SystemExit as e:  # the parser's errors and --help
+            code = e.code if isinstance(e.code, int) else 2
+    if threads is not None:  # --threads sets torch's process-wide count: put it back
+        import torch
+
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([program, *argv], code, out.getvalue(), err.getvalue())
+
+
+def _torch_threads() -> int | None:
+    if "torch" not in sys.modules:
+        return None
+    return sys.modules["torch"].get_num_threads()
+
+
+def run_command(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m argv...`` in a new process (the real command line), output captured."""
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True,
+                          **kwargs)
+
+
+def one_line_error(res: subprocess.CompletedProcess, *parts: str, status: int = 2) -> str:
+    """The one ``error:`` line of a program that ended with ``status`` (no traceback), holding
+    every one of ``parts``."""
+    assert res.returncode == status, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1, res.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+    return lines[0]
 
 
 # ----------------------------------------------------------------------------- both ports

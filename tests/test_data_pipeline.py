@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import SLOW, cifar_folder, mnist
+from helpers import SLOW, cifar_folder, mnist, run_program
 
 from lenet_spec import PRESETS, fitting, misfit
 from lenet_train.data import (
@@ -136,10 +134,8 @@ def test_cifar10_cnn_trains_on_cifar_format_files(tmp_path, program: str) -> Non
     guess = np.argmin(((test_x.reshape(-1, 1, 3072).astype(np.float32) - means) ** 2).sum(-1), 1)
     assert (guess == test_y).mean() > 0.95  # the task is learnable
     work = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", program, "--dataset", "cifar10", "--spec",
-                          "cifar10_cnn", "--data-dir", str(data), "--epochs", "3",
-                          "--lr", "2e-3", "--workdir", str(work), "--quiet"],
-                         capture_output=True, text=True)
+    res = run_program(program, "--dataset", "cifar10", "--spec", "cifar10_cnn", "--data-dir",
+                      str(data), "--epochs", "3", "--lr", "2e-3", "--workdir", str(work), "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["test_accuracy"] >= 0.8, records
@@ -155,15 +151,13 @@ def test_augmented_training_and_the_wrong_dataset(tmp_path, program: str) -> Non
     data = tmp_path / "cifar"
     cifar_folder(data, per_file=20, test=20)
     work = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", program, "--dataset", "cifar10", "--spec",
-                          "cifar10_cnn", "--data-dir", str(data), "--augment", "--epochs", "2",
-                          "--batch-size", "25", "--workdir", str(work), "--quiet"],
-                         capture_output=True, text=True)
+    res = run_program(program, "--dataset", "cifar10", "--spec", "cifar10_cnn", "--data-dir",
+                      str(data), "--augment", "--epochs", "2", "--batch-size", "25", "--workdir",
+                      str(work), "--quiet")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((work / "config.json").read_text())["augment"] == ["crop", "flip"]
-    res = subprocess.run([sys.executable, "-m", program, "--spec", "cifar10_cnn",
-                          "--data-dir", str(data), "--workdir", str(tmp_path / "r2")],
-                         capture_output=True, text=True)
+    res = run_program(program, "--spec", "cifar10_cnn", "--data-dir", str(data), "--workdir",
+                      str(tmp_path / "r2"))
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
         "error: spec cifar10_cnn takes 3 input channels; mnist has 1 (it fits --dataset "

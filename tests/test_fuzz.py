@@ -295,14 +295,13 @@ def a_population_checkpoint(tmp_path_factory):
     """A torch population's checkpoint (seeds 0,3) on a small spec, as :func:`a_checkpoint`:
     every tensor stacked along a leading member axis, a correct count per member."""
 
-    from lenet_torch.loss import loss_fn
     from lenet_torch.population import Population
 
     spec = PRESETS["lenet5"]
     config = Config(max_steps=4, optimizer="sgd", momentum=0.9, seeds=(0, 3))
     data = {"content": {"train": "0" * 16, "test": "1" * 16}}
     workdir = tmp_path_factory.mktemp("population")
-    pop = Population(spec, [0, 3], loss_fn("ce"), optimizer="sgd", momentum=0.9)
+    pop = Population(spec, [0, 3], optimizer="sgd", momentum=0.9)
     ckpt = Checkpoints(workdir, "torch", spec, config, 4, True, run_settings(config, spec, data))
     ckpt.save(State(pop.stacked_weights(), pop.optimizer_tensors(), {}),
               Position(0, 2, 2, np.ones((2, 2), np.float32), np.array([3, 4])), 1.0)

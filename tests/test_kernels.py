@@ -117,6 +117,7 @@ def test_conv_max_pool_equals_conv_then_pool(framework, kernel, padding, pool, c
             args, rng)
 
 
+@pytest.mark.parametrize("framework", ["jax", "torch"])
 @pytest.mark.parametrize("between, take_max, padding", [
     (("batch_norm", "relu"), True, (0, 0)),    # lenet5_bn's block
     (("tanh",), False, (0, 0)),                # lenet5_classic's block
@@ -124,22 +125,45 @@ def test_conv_max_pool_equals_conv_then_pool(framework, kernel, padding, pool, c
     (("batch_norm",), False, (1, 1)),
     ((), False, (0, 1)),                       # conv straight into an avg-pool, ragged edge
 ])
-def test_jax_conv_pool_with_layers_between(between, take_max, padding) -> None:
+def test_conv_pool_with_layers_between(framework, between, take_max, padding) -> None:
     """conv, batch_norm and activations, then a max- or avg-pool, as one matrix product over
-    the pool's phases (the layers between applied to every phase), against XLA's conv, the
-    layers on the conv's output and reduce_window pooling."""
+    the pool's phases (the layers between applied to every phase), against the framework's
+    conv, the layers on the conv's output and its pooling, in both ports."""
     from lenet_jax.batchnorm import normalise
 
     rng = np.random.default_rng(4)
     pool = (2, 2)
     # with batch_norm the conv's output must tile into the pool's windows: 14 + 2p - 2
-    x = jnp.asarray(rng.standard_normal((3, 14, 16 if between else 15, 3)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((3, 3, 3, 5)), jnp.float32)
-    b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+    x = rng.standard_normal((3, 3, 14, 16 if between else 15)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    commutes = take_max and between == ("relu",)
+    if framework == "torch":
+        fns = {"batch_norm": lambda y: F.batch_norm(y, None, None, training=True) * 1.5 - 0.5,
+               "relu": F.relu, "tanh": torch.tanh, "gelu": F.gelu}
+        chain = [fns[name] for name in between]
+
+        def stock(x, w, b):
+            y = F.conv2d(x, w, b, padding=padding)
+            for f in chain:
+                y = f(y)
+            return F.max_pool2d(y, pool) if take_max else F.avg_pool2d(y, pool)
+
+        def fused_t(x, w, b):
+            return tk.conv_pool(x, w, b, padding, pool, chain, take_max, commutes)
+
+        if "batch_norm" in between:  # the bias's gradient is 0 in exact arithmetic: noise
+            bt = torch.from_numpy(b)
+            _torch_vs(lambda x, w: stock(x, w, bt), lambda x, w: fused_t(x, w, bt), (x, w), rng)
+        else:
+            _torch_vs(stock, fused_t, (x, w, b), rng)
+        return
     fns = {"batch_norm": lambda y: normalise(y, 1e-5)[0] * 1.5 - 0.5, "relu": jax.nn.relu,
            "tanh": jnp.tanh, "gelu": lambda y: jax.nn.gelu(y, approximate=False)}
     chain = [fns[name] for name in between]
     pads = ((padding[0],) * 2, (padding[1],) * 2)
+    xj, kj, bj = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(w.transpose(2, 3, 1, 0)),
+                  jnp.asarray(b))
 
     def reference(x, k, b):
         y = jax.lax.conv_general_dilated(x, k, (1, 1), pads,
@@ -153,33 +177,40 @@ def test_jax_conv_pool_with_layers_between(between, take_max, padding) -> None:
                                      "VALID") / 4
 
     def fused(x, k, b):
-        return jk.conv_pool(x, k, b, padding, pool, chain, take_max)
+        return jk.conv_pool(x, k, b, padding, pool, chain, take_max, commutes)
 
     if "batch_norm" in between:  # the bias's gradient is 0 in exact arithmetic: rounding noise
-        _jax_vs(lambda x, k: reference(x, k, b), lambda x, k: fused(x, k, b), (x, k), rng)
+        _jax_vs(lambda x, k: reference(x, k, bj), lambda x, k: fused(x, k, bj), (xj, kj), rng)
     else:
-        _jax_vs(reference, fused, (x, k, b), rng)
+        _jax_vs(reference, fused, (xj, kj, bj), rng)
 
 
-def test_conv_pool_block_plan() -> None:
-    """Which layers the JAX port computes as one conv_pool block: batch_norm and activations
-    between conv and pool are taken in; dropout, a stride, overlapping windows, a batch_norm
-    facing a ragged edge leave the conv to XLA."""
-    from lenet_kernels import conv_pool_block
-    from lenet_spec import AvgPool, BatchNorm, Conv, Dropout, Flatten, Linear, MaxPool, ReLU, Spec
+def test_fusion_plan() -> None:
+    """The one plan both ports' fused kernels follow: batch_norm and activations between conv
+    and pool are taken into a conv_pool step (a max first where a monotone activation or
+    nothing stands between); dropout, a stride, overlapping windows, a batch_norm facing a
+    ragged edge leave the conv to the framework; a one-channel conv and a non-overlapping pool
+    have their own steps."""
+    from lenet_kernels import fusion_plan
+    from lenet_spec import GELU, AvgPool, BatchNorm, Conv, Dropout, Flatten, Linear, MaxPool, ReLU
+    from lenet_spec import Spec as S
 
-    def span(layers, shape=(1, 12, 12)):
-        return conv_pool_block(Spec("s", shape, (*layers, Flatten(), Linear(2))).infos, 0)
+    def plan(layers, shape=(2, 12, 12)):
+        steps = fusion_plan(S("s", shape, (*layers, Flatten(), Linear(2))).infos)
+        return [(s.kind, s.stop - s.start, s.take_max, s.commutes) for s in steps[:-2]]
 
     conv = Conv(4, (3, 3), padding=(1, 1))
-    assert span((conv, BatchNorm(), ReLU(), MaxPool(2))) == 4
-    assert span((conv, AvgPool(2))) == 2
-    assert span((conv, Dropout(0.5), MaxPool(2))) == 0
-    assert span((Conv(4, (3, 3), stride=(2, 2)), MaxPool(2))) == 0
-    assert span((conv, MaxPool(3, 2))) == 0
-    assert span((Conv(4, (3, 3)), BatchNorm(), MaxPool(4))) == 0  # 10 × 10 into 4 × 4 windows
-    assert span((Conv(4, (3, 3)), ReLU(), MaxPool(4))) == 3      # no statistics: edge dropped
-    assert span((conv, MaxPool(2)), (32, 12, 12)) == 2
+    assert plan((conv, BatchNorm(), ReLU(), MaxPool(2))) == [("conv_pool", 4, True, False)]
+    assert plan((conv, ReLU(), MaxPool(2))) == [("conv_pool", 3, True, True)]
+    assert plan((conv, GELU(), MaxPool(2))) == [("conv_pool", 3, True, False)]
+    assert plan((conv, AvgPool(2))) == [("conv_pool", 2, False, True)]
+    assert plan((conv, Dropout(0.5), MaxPool(2))) == [
+        ("layer", 1, False, False), ("layer", 1, False, False), ("pool", 1, True, False)]
+    assert plan((Conv(4, (3, 3), stride=(2, 2)), MaxPool(2)))[0] == ("layer", 1, False, False)
+    assert plan((conv, MaxPool(3, 2)))[1] == ("layer", 1, False, False)
+    assert plan((Conv(4, (3, 3)), BatchNorm(), MaxPool(4)))[0][0] == "layer"  # 10 × 10, 4 × 4
+    assert plan((Conv(4, (3, 3)), ReLU(), MaxPool(4)))[0] == ("conv_pool", 3, True, True)
+    assert plan((Conv(4, (3, 3), stride=(2, 2)),), (1, 12, 12))[0][0] == "conv_one_channel"
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])

@@ -13,22 +13,17 @@ from flax import nnx
 from helpers import (
     KERNEL_PAIRS,
     SLOW,
-    buffers_gap,
     busy_batch_norms,
-    clear_batch,
     fast_only,
     jax_canonical,
     jax_logits,
-    jax_loss_and_grads,
     max_abs_diff,
     near_kinks,
     nhwc,
     random_batch,
     specs,
     torch_logits,
-    torch_loss_and_grads,
     twin_nets,
-    without_dropout,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,11 +35,9 @@ from lenet_parity.battery import (  # the tolerances, one copy for the tests and
     GRAD_FLOOR,
     GRAD_TOL,
     LOGIT_TOL,
-    STATS_TOL,
-    TRAJ_LOSS_TOL,
     TRAJ_PARAM_TOL,
-    trajectories,
 )
+from lenet_parity.check import check
 from lenet_spec import (
     PRESETS,
     AdaptiveAvgPool,
@@ -103,19 +96,14 @@ def test_logits_random_specs(spec: Spec, kernels: tuple[str, str]) -> None:
 
 
 def _grad_parity(spec: Spec, loss: str, kernels: tuple[str, str], floor: float = 0.0) -> None:
-    """Training mode (batch_norm on the batch's statistics, dropout off: p = 0): the loss, every
-    gradient, and the running statistics the forward pass updated."""
-    spec = without_dropout(spec)
-    t, j = twin_nets(spec, kernels=kernels)
-    x, y = clear_batch(spec, t, 16, seed=5)
-    lt, gt = torch_loss_and_grads(t, x, y, loss)
-    lj, gj = jax_loss_and_grads(j, x, y, loss)
-    assert abs(lt - lj) <= 1e-5 * max(1.0, abs(lt))
-    for k in gt:
-        scale = max(float(np.abs(gt[k]).max()), 1e-12)
-        assert np.abs(gt[k] - gj[k]).max() <= GRAD_TOL * scale + floor, k
-    wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
-    assert buffers_gap(wj, wt, spec) <= STATS_TOL
+    """Training mode (batch_norm on the batch's statistics, dropout off: p = 0): the parity
+    battery's verdict on the loss (LOSS_TOL relative), every gradient (GRAD_TOL of its max |g|,
+    plus ``floor``) and the running statistics the forward pass updated (STATS_TOL), on a
+    batch clear of kinks."""
+    report = check(spec, kernels=kernels, loss=loss, parts=("gradients",), reference=False,
+                   grad_floor=floor)
+    assert report.ok, report.table()
+    assert len(report.rows) == 1 + len(spec.param_shapes) + len(spec.buffer_shapes)
 
 
 @pytest.mark.parametrize("kernels", fast_only(KERNEL_PAIRS, ("fused", "fused")))
@@ -153,12 +141,24 @@ OPTIMIZERS = {
 TRAJECTORY = {"sgd": OPTIMIZERS["sgd"], "adam": dict(name="adam", lr=1e-3, eps=1e-3)}
 
 
-def _trajectories(spec: Spec, opt: dict, kernels: tuple[str, str], steps: int = 20,
-                  batch: int = 16, loss: str = "ce"):
-    spec = without_dropout(spec)
-    t, j = twin_nets(spec, kernels=kernels)
-    losses_t, losses_j = trajectories(spec, t, j, opt, steps, batch, 100, loss)
-    return losses_t, losses_j, t, j
+def _trajectory_parity(spec: Spec, opt: dict, kernels: tuple[str, str], loss: str = "ce"
+                       ) -> None:
+    """The parity battery's verdict on 20 steps of each training program's own train step
+    from the same weights on the same batches (none near a kink): every step's loss within
+    TRAJ_LOSS_TOL relative, every parameter within TRAJ_PARAM_TOL, batch_norm's running
+    statistics within STATS_TOL, or (the battery's float64 reference) within
+    ROUNDING_MULTIPLE × the two ports' own float32 errors; and the weights moved (the
+    comparison is not vacuous).
+
+    The reference is needed where a port's float32 run takes a kink its float64 run does
+    not: cifar10_cnn, Adam, torch fused: losses 1.6e-4 apart, of which JAX's float32 against
+    its own float64 is 1.6e-4 and torch's 1.5e-7 (a kink nearer than NEAR_KINK by step 20,
+    as the two nets' weights drift an ulp apart); a port computing another function moves its
+    float64 result as much as its float32 one and still fails."""
+    report = check(spec, kernels=kernels, optimizer=opt, loss=loss, parts=("trajectory",))
+    assert report.ok, report.table()
+    assert len(report.rows) == 1 + len(spec.param_shapes) + len(spec.buffer_shapes)
+    assert report.moved > 10 * TRAJ_PARAM_TOL, report.moved
 
 
 def test_near_kink_filter() -> None:
@@ -185,16 +185,7 @@ def test_optimizer_trajectories(name: str, opt: str, kernels: tuple[str, str]) -
     2-core CPU, every preset and kernels pairing: losses ≤ 3.4e-6 relative; parameters
     ≤ 3e-8 with SGD, ≤ 3.2e-7 with Adam (eps 1e-3, see TRAJECTORY), lenet5_bn's running
     statistics within STATS_TOL."""
-    spec = PRESETS[name]
-    lt, lj, t, j = _trajectories(spec, TRAJECTORY[opt], kernels)
-    assert np.all(np.abs(lt - lj) <= TRAJ_LOSS_TOL * np.abs(lt))
-    wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
-    params = spec.param_shapes
-    assert max_abs_diff({k: wt[k] for k in params}, {k: wj[k] for k in params}) <= TRAJ_PARAM_TOL
-    assert buffers_gap(wj, wt, spec) <= STATS_TOL
-    start = lenet_torch.get_weights(twin_nets(without_dropout(spec))[0])
-    moved = max_abs_diff({k: wt[k] for k in params}, {k: start[k] for k in params})
-    assert moved > 10 * TRAJ_PARAM_TOL  # the comparison is not vacuous: the weights moved
+    _trajectory_parity(PRESETS[name], TRAJECTORY[opt], kernels)
 
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)
@@ -233,14 +224,7 @@ def test_optimizer_update_rules(opt: str) -> None:
 @given(specs(max_blocks=1), st.sampled_from(KERNEL_PAIRS))
 def test_optimizer_trajectories_random_specs(spec: Spec, kernels: tuple[str, str]) -> None:
     for opt in ("sgd", "adam"):
-        lt, lj, t, j = _trajectories(spec, TRAJECTORY[opt], kernels,
-                                     loss="mse" if opt == "adam" else "ce")
-        assert np.all(np.abs(lt - lj) <= TRAJ_LOSS_TOL * np.abs(lt))
-        wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
-        params = spec.param_shapes
-        assert max_abs_diff({k: wt[k] for k in params},
-                            {k: wj[k] for k in params}) <= TRAJ_PARAM_TOL
-        assert buffers_gap(wj, wt, spec) <= STATS_TOL
+        _trajectory_parity(spec, TRAJECTORY[opt], kernels, loss="mse" if opt == "adam" else "ce")
 
 
 # ----------------------------------------------------------------------------- the tutorial
@@ -432,13 +416,7 @@ def test_gradients_of_published_forms(name: str, loss: str) -> None:
 def test_trajectories_of_published_forms(name: str) -> None:
     """As the presets: 20 SGD steps, losses within TRAJ_LOSS_TOL relative, parameters within
     TRAJ_PARAM_TOL."""
-    spec = FORMS[name]
-    lt, lj, t, j = _trajectories(spec, TRAJECTORY["sgd"], ("fused", "fused"))
-    assert np.all(np.abs(lt - lj) <= TRAJ_LOSS_TOL * np.abs(lt))
-    wt, wj = lenet_torch.get_weights(t), lenet_jax.get_weights(j)
-    params = spec.param_shapes
-    assert max_abs_diff({k: wt[k] for k in params}, {k: wj[k] for k in params}) <= TRAJ_PARAM_TOL
-    assert buffers_gap(wj, wt, spec) <= STATS_TOL
+    _trajectory_parity(FORMS[name], TRAJECTORY["sgd"], ("fused", "fused"))
 
 
 def test_cross_entropy_of_an_output_layer_is_the_nll_of_what_it_returns() -> None:

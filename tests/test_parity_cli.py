@@ -94,7 +94,7 @@ def test_command_line(tmp_path, capsys) -> None:
     assert main(["lenet5", "--steps", "2", "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip().splitlines()[-1].startswith("parity: ok (forward: 13 checks")
-    assert "SGD trajectory" in out and "DIVERGES" not in out
+    assert "optimizer trajectory" in out and "DIVERGES" not in out
     assert main([str(tmp_path / "a.safetensors"), "--jax-weights", str(tmp_path / "b.safetensors"),
                  "--steps", "0", "--batch", "4"]) == 1
     out = capsys.readouterr().out

@@ -65,7 +65,7 @@ def test_jax_member_is_the_single_run_at_its_seed(name: str) -> None:
     images, labels = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y.astype(np.int32))
     idx = idx.astype(np.int32)
     tx = make_tx("sgd", 0.05, 0.9, 5e-4)
-    pop = Population(spec, SEEDS, tx, jax_loss("ce"))
+    pop = Population(spec, SEEDS, optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
     for k in range(2):  # one step per call, then two in one lax.scan
         values, _ = pop.train_step(images, labels, idx[k], k)
         assert values.shape == (len(SEEDS),)
@@ -95,11 +95,12 @@ def test_torch_member_is_the_single_run_at_its_seed() -> None:
     spec = without_dropout(load_spec("lenet5_bn"))  # torch's members draw their own masks
     x, y, idx = _data(spec, 3, len(SEEDS))
     images, labels, idx = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(idx)
-    pop = TorchPopulation(spec, SEEDS, torch_loss("ce"), optimizer="sgd", momentum=0.9,
+    pop = TorchPopulation(spec, SEEDS, optimizer="sgd", lr=0.05, momentum=0.9,
                           weight_decay=5e-4)
-    for k in range(3):
-        values, correct = pop.train_step(images, labels, idx[k], 0.05)
-        assert values.shape == (len(SEEDS),) and correct.shape == (len(SEEDS),)
+    values, correct = pop.train_step(images, labels, idx[0], 0)
+    assert values.shape == (len(SEEDS),) and correct.shape == (len(SEEDS),)
+    values, correct = pop.train_steps(images, labels, idx[1:], 1)
+    assert values.shape == (len(SEEDS), 2) and correct.shape == (len(SEEDS),)
     for m, seed in enumerate(SEEDS):
         net = torch_build(spec, seed=seed, kernels="stock")
         opt = make_optimizer(net, "sgd", 0.05, momentum=0.9, weight_decay=5e-4)
@@ -118,9 +119,9 @@ def test_torch_member_is_the_single_run_at_its_seed() -> None:
 @SLOW
 def test_torch_population_draws_a_mask_per_member() -> None:
     x, y, idx = _data(DROPOUT, 1, 2)
-    pop = TorchPopulation(DROPOUT, [3, 3], torch_loss("ce"))  # two copies of one network
+    pop = TorchPopulation(DROPOUT, [3, 3], lr=0.1)  # two copies of one network
     idx = torch.from_numpy(idx)
     idx[:, 1] = idx[:, 0]  # on the same batch
-    pop.train_step(torch.from_numpy(x), torch.from_numpy(y), idx[0], 0.1)
+    pop.train_step(torch.from_numpy(x), torch.from_numpy(y), idx[0], 0)
     a, b = pop.weights(0), pop.weights(1)
     assert max(np.max(np.abs(a[k] - b[k])) for k in a) > 1e-4  # only the masks differ

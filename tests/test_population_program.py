@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SLOW, fast_only, without_dropout
+from helpers import PROGRAMS, SLOW, fast_only, one_line_error, run_program, without_dropout
 from safetensors.numpy import load_file
 from test_population import MEMBER_TOL
 
@@ -22,7 +22,6 @@ from lenet_spec import PRESETS
 from lenet_train.config import SEEDS_MAX, seed_list, shown_seeds
 from lenet_train.runlog import read_jsonl
 
-PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 SHORT = ["--train-size", "512", "--batch-size", "64", "--epochs", "2", "--optimizer", "sgd",
          "--lr", "0.05", "--checkpoint-every", "5", "--log-steps", "--quiet"]
 """8 steps an epoch, 16 in all, of lenet5_bn without its dropout (:func:`spec_file`)."""
@@ -51,21 +50,14 @@ def base(spec_file, mnist_dir) -> list[str]:
 
 def _run(framework: str, workdir: Path, base: list[str], *extra: str,
          check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", PROGRAMS[framework], *base, "--workdir",
-                          str(workdir), *extra], capture_output=True, text=True, timeout=600)
+    res = run_program(framework, *base, "--workdir", str(workdir), *extra)
     if check:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
 def _one_line_error(res: subprocess.CompletedProcess, *parts: str) -> str:
-    assert res.returncode in (1, 2), res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
-    lines = [line for line in res.stderr.splitlines() if "error: " in line]
-    assert len(lines) == 1, res.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-    return lines[0]
+    return one_line_error(res, *parts)
 
 
 def test_seed_lists() -> None:
@@ -144,7 +136,7 @@ def test_interrupted_population_resumes_exactly(tmp_path, runs, base, framework:
            "--seeds", "0,3"]
     stderr = _interrupt_after_first_checkpoint(cmd, workdir)
     assert "Continue with:" in stderr and "--seeds 0,3" in stderr
-    res = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600)
+    res = run_program(framework, *cmd[3:], "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     whole = runs(framework, "population")
     for name in ("weights-seed-0.safetensors", "weights-seed-3.safetensors", "steps.jsonl"):
@@ -177,8 +169,7 @@ def test_a_population_checkpoint_crosses_frameworks(tmp_path, runs, base) -> Non
     cmd = [*base, "--workdir", str(workdir), "--seeds", "0,3"]
     _interrupt_after_first_checkpoint([sys.executable, "-m", PROGRAMS["jax"], *cmd], workdir)
     loud = [a for a in cmd if a != "--quiet"]
-    res = subprocess.run([sys.executable, "-m", PROGRAMS["torch"], *loud, "--resume"],
-                         capture_output=True, text=True, timeout=600)
+    res = run_program("torch", *loud, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming a jax checkpoint" in res.stdout
     whole = runs("jax", "population")

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SLOW, fast_only
+from helpers import PROGRAMS, SLOW, fast_only, run_program
 
 from lenet_train.checkpoints import load_checkpoint
 from lenet_train.runlog import read_jsonl
 
-PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 RUN = ["--train-size", "2560", "--epochs", "3", "--checkpoint-every", "7", "--log-steps",
        "--quiet"]
 TIMING = {"epoch_s", "images_per_sec", "wall_s"}
@@ -36,7 +35,10 @@ def _cmd(framework: str, workdir: Path, mnist_dir: str, *extra: str) -> list[str
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    """``cmd`` (a program's :func:`_cmd`) run to its end in this process; the runs that are
+    killed or signalled are started as processes."""
+    assert cmd[:2] == [sys.executable, "-m"], cmd
+    return run_program(cmd[2], *cmd[3:])
 
 
 def _checkpoint_meta(workdir: Path) -> dict | None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import SLOW, fast_only, mnist
+from helpers import PROGRAMS, SLOW, fast_only, mnist, run_command, run_program
 
 import lenet_jax
 import lenet_torch
@@ -19,11 +18,10 @@ from lenet_train.plot import curve
 from lenet_train.runlog import read_jsonl
 from lenet_train.schedule import lr_at
 
-PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
-
 
 def _run(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+    """The program ``module`` run in this process (tests/helpers.py: run_program)."""
+    res = run_program(module, *args)
     if check and res.returncode != 0:
         raise AssertionError(f"{module} failed:\n{res.stderr[-3000:]}")
     return res
@@ -52,8 +50,9 @@ def test_bad_flags_are_rejected_by_the_parser(argv, message, capsys) -> None:
 
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_bad_flag_through_the_real_command_line(framework: str) -> None:
-    """One line, no usage block; an abbreviated flag is not taken for the full one."""
-    res = _run(PROGRAMS[framework], "--batch-size", "0", check=False)
+    """One line, no usage block; an abbreviated flag is not taken for the full one (the real
+    command line, in a new process)."""
+    res = run_command(PROGRAMS[framework], "--batch-size", "0")
     assert res.returncode == 2
     assert "--batch-size: must be at least 1" in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "usage:" not in res.stderr
@@ -90,9 +89,10 @@ def test_schedules() -> None:
 def test_a_run_prints_only_our_lines(tmp_path, mnist_dir, framework: str) -> None:
     """A user's terminal shows our lines (where the data came from, the framework and devices,
     the progress bar, the epoch's summary, the weights file), no framework log records such as
-    JAX's "Unable to initialize backend 'tpu'"."""
-    res = _run(PROGRAMS[framework], "--train-size", "512", "--epochs", "1", "--data-dir",
-               mnist_dir, "--workdir", str(tmp_path / "w"))
+    JAX's "Unable to initialize backend 'tpu'" (the real command line, in a new process)."""
+    res = run_command(PROGRAMS[framework], "--train-size", "512", "--epochs", "1",
+                      "--data-dir", mnist_dir, "--workdir", str(tmp_path / "w"))
+    assert res.returncode == 0, res.stderr[-3000:]
     ours = re.compile(r"MNIST (train|test) from .*|(jax|torch) \S+ on .*|epoch +0 .*|"
                       r"epoch 0: .*|weights: .*")
     lines = [line.strip() for line in re.split(r"[\r\n]", res.stdout + res.stderr)]
@@ -254,10 +254,10 @@ def test_plot(tmp_path) -> None:
                 summary[key], summary[key + "_sd"] = np.mean(values), np.std(values, ddof=1)
             f.writelines(json.dumps(r) + "\n" for r in (*members, summary))
     records = read_jsonl(tmp_path / "population" / "metrics.jsonl")
-    assert curve(records, "test_accuracy") == ([1, 2, 3], [0.91] * 3,
+    assert curve(records, "test_accuracy") == ([0, 1, 2], [0.91] * 3,
                                                [pytest.approx(0.02 / 2**0.5)] * 3)
     assert curve(read_jsonl(tmp_path / "jax" / "metrics.jsonl"), "test_accuracy") == (
-        [1, 2, 3], [0.98] * 3, None)
+        [0, 1, 2], [0.98] * 3, None)
     out = tmp_path / "curves.png"
     res = _run("lenet_train.plot", str(tmp_path / "jax"), str(tmp_path / "torch"),
                str(tmp_path / "population"), "-o", str(out))
