@@ -28,7 +28,7 @@ import numpy as np
 from bench import programs, report
 from bench.worker import KERNELS, MODES
 from lenet_spec import SHAPES
-from lenet_util import atomic_write_bytes
+from lenet_util import OutputError, atomic_write_bytes, check_output
 from lenet_util.cli import Parser
 
 VARIANTS = tuple(f"{fw}-{k}-{m}" for fw, modes in MODES.items() for k in KERNELS for m in modes)
@@ -153,7 +153,8 @@ def environment() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     variables = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "load": os.getloadavg()[0],
+            "python": platform.python_version(),
             "platform": platform.platform(), **versions, "env_vars": variables,
             "gemm_gflops": gemm_gflops()}
 
@@ -176,10 +177,13 @@ def measure(config: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def shape_bound(config: dict[str, Any], timeout: float) -> float | None:
     """The shape bound in images per second (``bench.bound``), or None if it failed."""
-    res = subprocess.run([sys.executable, "-m", "bench.bound", json.dumps(config)],
-                         capture_output=True, text=True, timeout=timeout,
-                         env=dict(os.environ, OMP_NUM_THREADS=str(config["threads"])),
-                         preexec_fn=programs.die_with_parent)
+    try:
+        res = subprocess.run([sys.executable, "-m", "bench.bound", json.dumps(config)],
+                             capture_output=True, text=True, timeout=timeout,
+                             env=dict(os.environ, OMP_NUM_THREADS=str(config["threads"])),
+                             preexec_fn=programs.die_with_parent)
+    except subprocess.TimeoutExpired:
+        return None
     lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])["images_per_sec"] if res.returncode == 0 and lines else None
 
@@ -226,6 +230,7 @@ def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
                             config, args, k, f"{spec} {variant:30s} width {width:g} batch "
                             f"{batch:5d}", "img/s"))
         rounds.append(results)
+    _some_measured(rounds)
     merged = report.merge_rounds(rounds, variants)
     for r in [*merged, *(r for rs in rounds for r in rs)]:
         measured = bounds.get((r["spec"], r["width"], r["batch_size"]))
@@ -251,7 +256,16 @@ def populations(args: argparse.Namespace, variants: list[str]) -> list[dict[str,
                             config, args, k, f"{spec} {variant:24s} batch {batch} population "
                             f"{members:3d}", "member-img/s"))
         rounds.append(results)
+    _some_measured(rounds)
     return report.merge_populations(rounds)
+
+
+def _some_measured(rounds: list[list[dict[str, Any]]]) -> None:
+    """:class:`programs.ProgramFailed` (exit 1) when not one measurement succeeded."""
+    records = [r for results in rounds for r in results]
+    if records and all("error" in r for r in records):
+        raise programs.ProgramFailed(f"every measurement failed ({len(records)}); the first: "
+                                     f"{records[0]['variant']}: {records[0]['error']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,9 +275,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be at least 5")
     if args.rounds < 1 or args.seeds < 1:
         p.error("--rounds and --seeds must be at least 1")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        try:
+            if path is not None:
+                check_output(path)  # before the measurements, not after them
+        except OutputError as e:
+            p.error(f"{flag}: {e}")
     env = environment()
     print(f"{env['cpu']}, {env['cores']} cores; jax {env['jax']}, flax {env['flax']}, "
           f"torch {env['torch']}; float32 GEMM {env['gemm_gflops']:.0f} GFLOP/s", flush=True)
+    if env["load"] >= 0.5 * env["cores"]:
+        print(f"warning: the machine is busy (load {env['load']:.1f} on {env['cores']} cores "
+              "before the benchmark started): the measurements will be low and noisy, and "
+              "torch's default threads collapse when others compete for the cores; measure "
+              "on an idle machine", file=sys.stderr, flush=True)
     extra = ["--dataset", args.dataset, *args.train_args.split()]
     try:
         out = _run(args, env, extra, p)

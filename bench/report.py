@@ -97,10 +97,16 @@ def summary(results: list[dict[str, Any]], env: dict[str, Any],
     for spec in dict.fromkeys(r["spec"] for r in ok):
         for width in sorted({r["width"] for r in ok}):
             for b in sorted({r["batch_size"] for r in ok}):
-                for name, same in (("same-math tier", True), ("tuned tier", False)):
-                    line = _tier_line(name, ok, rounds, spec, width, b, same, env)
-                    if line:
-                        lines.append(f"{spec}, width {width:g}, batch {b}, {line}")
+                same = _tier_line("", ok, rounds, spec, width, b, True, env)
+                tuned = _tier_line("", ok, rounds, spec, width, b, False, env)
+                where = f"{spec}, width {width:g}, batch {b}"
+                if same:
+                    lines.append(f"{where}, same-math tier{same}")
+                if tuned and tuned != same:
+                    lines.append(f"{where}, tuned tier{tuned}")
+                elif tuned:  # the fastest variants are the same-math ones: nothing tuned ran
+                    lines.append(f"{where}, tuned tier: the same variants (no faster variant "
+                                 "was measured)")
     return lines
 
 

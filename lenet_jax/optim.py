@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +14,6 @@ import optax
 from flax import nnx
 
 from lenet_train.options import OPTIMIZERS
-
-
-def lr_schedule(lr: float | Sequence[float]) -> float | optax.Schedule:
-    """``lr`` as optax takes it: a constant, or a per-step table (cast to float32) indexed by
-    optax's step count (its last value after its end)."""
-    if np.ndim(lr) == 0:
-        return float(lr)
-    lrs = jnp.asarray(np.asarray(lr), dtype=jnp.float32)
-    return lambda count: lrs[jnp.minimum(count, len(lrs) - 1)]
 
 
 def make_tx(

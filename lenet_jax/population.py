@@ -8,7 +8,7 @@ the same computation as ``--seed seeds[m]`` alone, with the members' matrix prod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,7 +18,7 @@ from flax import nnx
 
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
-from lenet_jax.optim import load_optimizer_tensors, lr_schedule, make_tx, optimizer_tensors
+from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_jax.trainer import JaxBackend, compile_steps, make_step, split_for_training
 from lenet_spec import Spec
 from lenet_train.config import Config
@@ -43,19 +43,20 @@ class Population:
     same API as ``lenet_torch.population.Population``).
 
     Member m starts as ``build(spec, seed=seeds[m], kernels=kernels)``; it trains with
-    ``optimizer`` at learning rate ``lr`` (a number, or one per step) on ``loss``. ``state``
-    is (params, batch statistics, optimizer state), each leaf of shape (P, …); ``rest`` the
-    other variables, stacked too. The train steps take (P, batch) indices (one batch per
-    member) and return (P,) losses and correct counts."""
+    ``optimizer`` at learning rate ``lr`` (a number, or a function of the step) on ``loss``.
+    ``state`` is (params, batch statistics, optimizer state), each leaf of shape (P, …);
+    ``rest`` the other variables, stacked too. The train steps take (P, batch) indices (one
+    batch per member) and return (P,) losses and correct counts."""
 
     def __init__(self, spec: Spec, seeds: Sequence[int], *, optimizer: str = "sgd",
-                 lr: float | Sequence[float] = 0.01, momentum: float = 0.0,
+                 lr: float | Callable[[int], float] = 0.01, momentum: float = 0.0,
                  weight_decay: float = 0.0, loss: str = "ce", kernels: str = "auto",
                  device: Any = None) -> None:
         if not seeds:
             raise ValueError("a population needs at least one seed")
         self.spec, self.seeds = spec, [int(s) for s in seeds]
-        self.tx = tx = make_tx(optimizer, lr_schedule(lr), momentum, weight_decay)
+        self.tx = tx = make_tx(optimizer, 1.0, momentum, weight_decay)  # the step scales by lr
+        self.lr = lr if callable(lr) else (lambda step: lr)
         self.device = device or jax.devices()[0]
         on_logits, loss_of = loss_on_logits(loss), loss_fn(loss)
         splits = [split_for_training(build(spec, seed=s, kernels=kernels)) for s in self.seeds]
@@ -66,7 +67,7 @@ class Population:
                                                 stack([s[4] for s in splits])), self.device)
         self.seed_args = jax.device_put(np.array(self.seeds, dtype=np.uint32), self.device)
         step = jax.vmap(make_step(self.graphdef, tx, loss_of, on_logits),
-                        in_axes=(0, 0, None, None, 0, None, 0))
+                        in_axes=(0, 0, None, None, 0, None, 0, None))
 
         def evaluate(params, stats, rest, x, y):
             logits = nnx.merge(self.eval_graphdef, params, stats, rest)(x, logits=on_logits)
@@ -82,15 +83,17 @@ class Population:
         """Optimizer step ``step`` of every member, member m on ``images[idx[m]]``; returns
         the (P,) losses and correct counts as device values."""
         self.state, values, correct = self._one(self.state, self.rest, images, labels, idx,
-                                                np.int32(step), self.seed_args)
+                                                np.int32(step), self.seed_args,
+                                                np.float32(self.lr(step)))
         return values, correct
 
     def train_steps(self, images: jax.Array, labels: jax.Array, idxs: Any, first: int):
         """``len(idxs)`` steps from step ``first`` in one dispatch (``lax.scan``); ``idxs`` is
         (K, P, batch). Returns the (P, K) losses and the (P,) correct counts summed over the K
         steps."""
+        lrs = np.array([self.lr(first + k) for k in range(len(idxs))], np.float32)
         self.state, values, correct = self._many(self.state, self.rest, images, labels, idxs,
-                                                 np.int32(first), self.seed_args)
+                                                 np.int32(first), self.seed_args, lrs)
         return values.T, correct
 
     def evaluate(self, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,7 +161,7 @@ class PopulationBackend(JaxBackend):
 
     def start(self, run: Run, restore: State | None) -> None:
         c = run.config
-        self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr_table(),
+        self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr,
                               momentum=c.momentum, weight_decay=c.weight_decay, loss=c.loss,
                               kernels=c.kernels)
         if restore:

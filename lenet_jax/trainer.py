@@ -22,12 +22,7 @@ from lenet_jax import distributed
 from lenet_jax.kernels import resolve
 from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
-from lenet_jax.optim import (
-    load_optimizer_tensors,
-    lr_schedule,
-    make_tx,
-    optimizer_tensors,
-)
+from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_train.config import Config
 from lenet_train.errors import StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
@@ -55,9 +50,12 @@ def split_for_training(net: nnx.Module):
 def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss,
               on_logits: bool = True):
     """The train step on one batch as a pure function (not compiled): ((params, stats,
-    optimizer state), the rest, images, labels, batch indices, step, seed) -> (the new state,
-    loss, correct count); ``loss`` of the logits before a final log_softmax/softmax if
-    ``on_logits``, else of the network's output. Dropout's key comes from (seed, step)."""
+    optimizer state), the rest, images, labels, batch indices, step, seed, lr) -> (the new
+    state, loss, correct count); ``loss`` of the logits before a final log_softmax/softmax if
+    ``on_logits``, else of the network's output. Dropout's key comes from (seed, step). The
+    updates ``tx`` returns are multiplied by ``lr``: the run's ``tx`` has a unit learning rate
+    and takes the schedule's value of each step this way (no table of every step's rate); a
+    ``tx`` with its own learning rate is given ``lr`` 1 (exact)."""
 
     def loss_and_aux(params, stats, rest, x, y, step, seed):
         # copy: fresh Variables of this trace level, which batch_norm may update
@@ -67,12 +65,13 @@ def make_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss,
                        logits=on_logits)
         return loss(logits, y), (logits, nnx.state(model, nnx.BatchStat))
 
-    def step(state, rest, images, labels, idx, i, seed):
+    def step(state, rest, images, labels, idx, i, seed, lr):
         params, stats, opt_state = state
         x, y = images[idx], labels[idx]
         (value, (logits, stats)), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
             params, stats, rest, x, y, i, seed)
         updates, opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: u * lr, updates)
         params = optax.apply_updates(params, updates)
         return (params, stats, opt_state), value, jnp.sum(jnp.argmax(logits, -1) == y)
 
@@ -86,18 +85,18 @@ def compile_steps(step):
     summed over it."""
 
     @partial(jax.jit, donate_argnums=(0,))
-    def one_step(state, rest, images, labels, idx, i, seed):
-        return step(state, rest, images, labels, idx, i, seed)
+    def one_step(state, rest, images, labels, idx, i, seed, lr):
+        return step(state, rest, images, labels, idx, i, seed, lr)
 
     @partial(jax.jit, donate_argnums=(0,))
-    def many_steps(state, rest, images, labels, idxs, first, seed):
-        def body(state, k_idx):
-            k, idx = k_idx
-            state, value, correct = step(state, rest, images, labels, idx, first + k, seed)
+    def many_steps(state, rest, images, labels, idxs, first, seed, lrs):
+        def body(state, k_idx_lr):
+            k, idx, lr = k_idx_lr
+            state, value, correct = step(state, rest, images, labels, idx, first + k, seed, lr)
             return state, (value, correct)
 
         state, (values, corrects) = jax.lax.scan(
-            body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs))
+            body, state, (jnp.arange(len(idxs), dtype=jnp.int32), idxs, lrs))
         return state, values, jnp.sum(corrects, axis=0)
 
     return one_step, many_steps
@@ -108,18 +107,20 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
     """The jitted train step on one batch (:func:`make_step`), its ``lax.scan`` over several,
     and the eval step.
 
-    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step)
-    to (the new state, loss, correct count); the state is donated. The seed enters the
+    A train step maps ((params, stats, optimizer state), the rest, data, batch indices, step,
+    learning rate) to (the new state, loss, correct count); the state is donated; a scan of K
+    steps takes K learning rates (default: 1, for a ``tx`` with its own). The seed enters the
     compiled steps as an argument, not a constant, so one compiled program (and JAX's
     persistent cache entry) serves every seed."""
     seed_arg = np.uint32(seed)
     one_step, many_steps = compile_steps(make_step(graphdef, tx, loss, on_logits))
 
-    def train_step(state, rest, images, labels, idx, i):
-        return one_step(state, rest, images, labels, idx, i, seed_arg)
+    def train_step(state, rest, images, labels, idx, i, lr=1.0):
+        return one_step(state, rest, images, labels, idx, i, seed_arg, np.float32(lr))
 
-    def train_steps(state, rest, images, labels, idxs, first):
-        return many_steps(state, rest, images, labels, idxs, first, seed_arg)
+    def train_steps(state, rest, images, labels, idxs, first, lrs=None):
+        lrs = np.ones(len(idxs), np.float32) if lrs is None else np.asarray(lrs, np.float32)
+        return many_steps(state, rest, images, labels, idxs, first, seed_arg, lrs)
 
     @jax.jit
     def eval_step(params, stats, rest, x, y):
@@ -130,10 +131,10 @@ def make_steps(graphdef: nnx.GraphDef, eval_graphdef: nnx.GraphDef,
 
 
 def run_tx(run: Run) -> optax.GradientTransformation:
-    """The run's optimizer (optimizer, momentum, weight_decay) with its learning rate schedule
-    tabulated per step (``run.lr_table``), indexed by optax's step count."""
+    """The run's optimizer (optimizer, momentum, weight_decay) at a unit learning rate: the
+    steps multiply its updates by each step's rate (:func:`make_step`)."""
     c = run.config
-    return make_tx(c.optimizer, lr_schedule(run.lr_table()), c.momentum, c.weight_decay)
+    return make_tx(c.optimizer, 1.0, c.momentum, c.weight_decay)
 
 
 def use_compilation_cache() -> None:
@@ -182,6 +183,7 @@ class JaxBackend(distributed.Processes):
                                  f"{e}") from None
         self.train_step, self.train_steps, self.eval_step = make_steps(
             self.graphdef, eval_graphdef, tx, loss_fn(c.loss), c.seed, loss_on_logits(c.loss))
+        self.lr = run.lr
         replicated, self.split = distributed.shardings(c.batch_size)
         self.replicated = replicated
         self.train_state, self.rest = distributed.replicate(((params, stats, opt_state), rest),
@@ -200,12 +202,14 @@ class JaxBackend(distributed.Processes):
     def train(self, first: int, count: int, step: int):
         if count > 1:
             idx = jax.device_put(self.order[first : first + count], self.split[2])
-            run_steps = self.train_steps
+            self.train_state, values, correct = self.train_steps(
+                self.train_state, self.rest, self.train_x, self.train_y, idx, np.int32(step),
+                [self.lr(s) for s in range(step, step + count)])
         else:
             idx = jax.device_put(self.order[first], self.split[1])
-            run_steps = self.train_step
-        self.train_state, values, correct = run_steps(self.train_state, self.rest, self.train_x,
-                                                self.train_y, idx, np.int32(step))
+            self.train_state, values, correct = self.train_step(
+                self.train_state, self.rest, self.train_x, self.train_y, idx, np.int32(step),
+                self.lr(step))
         return values, correct
 
     def fetch(self, pending) -> tuple[np.ndarray, int]:

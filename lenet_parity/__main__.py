@@ -11,6 +11,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,13 +25,47 @@ from lenet_spec import (
     load_spec,
     load_weights,
 )
-from lenet_train.cli import int_at_least, non_negative_int, positive_float, positive_int
-from lenet_util import atomic_write_bytes
-from lenet_util.cli import Parser
+from lenet_train.cli import (
+    int_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_type,
+)
+from lenet_util import OutputError, atomic_write_bytes, check_output
+from lenet_util.cli import Parser, stopping_on_interrupt
 
 
 class UsageError(ValueError):
     """A file or flag that cannot be used; the message names it."""
+
+
+OWNED_FLAGS = ("--seed", "--seeds", "--workdir", "--resume", "--overwrite", "--quiet")
+"""The training flags ``--train`` sets for each run itself."""
+
+
+def _state_tensor(path: Path, name: str, v: Any) -> np.ndarray:
+    """A state dict's tensor as a canonical numpy array; :class:`UsageError` for a tensor that
+    is not a dense real tensor of the kind its name says (floats; batch counts integers)."""
+    import torch
+
+    if v.layout != torch.strided:
+        raise UsageError(f"{path}: tensor {name!r} is {v.layout} (sparse); parity reads "
+                         "dense tensors (save state_dict() of the dense module)")
+    if v.is_quantized:
+        raise UsageError(f"{path}: tensor {name!r} is quantized ({v.dtype}); parity reads "
+                         "float tensors (dequantize the module first)")
+    if v.is_complex():
+        raise UsageError(f"{path}: tensor {name!r} is complex ({v.dtype}); a LeNet's weights "
+                         "are real")
+    want = canonical_dtype(name)
+    if want.kind == "f" and not v.is_floating_point():
+        raise UsageError(f"{path}: tensor {name!r} has dtype {v.dtype}, expected floating point")
+    if want.kind == "i" and (v.is_floating_point() or v.dtype == torch.bool):
+        raise UsageError(f"{path}: tensor {name!r} has dtype {v.dtype}, expected an integer "
+                         "count")
+    # float32 first: numpy has no bfloat16, and float16/bfloat16 widen exactly
+    return (v.detach().float() if v.is_floating_point() else v.detach()).numpy().astype(want)
 
 
 def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
@@ -43,9 +78,7 @@ def _read_weights(path: Path) -> tuple[dict[str, np.ndarray], Spec | None]:
             state = read_state_dict(path)
         except PortError as e:
             raise UsageError(str(e)) from None
-        # float32 first: numpy has no bfloat16, and float16/bfloat16 widen exactly
-        weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy()
-                   .astype(canonical_dtype(k)) for k, v in state.items()}
+        weights = {k: _state_tensor(path, k, v) for k, v in state.items()}
         spec = None
     else:
         try:
@@ -71,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=non_negative_int, default=20,
                         help="SGD steps of the trajectory (0: none)")
     parser.add_argument("--batch", type=positive_int, default=16, help="batch size")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=seed_type, default=0,
                         help="batches, and the weights when none are given")
     parser.add_argument("--single-step", action="store_true",
                         help="feed every layer the torch port's input (and output gradient), "
@@ -108,6 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--json", type=Path, default=None, metavar="F",
                        help="write the runs' records and the tests here")
     args = parser.parse_args(argv)
+    with stopping_on_interrupt():
+        return _main(parser, args)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    for flag in ("train_args", "jax_args", "torch_args"):
+        try:
+            given = shlex.split(getattr(args, flag))
+        except ValueError as e:  # an unbalanced quote
+            parser.error(f"--{flag.replace('_', '-')}: {e}")
+        owned = [a for a in given if a.split("=")[0] in OWNED_FLAGS]
+        if owned:
+            parser.error(f"--{flag.replace('_', '-')}: {owned[0].split('=')[0]} is set by "
+                         "--train itself for every run (seeds 0 … N−1, a temporary workdir "
+                         "each, quiet)")
+    if args.json is not None:
+        try:
+            check_output(args.json)  # before the runs, not after them
+        except OutputError as e:
+            parser.error(f"--json: {e}")
     if args.train:
         return _train(args)
     try:

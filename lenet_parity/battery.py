@@ -311,7 +311,8 @@ def trajectories(spec: Spec, t: Any, j: Any, opt: dict[str, Any], steps: int = 2
         value, _ = t_step(torch.from_numpy(x), torch.from_numpy(y), opt["lr"])
         losses_t.append(value.item())
         state, value, _ = j_step(state, rest, jnp.asarray(nhwc(x)), jnp.asarray(y),
-                                 every[: len(y)], np.int32(step), np.uint32(0))
+                                 every[: len(y)], np.int32(step), np.uint32(0),
+                                 np.float32(1))  # the tx holds the learning rate
         losses_j.append(float(value))
         if say is not None:
             say(f"trajectory step {step + 1}/{steps}")

@@ -4,15 +4,15 @@ command line."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from lenet_port.assemble import port
-from lenet_port.errors import PortError, first_line
-from lenet_port.files import load_class, load_state_dict
+from lenet_port.files import build_module, load_class, load_state_dict
 from lenet_spec import save_weights
-from lenet_util import atomic_write_bytes
-from lenet_util.cli import Parser
+from lenet_util import LenetError, atomic_write_bytes, check_output
+from lenet_util.cli import Parser, stopping_on_interrupt
 
 
 def input_shape_arg(text: str) -> tuple[int, int, int]:
@@ -25,14 +25,30 @@ def input_shape_arg(text: str) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def kwargs_arg(text: str) -> dict:
+    """An argparse type: a JSON object of keyword arguments."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments, got "
+                                         f"{type(value).__name__}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m lenet_port FILE.py:CLASS --input-shape C,H,W -o SPEC.json``."""
     parser = Parser(
         prog="python -m lenet_port",
         description="Write the spec (and the canonical weights) of a torch module, checked to "
                     "give the module's logits, and print its summary table.")
-    parser.add_argument("target", metavar="FILE.py:CLASS",
-                        help="the module's class, built with no arguments")
+    parser.add_argument("target", metavar="FILE.py:NAME",
+                        help="the module's class, or a function that returns the module "
+                             "(built with --kwargs)")
+    parser.add_argument("--kwargs", type=kwargs_arg, default={}, metavar="JSON",
+                        help="keyword arguments for the class or function, as a JSON object, "
+                             "e.g. '{\"num_classes\": 10}' (default: none)")
     parser.add_argument("--input-shape", type=input_shape_arg, required=True, metavar="C,H,W",
                         help="one input image's shape, e.g. 1,32,32")
     parser.add_argument("--state-dict", type=Path, metavar="FILE",
@@ -45,20 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-index", type=int, default=None, metavar="I",
                         help="for a forward that returns a tuple: the index of the logits in it")
     args = parser.parse_args(argv)
+    with stopping_on_interrupt():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        cls = load_class(args.target)
-        try:
-            module = cls()
-        except Exception as e:
-            raise PortError(f"{args.target}: {cls.__name__}() failed: {first_line(e)} (the "
-                            "class must build with no arguments)") from None
+        for out in (args.output, args.weights):
+            if out is not None:
+                check_output(out)
+        module = build_module(args.target, load_class(args.target), args.kwargs)
         if args.state_dict is not None:
             load_state_dict(module, args.state_dict)
         result = port(module, args.input_shape, args.name, args.output_index)
         atomic_write_bytes(args.output, (result.spec.to_json() + "\n").encode())
         if args.weights is not None:
             save_weights(args.weights, result.weights, result.spec)
-    except (PortError, OSError) as e:
+    except (LenetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.spec.summary())

@@ -4,6 +4,7 @@ the module's logits; :func:`to_spec` and :func:`port` run all four stages."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +17,20 @@ from torch import nn
 from lenet_port.chain import Step, dropout_flags, read_chain
 from lenet_port.errors import SUPPORTED, PortError, batch_shape, first_line
 from lenet_port.trace import quiet, run_graph, trace_module
-from lenet_spec import BatchNorm, Conv, Layer, Linear, Spec, SpecError, canonical_dtype
+from lenet_spec import (
+    MAX_LAYERS,
+    BatchNorm,
+    Conv,
+    Layer,
+    Linear,
+    Spec,
+    SpecError,
+    canonical_dtype,
+)
 from lenet_torch.model import LeNet, set_weights
 
+MAX_INPUT = 2**24
+"""The most values an input image may have for the porter to run the module on it."""
 CHECK_BATCH = 4
 TRACE_BATCH = 3  # differs from CHECK_BATCH: a batch size written into forward fails the check
 LOGIT_TOL = 1e-5
@@ -73,6 +85,14 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise PortError(f"{name}: input_shape must be (C, H, W) of positive ints, got "
                         f"{input_shape!r}")
+    if math.prod(shape) > MAX_INPUT:
+        raise PortError(f"{name}: input_shape {shape} is {math.prod(shape):,} values an image, "
+                        f"more than the {MAX_INPUT:,} the porter runs a module on (LeNet-style "
+                        "inputs are a few thousand)")
+    modules = sum(1 for _ in module.modules())
+    if modules > MAX_LAYERS:
+        raise PortError(f"{name}: {modules:,} modules, more than the {MAX_LAYERS:,} layers a "
+                        "spec may have")
     first = next(iter(module.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
@@ -89,6 +109,9 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
             raise PortError(f"{name}: running it on a batch of {shape_n} images failed: "
                             f"{first_line(e)}") from None
         gm, tracer = trace_module(module, x)
+        if len(gm.graph.nodes) > 2 * MAX_LAYERS:
+            raise PortError(f"{name}: its graph has {len(gm.graph.nodes):,} operations, more "
+                            f"than the {MAX_LAYERS:,} layers a spec may have")
         steps = read_chain(module, gm, run_graph(gm, x, name), name, output)
         dropouts = [s for s in steps if s.eval_flag is not None]
         if dropouts:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,11 +16,12 @@ from torch import nn
 from lenet_port.errors import PortError, first_line
 
 
-def load_class(target: str) -> type[nn.Module]:
-    """The class CLASS of FILE.py:CLASS, imported from the file."""
+def load_class(target: str) -> Callable[..., Any]:
+    """NAME of FILE.py:NAME, imported from the file: an nn.Module class, or a function that
+    returns a module (a factory such as ``make_model``)."""
     file, sep, cls_name = target.rpartition(":")
     if not sep or not file or not cls_name:
-        raise PortError(f"{target}: expected FILE.py:CLASS")
+        raise PortError(f"{target}: expected FILE.py:CLASS (or FILE.py:FUNCTION)")
     path = Path(file)
     if not path.is_file():
         raise PortError(f"{path}: no such file")
@@ -37,11 +41,31 @@ def load_class(target: str) -> type[nn.Module]:
         found = sorted(k for k, v in vars(source).items()
                        if isinstance(v, type) and issubclass(v, nn.Module)
                        and v.__module__ == source.__name__)
+        functions = sorted(k for k, v in vars(source).items() if inspect.isfunction(v)
+                           and v.__module__ == source.__name__ and not k.startswith("_"))
         raise PortError(f"{path}: has no {cls_name!r}; the nn.Module classes it defines: "
-                        f"{', '.join(found) or 'none'}")
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise PortError(f"{path}: {cls_name} is not an nn.Module class")
+                        f"{', '.join(found) or 'none'}"
+                        + (f"; its functions: {', '.join(functions)}" if functions else ""))
+    if not ((isinstance(cls, type) and issubclass(cls, nn.Module)) or inspect.isfunction(cls)):
+        raise PortError(f"{path}: {cls_name} is neither an nn.Module class nor a function that "
+                        "returns a module")
     return cls
+
+
+def build_module(target: str, make: Callable[..., Any], kwargs: dict[str, Any]) -> nn.Module:
+    """``make(**kwargs)``, checked to be a module; what fails is one :class:`PortError`."""
+    name = getattr(make, "__name__", target)
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    try:
+        module = make(**kwargs)
+    except Exception as e:
+        hint = (" (give its arguments as JSON with --kwargs, e.g. --kwargs "
+                "'{\"num_classes\": 10}')" if not kwargs else "")
+        raise PortError(f"{target}: {name}({shown}) failed: {first_line(e)}{hint}") from None
+    if not isinstance(module, nn.Module):
+        raise PortError(f"{target}: {name}({shown}) returned a {type(module).__name__}, not an "
+                        "nn.Module")
+    return module
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

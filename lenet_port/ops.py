@@ -137,6 +137,8 @@ def from_module(sub: nn.Module, path: str, where: str, out_shape: tuple[int, ...
     the identity)."""
     if type(sub) in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
         return _adaptive_module(sub, where, out_shape)
+    if type(sub) is nn.Dropout2d and len(out_shape) == 2:
+        return Dropout(sub.p), {}  # on an (N, F) vector torch drops single elements (and warns)
     read = MODULES.get(type(sub))
     if read is None:
         if isinstance(sub, nn.Identity):
@@ -209,11 +211,13 @@ def _elu(call: Call) -> Found:
 
 
 def _dropout(call: Call) -> Found:
-    a = call.bind(["p", "training" if not call.aten else "train", "inplace"],
-                  {"p": 0.5, "training": True, "train": True})
+    flag = "train" if call.aten else "training"  # ATen's flag is named train, F's training
+    a = call.bind(["p", flag, "inplace"], {"p": 0.5, flag: True})
     key = op_key(call.node)
     kind = Dropout if key.startswith("dropout") and key != "dropout2d" else Dropout2d
-    return Found(kind(float(a["p"])), {}, flag=bool(a.get("training", a.get("train"))))
+    if kind is Dropout2d and call.env[call.node].dim() == 2:
+        kind = Dropout  # on an (N, F) vector torch drops single elements (and warns)
+    return Found(kind(float(a["p"])), {}, flag=bool(a[flag]))
 
 
 def _max_pool(call: Call) -> Found:

@@ -4,9 +4,12 @@ batch, and each node described as the user wrote it (module path or op, and sour
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import operator
+import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,16 +28,25 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """torch.export's warnings and logged errors kept off the user's terminal: a failure
-    reaches them as one PortError."""
+    """torch.export's warnings, logged errors and printed graphs kept off the user's terminal
+    (its loggers have handlers of their own, and its native code writes to the process's
+    stderr): a failure reaches them as one PortError."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
         logger.setLevel(level)
 
 

@@ -41,7 +41,15 @@ from lenet_spec.layers import (
     is_monotone,
 )
 from lenet_spec.presets import PRESETS
-from lenet_spec.spec import COUNTERS, MAX_PARAMS, LayerInfo, Spec, widen
+from lenet_spec.spec import (
+    COUNTERS,
+    MAX_LAYERS,
+    MAX_PARAMS,
+    RESERVED_NAMES,
+    LayerInfo,
+    Spec,
+    widen,
+)
 from lenet_spec.weights import (
     INITS,
     WeightsError,
@@ -60,7 +68,8 @@ __all__ = [
     "ACTIVATION_TYPES", "ADAPTIVE_POOLS", "AdaptiveAvgPool", "AdaptiveMaxPool", "AvgPool",
     "BatchNorm", "COUNTERS", "Conv", "Dropout", "Dropout2d", "ELEMENTWISE", "ELU", "Flatten",
     "GELU", "INITS", "LAYER_TYPES", "Layer", "LayerInfo", "LeakyReLU", "Linear", "LogSoftmax",
-    "MAX_PARAMS", "MaxPool", "OUTPUT_TYPES", "PARAMETERISED", "PRESETS", "Pair", "ReLU",
+    "MAX_LAYERS", "MAX_PARAMS", "MaxPool", "OUTPUT_TYPES", "PARAMETERISED", "PRESETS", "Pair",
+    "RESERVED_NAMES", "ReLU",
     "SHAPES", "Shape", "SiLU", "Sigmoid", "Softmax", "Spec", "SpecError", "Tanh",
     "WeightsError", "adaptive_windows", "canonical_dtype",
     "check_shapes", "check_weights", "chw_to_hwc", "fitting", "fmt_pair", "fmt_shape", "hwc_to_chw",

@@ -105,6 +105,32 @@ def _layer_state(layer: Layer, shape: Shape) -> tuple[dict[str, Shape], dict[str
 # --------------------------------------------------------------------------- the spec
 
 
+MAX_LAYERS = 1000
+"""The most layers a spec may have (a LeNet-style network has tens; the spec file limit, 1 MiB,
+holds about this many)."""
+
+RESERVED_NAMES = frozenset({
+    "add_module", "apply", "apply_layer", "bfloat16", "buffers", "call_super_init", "children",
+    "compile", "cpu", "cuda", "deterministic", "double", "dropout", "dump_patches", "eval",
+    "extra_repr", "flatten_hwc", "float", "forward", "get_buffer", "get_extra_state",
+    "get_parameter", "get_submodule", "half", "ipu", "iter_children", "iter_modules", "kernels",
+    "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules",
+    "named_parameters", "parameters", "perturb", "register_backward_hook", "register_buffer",
+    "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+    "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
+    "register_load_state_dict_pre_hook", "register_module", "register_parameter",
+    "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "rngs",
+    "set_attributes", "set_extra_state", "set_submodule", "share_memory", "sow", "spec",
+    "state_dict", "T_destination", "to", "to_empty", "train", "training", "type", "xpu",
+    "zero_grad",
+})
+"""Names a layer cannot take: attributes of the ports' models (torch.nn.Module's and
+nnx.Module's methods and state, and the LeNet classes' own), which a layer of that name would
+shadow (the ports keep each named layer as an attribute of that name, so that its parameters
+carry torch's ``state_dict`` names). ``tests/test_models.py`` checks the list against both
+models."""
+
+
 @dataclass(frozen=True)
 class Spec:
     """A LeNet-style network: ``name``, ``input_shape`` (C, H, W) and ``layers``.
@@ -126,6 +152,11 @@ class Spec:
         for d in shape:
             _positive_int(d, f"{self.name}: input_shape {list(shape)!r}: each size")
         object.__setattr__(self, "input_shape", tuple(shape))
+        if not isinstance(self.layers, (list, tuple)):
+            raise SpecError(f"{self.name}: layers must be a list, got {type(self.layers).__name__}")
+        if len(self.layers) > MAX_LAYERS:
+            raise SpecError(f"{self.name}: {len(self.layers):,} layers, more than the "
+                            f"{MAX_LAYERS:,} a spec may have (a LeNet-style network has tens)")
         object.__setattr__(self, "layers", tuple(self._named(self.layers)))
         _ = self.infos  # validates
         if self.param_count > MAX_PARAMS:
@@ -148,6 +179,11 @@ class Spec:
                     raise SpecError(
                         f"layer {i} ({layer.type}): name {layer.name!r} is not a valid identifier"
                     )
+                if layer.name.startswith("_") or layer.name in RESERVED_NAMES:
+                    raise SpecError(
+                        f"layer {i} ({layer.type}): name {layer.name!r} is reserved (the ports' "
+                        "models have an attribute of that name: forward, train, eval, spec, "
+                        "kernels, ..., or a name starting with _); pick another")
                 if layer.name in seen:
                     raise SpecError(f"layer {i} ({layer.type}): duplicate name {layer.name!r}")
                 seen.add(layer.name)

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from lenet_spec.layers import Shape, SpecError
 from lenet_spec.spec import COUNTERS, Spec
 from lenet_util.errors import LenetError
-from lenet_util.files import atomic_write_bytes
+from lenet_util.files import atomic_write_bytes, not_a_file
 
 FORMAT = "lenet-weights"
 
@@ -170,8 +170,10 @@ def read_lenet_file(path: str | Path, fmt: str, key: str, kind: str,
     ``check`` sees the header's shapes and metadata first and raises for a file it refuses,
     so nothing is read that the caller would not take (one huge tensor, say)."""
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: no such {kind}")
+    what = not_a_file(path)
+    if what is not None:
+        raise error(f"{path}: no such {kind}" if what.startswith("nothing")
+                    else f"{path}: {what}, not a {kind}")
     shapes, metadata = read_header(path, error)
     if metadata.get("format") != fmt or key not in metadata:
         raise error(f"{path}: not a lenet {kind} (no {key} in its metadata)")

@@ -13,7 +13,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     """The torch program's flags, beside the shared ones."""
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (torch.set_num_threads; default: torch's choice)")
+                   help="CPU threads (torch.set_num_threads; default: torch's choice, one per "
+                        "core; where other processes compete for the cores, fewer can be "
+                        "several times faster: 10,021 images/s with 1 against 2,865 with 2 "
+                        "on a 2-core machine at load 3.6)")
 
 
 def check(config: Config) -> None:

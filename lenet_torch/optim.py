@@ -62,9 +62,10 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, np.nda
                            legacy_groups: list | None = None) -> None:
     """Restore the canonical ``tensors`` (saved by either framework) of optimizer ``name`` after
     ``step`` steps; ``ValueError`` naming the first one missing or of another shape."""
-    if tensors and all(k.split(".", 1)[0].isdigit() for k in tensors) and legacy_groups:
-        return _load_by_index(opt, tensors, legacy_groups)  # an earlier lenet version's
     groups = opt.state_dict()["param_groups"]
+    if tensors and all(k.split(".", 1)[0].isdigit() for k in tensors) and legacy_groups:
+        # an earlier lenet version's: the tensors by index; the settings are the run's own
+        return _load_by_index(opt, tensors, groups, _named(net), name)
     slots = SLOTS[name]
     if name == "sgd" and not groups[0]["momentum"]:
         slots = ()
@@ -84,11 +85,21 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, np.nda
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _load_by_index(opt: torch.optim.Optimizer, tensors: dict[str, np.ndarray],
-                   groups: list) -> None:
-    """Optimizer state saved by parameter index (checkpoints before the canonical names)."""
+def _load_by_index(opt: torch.optim.Optimizer, tensors: dict[str, np.ndarray], groups: list,
+                   params: list[tuple[str, torch.Tensor]], name: str) -> None:
+    """Optimizer state saved by parameter index (checkpoints before the canonical names),
+    under the run's own settings (``groups``: a checkpoint's stored learning rate or weight
+    decay never replaces the run's); ``ValueError`` for an index, slot or shape that is not
+    this optimizer's."""
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = torch.from_numpy(value.copy())
+        index, slot = key.split(".", 1)
+        i = int(index)
+        if i >= len(params) or slot not in (*SLOTS[name], "step"):
+            raise ValueError(f"optimizer state {key!r} is not one of --optimizer {name}'s")
+        want = () if slot == "step" else tuple(params[i][1].shape)
+        if tuple(np.shape(value)) != want or not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"optimizer state {key!r} has shape {tuple(np.shape(value))} "
+                             f"and dtype {value.dtype}, not float {want}")
+        state.setdefault(i, {})[slot] = torch.from_numpy(np.array(value, np.float32))
     opt.load_state_dict({"state": state, "param_groups": groups})

@@ -13,7 +13,7 @@ generator is shared by the population.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,11 +36,11 @@ class Population:
     optimizer and its steps (the same API as ``lenet_jax.population.Population``).
 
     Member m starts as ``build(spec, seed=seeds[m])``; it trains with ``optimizer`` at
-    learning rate ``lr`` (a number, or one per step) on ``loss``. A step takes (P, batch)
+    learning rate ``lr`` (a number, or a function of the step) on ``loss``. A step takes (P, batch)
     indices (one batch per member) and returns (P,) losses and correct counts."""
 
     def __init__(self, spec: Spec, seeds: Sequence[int], *, optimizer: str = "sgd",
-                 lr: float | Sequence[float] = 0.01, momentum: float = 0.0,
+                 lr: float | Callable[[int], float] = 0.01, momentum: float = 0.0,
                  weight_decay: float = 0.0, loss: str = "ce", kernels: str = "auto",
                  device: torch.device | str | None = None) -> None:
         if not seeds:
@@ -49,11 +49,11 @@ class Population:
             raise ValueError("a torch population trains torch's own layers (kernels stock)")
         self.spec, self.seeds = spec, [int(s) for s in seeds]
         self.device = torch.device(device or "cpu")
-        self.lrs = np.atleast_1d(np.asarray(lr, dtype=np.float64))
+        self.lr = lr if callable(lr) else (lambda step: lr)
         nets = [build(spec, seed=s, kernels="stock").to(self.device) for s in self.seeds]
         self.params, self.buffers = stack_module_state(nets)
         self.base = copy.deepcopy(nets[0]).to("meta")
-        self.opt = make_optimizer(self.params.values(), optimizer, float(self.lrs[0]), momentum,
+        self.opt = make_optimizer(self.params.values(), optimizer, float(self.lr(0)), momentum,
                                   weight_decay)
         self.optimizer_name = optimizer
         on_logits, loss_of = loss_on_logits(loss), loss_fn(loss)
@@ -77,7 +77,7 @@ class Population:
         """Optimizer step ``step`` of every member, member m on ``images[idx[m]]``; returns
         the (P,) losses and correct counts (detached)."""
         for group in self.opt.param_groups:
-            group["lr"] = float(self.lrs[min(step, len(self.lrs) - 1)])
+            group["lr"] = float(self.lr(step))
         self.base.train()
         self.opt.zero_grad(set_to_none=True)
         values, correct = self._train(self.params, self.buffers, images[idx], labels[idx])
@@ -150,7 +150,7 @@ class PopulationBackend(TorchBackend):
 
     def start(self, run: Run, restore: State | None) -> None:
         c, device = run.config, self.device
-        self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr_table(),
+        self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr,
                               momentum=c.momentum, weight_decay=c.weight_decay, loss=c.loss,
                               device=device)
         if restore:

@@ -108,7 +108,7 @@ class TorchBackend(distributed.Processes):
         self.loss = loss_fn(c.loss)
         self.on_logits = loss_on_logits(c.loss)
         self.step = make_step(self.runner, self.opt, self.loss, self.on_logits)
-        self.lrs = run.lr_table()
+        self.lr = run.lr
         self.train_x, self.train_y, self.test_x, self.test_y = (
             torch.from_numpy(a).to(device)
             for a in (run.train_x, run.train_y, run.test_x, run.test_y))
@@ -120,7 +120,7 @@ class TorchBackend(distributed.Processes):
 
     def train(self, first: int, count: int, step: int):
         idx = self.order[first]
-        return self.step(self.train_x[idx], self.train_y[idx], float(self.lrs[step]))
+        return self.step(self.train_x[idx], self.train_y[idx], self.lr(step))
 
     def fetch(self, pending) -> tuple[np.ndarray, int]:
         losses, correct = distributed.reduce_metrics(torch.stack([v for v, _ in pending]),

@@ -18,6 +18,7 @@ import numpy as np
 from lenet_spec import (
     Spec,
     WeightsError,
+    canonical_dtype,
     check_shapes,
     check_weights,
     read_lenet_file,
@@ -26,7 +27,7 @@ from lenet_spec import (
 from lenet_train.config import KEPT, Config, shown_seeds
 from lenet_train.errors import CheckpointError, NonFinite
 from lenet_train.state import Position, State
-from lenet_util import atomic_write_bytes
+from lenet_util import atomic_write_bytes, not_a_file
 
 FORMAT = "lenet-checkpoint"
 CHECKPOINT = "checkpoint.safetensors"
@@ -68,11 +69,14 @@ def check_resume(path: Path, meta: dict[str, Any], now: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: damaged checkpoint metadata (framework "
                               f"{meta.get('framework')!r})")
     before = meta.get("settings")
-    if not isinstance(before, dict):  # an older checkpoint: what it recorded
-        before = {"optimizer": meta.get("optimizer"), "spec": meta.get("spec"),
-                  "batch_size": meta.get("batch_size"), "seed": meta.get("seed")}
-    for key, old in before.items():
-        new = now.get(key)
+    if not isinstance(before, dict):
+        raise CheckpointError(f"{path}: written by an earlier lenet that did not record the "
+                              "settings a run keeps for life, so they cannot be checked against "
+                              "this run's; start afresh (--overwrite), or resume it with the "
+                              "version that wrote it")
+    first = [k for k in ("spec", "seeds") if k in before]  # a population's seed is its first
+    for key in [*first, *(k for k in before if k not in first)]:
+        old, new = before[key], now.get(key)
         if key == "spec" and old != new:
             raise CheckpointError(
                 f"{path}: written for spec {_shown(key, old)}, not --spec {_shown(key, new)} "
@@ -86,6 +90,10 @@ def check_resume(path: Path, meta: dict[str, Any], now: dict[str, Any]) -> None:
 
 def read_meta(path: Path) -> dict[str, Any]:
     """A checkpoint's metadata, from its header alone (the tensors are not read)."""
+    what = not_a_file(path)
+    if what is not None:
+        raise CheckpointError(f"{path}: no such checkpoint" if what.startswith("nothing")
+                              else f"{path}: {what}, not a checkpoint file")
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -238,12 +246,17 @@ class Checkpoints:
                              losses=False)
         if why and spe == self.steps_per_epoch:
             raise CheckpointError(f"{path}: damaged checkpoint ({why})")
-        epochs = self.config.epochs
+        epochs, max_steps = self.config.epochs, self.config.max_steps
         if (step >= total or epoch >= epochs) and finished():
-            where = (f"step {step} of {total}" if step >= total
-                     else f"epoch {epoch} of --epochs {epochs}")
-            raise CheckpointError(f"{path}: the run is complete ({where}). To train on, "
-                                  "resume with more --epochs or a larger --max-steps")
+            capped = max_steps is not None and step >= max_steps
+            if capped and epoch < epochs:  # stopped inside its epochs by --max-steps
+                where, advice = f"step {step} of --max-steps {max_steps}", "a larger --max-steps"
+            else:
+                where = (f"epoch {epoch} of --epochs {epochs}" if epoch >= epochs
+                         else f"step {step} of {total}")
+                advice = "more --epochs" + (" and a larger --max-steps" if capped else "")
+            raise CheckpointError(f"{path}: the run is complete ({where}); its weights are "
+                                  f"written. To train on, resume with {advice}")
         tensors, meta = load_checkpoint(path, self._check_header)
         weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
@@ -252,6 +265,17 @@ class Checkpoints:
                               else {k: v[m] for k, v in weights.items()})
         except WeightsError as e:
             raise CheckpointError(f"{path}: not a checkpoint of this --spec: {e}") from None
+        bad = next((k for k, v in tensors.items() if k.startswith(("model.", "optim."))
+                    and v.dtype.kind == "f" and not np.all(np.isfinite(v))), None)
+        if bad is not None:
+            raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values; the "
+                                  "checkpoint is damaged (a run never writes one that is not "
+                                  "finite)")
+        wrong = [k for k, v in weights.items() if v.dtype != canonical_dtype(k)]
+        if wrong:
+            raise CheckpointError(f"{path}: tensor {'model.' + wrong[0]!r} is "
+                                  f"{weights[wrong[0]].dtype}, expected "
+                                  f"{canonical_dtype(wrong[0])}")
         if meta.get("steps_per_epoch") != self.steps_per_epoch:
             raise CheckpointError(
                 f"{path}: written with {meta.get('steps_per_epoch')} steps an epoch, now "

@@ -15,7 +15,7 @@ from lenet_train.options import DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHE
 from lenet_util.cli import Parser
 
 __all__ = ["SEEDS_MAX", "SEED_MAX", "check_seeds", "default_workdir", "int_at_least",
-           "non_negative_int", "parser", "positive_float", "positive_int", "seed_list",
+           "non_negative_int", "parser", "positive_float", "positive_int", "seed_list", "seed_type",
            "shown_seeds", "to_config"]
 
 
@@ -58,7 +58,9 @@ positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 positive_float = _type(config.positive_float, _parse_float)
 """An argparse type: a finite number greater than 0."""
 _non_negative_float = _type(config.non_negative_float, _parse_float)
-_seed = _type(config.seed, _parse_int("an integer"))
+seed_type = _type(config.seed, _parse_int("an integer"))
+"""An argparse type: a seed, an integer in [0, 2^32 − 1]."""
+_seed = seed_type
 seed_list = _type(config.seed_list)
 """An argparse type: the seeds of a population (:func:`lenet_train.config.seed_list`)."""
 _augment = _type(config.augment_value)

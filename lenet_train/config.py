@@ -35,12 +35,18 @@ def int_at_least(value: Any, minimum: int) -> int:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest float32: a setting both frameworks compute with in float32 stays below it."""
+
+
 def non_negative_float(value: Any) -> float:
-    """``value`` as a float if it is a finite number ≥ 0."""
+    """``value`` as a float if it is a finite number ≥ 0 that float32 holds."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"must be a finite number ≥ 0, got {value}")
+    if value > FLOAT32_MAX:
+        raise ValueError(f"must be at most {FLOAT32_MAX:.2g} (float32's largest), got {value}")
     return float(value)
 
 
@@ -61,10 +67,22 @@ def seed(value: Any) -> int:
     return value
 
 
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a decimal number in ASCII digits (not "²" or "٣")."""
+    return text.isascii() and text.isdigit()
+
+
+def _quoted(text: str, limit: int = 40) -> str:
+    """``text`` as a message quotes it, cut to ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r} … ({len(text):,} characters)"
+
+
 def seed_list(text: str) -> tuple[int, ...]:
     """The seeds of a population written as ``N`` (0 … N-1), ``A-B`` (A … B) or ``A,B,…`` (a
     list, which may hold ranges), each once, at most :data:`SEEDS_MAX`."""
-    if text.strip().isdigit():
+    if _digits(text.strip()):
         count = int(text)
         if not 1 <= count <= SEEDS_MAX:
             raise ValueError(f"N must be in [1, {SEEDS_MAX}], got {count}")
@@ -72,18 +90,18 @@ def seed_list(text: str) -> tuple[int, ...]:
     seeds: list[int] = []
     for part in text.split(","):
         ends = part.strip().split("-")
-        if len(ends) > 2 or not all(e.strip().isdigit() for e in ends):
-            raise ValueError(
-                f"expected N, A-B or a comma-separated list of seeds and ranges, got {text!r}")
+        if len(ends) > 2 or not all(_digits(e.strip()) for e in ends):
+            raise ValueError("expected N, A-B or a comma-separated list of seeds and ranges "
+                             f"in ASCII digits, got {_quoted(text)}")
         first, last = int(ends[0]), int(ends[-1])
         if last > SEED_MAX:
             raise ValueError(f"seeds must be in [0, {SEED_MAX}], got {last}")
         if first > last:
             raise ValueError(f"the range {part.strip()} is empty")
         if len(seeds) + last - first + 1 > SEEDS_MAX:
-            raise ValueError(f"more than {SEEDS_MAX} seeds in {text!r}")
+            raise ValueError(f"more than {SEEDS_MAX} seeds in {_quoted(text)}")
         seeds.extend(range(first, last + 1))
-    return _each_once(seeds, repr(text))
+    return _each_once(seeds, _quoted(text))
 
 
 def _each_once(seeds: Iterable[int], shown: str) -> tuple[int, ...]:

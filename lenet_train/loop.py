@@ -23,7 +23,9 @@ to, evaluates, and converts its state to and from named numpy arrays. :func:`fit
   collective), so all of them checkpoint and stop after the same step, then raise
   :class:`Interrupted`.
 - **Epoch ends.** The backend evaluates the test split; the loop logs the epoch (metrics.jsonl,
-  steps.jsonl, the summary line). After the last epoch process 0 writes the weights file.
+  steps.jsonl, the summary line). After the last epoch process 0 writes the weights file. An
+  epoch cut short by ``max_steps`` is checkpointed where it stopped, so that a resume with a
+  larger ``max_steps`` trains the rest of that epoch, as the longer run would have.
 - **Populations.** With ``seeds`` the backend is a population's and the run writes a record
   and a weights file per member: the same loop and the same :class:`Run` (a single run is a
   run of one member), with one batch per member each step.
@@ -127,8 +129,12 @@ def fit(run: Run, backend: Trainer) -> list[dict]:
                         if due:
                             held = backend.state().copy(), pos.copy()
                 history += run.end_epoch(pos, backend.evaluate())
-                pos = pos.next_epoch()
-                ckpt.save(backend.state(), pos, run.wall_s())
+                cut = pos.done < run.steps_per_epoch  # by max_steps: the run's last epoch
+                if not cut:
+                    pos = pos.next_epoch()
+                ckpt.save(backend.state(), pos, run.wall_s())  # a cut epoch goes on from here
+                if cut:
+                    break
         except NonFinite as e:
             raise run.diverged(str(e)) from None
     if run.layout.writer:

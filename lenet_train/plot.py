@@ -16,6 +16,8 @@ from lenet_util import LenetError, atomic_write_bytes
 from lenet_util.cli import Parser
 
 FRAMEWORK_NAMES = {"jax": "JAX", "torch": "torch"}
+CURVES = ("train_loss", "test_loss", "train_accuracy", "test_accuracy")
+"""The metrics the chart draws."""
 
 
 def curve(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float],
@@ -103,7 +105,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             raise LenetError(f"{path}: line {n} is not a JSON record") from None
         if not isinstance(record, dict):
             raise LenetError(f"{path}: line {n} is not a JSON object")
+        if "seed" not in record:  # what the curves read: a run's records, a population's summary
+            for key in ("epoch", *CURVES):
+                value = record.get(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise LenetError(f"{path}: line {n}: {key} is {value!r}, not a number")
         records.append(record)
+    if not any("seed" not in r for r in records):
+        raise LenetError(f"{path}: no epoch's record (the run ended before its first epoch)")
     return records
 
 

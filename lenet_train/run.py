@@ -31,7 +31,7 @@ from lenet_train.data import augment, epoch_order, prepare
 from lenet_train.distributed import Layout
 from lenet_train.errors import Diverged, Interrupted, NonFinite
 from lenet_train.runlog import RunLog
-from lenet_train.schedule import lr_at, lr_table
+from lenet_train.schedule import lr_at
 from lenet_train.state import Position, State
 
 WEIGHTS = "weights.safetensors"
@@ -117,9 +117,9 @@ class Run:
         """Seconds the run has spent, in all its sessions."""
         return self.wall_before + time.perf_counter() - self.started
 
-    def lr_table(self) -> np.ndarray:
-        """The learning rate of every step of the run (the schedule, precomputed)."""
-        return lr_table(self.config.schedule, self.config.lr, self.total_steps)
+    def lr(self, step: int) -> float:
+        """The learning rate of ``step`` (0-based; the schedule laid over the run's length)."""
+        return lr_at(self.config.schedule, self.config.lr, step, self.total_steps)
 
     def lr_after(self, step: int) -> float:
         """The learning rate of the last step before ``step``."""

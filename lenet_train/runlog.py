@@ -8,7 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm as _chosen
+
+from lenet_util import OutputError
+
+NOTEBOOK = _chosen.__module__ == "tqdm.notebook"
+"""Whether this process is a notebook's kernel (tqdm then draws its bars as widgets)."""
 
 
 def log_to_stderr(quiet: bool = False) -> None:
@@ -57,15 +63,32 @@ class RunLog:
             print(text, flush=True)
 
     def bar(self, total: int, epoch: int, initial: int = 0):
-        """A tqdm bar over ``total`` steps of ``epoch`` (disabled by --quiet)."""
+        """A progress bar over ``total`` steps of ``epoch``: tqdm's, a widget in a notebook;
+        none with --quiet, or when stderr is not a terminal (a log file would keep every
+        redraw; the epoch's line says what it did)."""
+        shown = not self.quiet and (NOTEBOOK or sys.stderr.isatty())
         return tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step",
-                    disable=self.quiet, leave=False, file=sys.stderr, dynamic_ncols=True)
+                    disable=not shown, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def append(self, name: str, lines: list[str]) -> None:
+        """Append ``lines`` to WORKDIR/``name``; :class:`OutputError` naming the file when the
+        disk refuses (a file this call created is removed; a line cut short is dropped on
+        resume)."""
+        path = self.workdir / name
+        existed = path.exists()
+        try:
+            with open(path, "a") as f:
+                f.writelines(lines)
+        except OSError as e:
+            if not existed:
+                path.unlink(missing_ok=True)
+            raise OutputError(f"{path}: cannot write it ({e.strerror or e}); the last "
+                              "checkpoint is kept") from None
 
     def epoch(self, record: dict[str, Any]) -> None:
         """Append ``record`` to metrics.jsonl and print the epoch's summary line."""
         if self.write:
-            with open(self.workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.append("metrics.jsonl", [json.dumps(record) + "\n"])
         self.say(
             f"epoch {record['epoch']:3d}  step {record['step']:6d}  "
             f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:6.2f}%  "
@@ -77,8 +100,7 @@ class RunLog:
         """Append the members' records and the summary to metrics.jsonl and print the
         epoch's line: the members' mean ± sample s.d."""
         if self.write:
-            with open(self.workdir / "metrics.jsonl", "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in (*members, summary))
+            self.append("metrics.jsonl", [json.dumps(r) + "\n" for r in (*members, summary)])
         r = summary
 
         def pm(name: str, scale: float = 1.0, digits: int = 4) -> str:
@@ -96,18 +118,17 @@ class RunLog:
         """Append one {"step", "seed", "loss"} line per step and member to steps.jsonl."""
         if not self.write:
             return
-        with open(self.workdir / "steps.jsonl", "a") as f:
-            for i, row in enumerate(losses.tolist()):
-                f.writelines(json.dumps({"step": first_step + i, "seed": seed, "loss": loss})
-                             + "\n" for seed, loss in zip(seeds, row, strict=True))
+        self.append("steps.jsonl", [json.dumps({"step": first_step + i, "seed": seed,
+                                                "loss": loss}) + "\n"
+                                    for i, row in enumerate(losses.tolist())
+                                    for seed, loss in zip(seeds, row, strict=True)])
 
     def steps(self, first_step: int, losses: list[float]) -> None:
         """Append one {"step", "loss"} line per step to steps.jsonl."""
         if not self.write:
             return
-        with open(self.workdir / "steps.jsonl", "a") as f:
-            for i, loss in enumerate(losses):
-                f.write(json.dumps({"step": first_step + i, "loss": loss}) + "\n")
+        self.append("steps.jsonl", [json.dumps({"step": first_step + i, "loss": loss}) + "\n"
+                                    for i, loss in enumerate(losses)])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

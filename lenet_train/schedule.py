@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 
 def lr_at(schedule: str, peak: float, step: int, total: int) -> float:
     """The learning rate of ``step`` (0-based) of ``total``.
@@ -26,8 +24,3 @@ def lr_at(schedule: str, peak: float, step: int, total: int) -> float:
         u = (t - warm) / (1 - warm)
         return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * u))
     raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def lr_table(schedule: str, peak: float, total: int) -> np.ndarray:
-    """The learning rate of every step of a run of ``total`` steps (float64)."""
-    return np.array([lr_at(schedule, peak, s, total) for s in range(total)], dtype=np.float64)

@@ -17,17 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from lenet_spec import BatchNorm, Spec, SpecError, WeightsError, fitting, load_weights, misfit
-from lenet_train.checkpoints import CHECKPOINT, Checkpoints, settings
+from lenet_train.checkpoints import CHECKPOINT, Checkpoints, read_meta, settings
 from lenet_train.config import Config
 from lenet_train.data import DataError, load, normalisation, prepare
 from lenet_train.data.catalog import DATASETS
 from lenet_train.distributed import Layout
-from lenet_train.errors import ConfigError, WorkdirError
+from lenet_train.errors import CheckpointError, ConfigError, WorkdirError
 from lenet_train.options import EVAL_BATCH
 from lenet_train.run import MEMBER_WEIGHTS, WEIGHTS, Run
 from lenet_train.runlog import RunLog, log_to_stderr
 from lenet_train.state import Position
-from lenet_util import atomic_write_bytes
+from lenet_util import atomic_write_bytes, not_a_file
 
 RUN_FILES = ("config.json", "metrics.jsonl", "steps.jsonl", CHECKPOINT, WEIGHTS)
 """What a run writes in its workdir (and what --overwrite deletes), beside a population's
@@ -36,7 +36,7 @@ weights files (:data:`MEMBER_WEIGHTS`)."""
 
 def _run_files(workdir: Path) -> list[Path]:
     """The files of a run's in ``workdir``: :data:`RUN_FILES` and members' weights."""
-    named = [workdir / name for name in RUN_FILES if (workdir / name).exists()]
+    named = [workdir / name for name in RUN_FILES if os.path.lexists(workdir / name)]
     return named + sorted(workdir.glob(MEMBER_WEIGHTS.format(seed="*")))
 
 
@@ -71,15 +71,29 @@ def release(workdir: Path) -> None:
         os.close(fd)
 
 
+CONFIG_KEYS = {"spec", "data", "epochs", "batch_size", "optimizer", "lr", "seed", "dataset"}
+"""Keys every config.json a run of ours writes holds."""
+
+
 def _holds_run(workdir: Path) -> bool:
-    """Whether ``workdir`` holds a run of ours (a checkpoint, or our config.json)."""
-    if (workdir / CHECKPOINT).is_file():
-        return True
+    """Whether ``workdir`` holds a run of ours: a lenet checkpoint (its header says so), or a
+    config.json as a run writes it (its settings and a valid spec)."""
+    checkpoint = workdir / CHECKPOINT
+    if checkpoint.is_file() and not checkpoint.is_symlink():
+        try:
+            read_meta(checkpoint)
+            return True
+        except CheckpointError:
+            pass
+    path = workdir / "config.json"
     try:
-        config = json.loads((workdir / "config.json").read_text())
-    except (OSError, ValueError, RecursionError):
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 2**20:
+            return False
+        config = json.loads(path.read_text())
+        return (isinstance(config, dict) and CONFIG_KEYS <= set(config)
+                and Spec.from_dict(config["spec"]) is not None)
+    except (OSError, ValueError, RecursionError, SpecError, TypeError):
         return False
-    return isinstance(config, dict) and {"spec", "data"} <= set(config)
 
 
 def _prepare_workdir(config: Config, workdir: Path) -> None:
@@ -93,10 +107,14 @@ def _prepare_workdir(config: Config, workdir: Path) -> None:
             for tmp in workdir.glob(f".{name}.*.tmp"):              # (no writer runs: we hold
                 tmp.unlink(missing_ok=True)                          # the lock)
         if config.resume:
-            if not (workdir / CHECKPOINT).is_file():
+            what = not_a_file(workdir / CHECKPOINT)
+            if what is not None and what.startswith("nothing"):
                 raise WorkdirError(f"--resume: {workdir / CHECKPOINT} does not exist (the run "
                                    "stopped before its first checkpoint); start it again with "
                                    "--overwrite")
+            if what is not None or (workdir / CHECKPOINT).is_symlink():
+                raise WorkdirError(f"--resume: {workdir / CHECKPOINT} is "
+                                   f"{what or 'a symbolic link'}, not a checkpoint a run wrote")
             return
         others = sorted(p.name for p in workdir.iterdir() if p.name != LOCK)
         if others:
@@ -104,11 +122,16 @@ def _prepare_workdir(config: Config, workdir: Path) -> None:
                 raise WorkdirError(f"{workdir} is not empty; pass --resume to continue the run "
                                    "in it, --overwrite to start afresh there, or pick another "
                                    "--workdir")
+            if not _holds_run(workdir):
+                shown = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+                raise WorkdirError(f"--overwrite: {workdir} holds no lenet run (it holds "
+                                   f"{shown}); it deletes only a run's own files, in a run's "
+                                   "folder, so pick another --workdir")
             named = _run_files(workdir)
-            if named and not _holds_run(workdir):
-                raise WorkdirError(f"--overwrite: {workdir} holds no lenet run, but files named "
-                                   f"as a run's ({', '.join(p.name for p in named)}); it "
-                                   "deletes only a run's own files, so pick another --workdir")
+            odd = [p for p in named if p.is_symlink() or not p.is_file()]
+            if odd:  # checked before anything is deleted
+                raise WorkdirError(f"--overwrite: {odd[0]} is not a file a run writes (a folder "
+                                   "or a link); nothing was deleted, so pick another --workdir")
             for path in named:
                 path.unlink(missing_ok=True)
     except BaseException:
@@ -222,8 +245,13 @@ def prepare_run(spec: Spec, config: Config, framework: str, workdir: Path,
     if config.seeds and layout.distributed:
         raise ConfigError(f"--seeds: a population trains in one process, not "
                           f"{layout.process_count}; start it as one")
+    created = not os.path.lexists(workdir)
     if layout.writer:
-        _prepare_workdir(config, workdir)
+        try:
+            _prepare_workdir(config, workdir)
+        except BaseException:
+            _remove_if_made(workdir, created)
+            raise
     elif config.resume and not (workdir / CHECKPOINT).is_file():
         raise WorkdirError(f"{layout}: --resume: {workdir / CHECKPOINT} is not readable here; "
                            "every process reads the checkpoint, so on several hosts --workdir "
@@ -232,7 +260,22 @@ def prepare_run(spec: Spec, config: Config, framework: str, workdir: Path,
         return _prepare(spec, config, framework, workdir, layout, any_process, argv, started)
     except BaseException:
         release(workdir)
+        if layout.writer:
+            _remove_if_made(workdir, created)
         raise
+
+
+def _remove_if_made(workdir: Path, created: bool) -> None:
+    """A refused run leaves no folder behind: the workdir it made, holding its lock file
+    alone, is removed."""
+    if not created:
+        return
+    try:
+        if [p.name for p in workdir.iterdir()] in ([LOCK], []):
+            (workdir / LOCK).unlink(missing_ok=True)
+            workdir.rmdir()
+    except OSError:
+        pass
 
 
 def _prepare(spec: Spec, config: Config, framework: str, workdir: Path, layout: Layout,
@@ -258,6 +301,10 @@ def _prepare(spec: Spec, config: Config, framework: str, workdir: Path, layout: 
             run.init_weights, _ = load_weights(config.init_weights, expect=spec)
         except (WeightsError, SpecError) as e:
             raise WeightsError(f"--init-weights: {e}") from None
+        bad = next((k for k, v in run.init_weights.items() if not np.all(np.isfinite(v))), None)
+        if bad is not None:
+            raise WeightsError(f"--init-weights: {config.init_weights}: tensor {bad!r} holds NaN "
+                               "or infinite values; a run starts from finite weights")
     if config.resume:
         run.restore, run.start, run.wall_before = ckpt.load(
             total, lambda: all(w.is_file() for w in run.weights_files()))

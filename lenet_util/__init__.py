@@ -3,6 +3,6 @@ the command-line conventions, and writing files whole or not at all. Imports not
 lenet's own."""
 
 from lenet_util.errors import LenetError
-from lenet_util.files import atomic_write_bytes
+from lenet_util.files import OutputError, atomic_write_bytes, check_output, not_a_file
 
-__all__ = ["LenetError", "atomic_write_bytes"]
+__all__ = ["LenetError", "OutputError", "atomic_write_bytes", "check_output", "not_a_file"]

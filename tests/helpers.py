@@ -134,6 +134,11 @@ def fast_only(values, *fast) -> list:
 PROGRAMS = {"jax": "lenet_jax.train", "torch": "lenet_torch.train"}
 """Each framework's training program."""
 
+HANG = 3600
+"""Seconds after which a test calls a process hung: a guard against a hang, never a speed
+bound (the slowest process of the suite takes about a minute on an idle machine and a few on
+a loaded one; CI's budget is 90 minutes). No test waits on the machine's speed otherwise."""
+
 
 def run_program(program: str, *argv: str) -> subprocess.CompletedProcess:
     """A training program (a framework's name or the module, e.g. ``lenet_torch.train``) run

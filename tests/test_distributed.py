@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SLOW, without_dropout
+from helpers import HANG, SLOW, without_dropout
 
 from lenet_spec import PRESETS, AvgPool, MaxPool, ReLU, Spec, Tanh, load_weights
 from lenet_train.runlog import read_jsonl
@@ -48,7 +48,7 @@ steps (losses 1.5e-3 apart by step 30, weights 7e-4), and lenet5_bn's weights en
 apart at lr 0.02 though within rounding at 0.05: that tests the weather, not the layout."""
 LONG = ["--train-size", "12800", "--epochs", "2", "--checkpoint-every", "20", "--quiet"]
 """200 steps, long enough to act on a running pair of processes."""
-WAIT = 120
+WAIT = HANG
 """Seconds a test waits for a process before calling it hung (not a speed bound)."""
 
 
@@ -125,7 +125,7 @@ class OneProcess(dict):
         framework, *extra = (key,) if isinstance(key, str) else key
         workdir = self.root / f"{framework}-{len(self)}"
         res = subprocess.run(_cmd(framework, self.mnist_dir, workdir, *SHORT, *extra),
-                             capture_output=True, text=True, timeout=600,
+                             capture_output=True, text=True, timeout=HANG,
                              env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=1"))
         assert res.returncode == 0, res.stderr[-3000:]
         self[key] = workdir
@@ -165,7 +165,7 @@ REFERENCE_THREADS = {"jax": (), "torch": ("--threads", "2")}
 def test_jax_on_8_simulated_devices_matches_1(tmp_path, mnist_dir, one_process) -> None:
     """Each global batch split over a 1-D mesh of 8 simulated CPU devices in one process."""
     res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "d8", *SHORT), capture_output=True,
-                         text=True, timeout=600,
+                         text=True, timeout=HANG,
                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_training(tmp_path / "d8", one_process["jax"])
@@ -176,7 +176,7 @@ def test_jax_batch_norm_and_dropout_on_8_simulated_devices_match_1(tmp_path, mni
                                                                   one_process, bn_specs) -> None:
     spec = bn_specs["jax"]
     res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "d8", *SHORT, *spec),
-                         capture_output=True, text=True, timeout=600,
+                         capture_output=True, text=True, timeout=HANG,
                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_training(tmp_path / "d8", one_process[("jax", *spec)])
@@ -185,7 +185,7 @@ def test_jax_batch_norm_and_dropout_on_8_simulated_devices_match_1(tmp_path, mni
 @SLOW
 def test_jax_batch_must_split_over_the_devices(tmp_path, mnist_dir) -> None:
     res = subprocess.run(_cmd("jax", mnist_dir, tmp_path / "w", "--batch-size", "100"),
-                         capture_output=True, text=True, timeout=600,
+                         capture_output=True, text=True, timeout=HANG,
                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "error: --batch-size 100 does not split evenly over 8 devices" in res.stderr
@@ -228,7 +228,7 @@ def test_torchrun_launches_the_same_training(tmp_path, mnist_dir, one_process) -
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2", "-m", "lenet_torch.train", "--data-dir",
                           mnist_dir, "--workdir", str(tmp_path / "tr"), *SHORT],
-                         capture_output=True, text=True, timeout=600, env=_env())
+                         capture_output=True, text=True, timeout=HANG, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_training(tmp_path / "tr", one_process["torch"])
 

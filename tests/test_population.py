@@ -78,7 +78,7 @@ def test_jax_member_is_the_single_run_at_its_seed(name: str) -> None:
         state = (params, stats, tx.init(params))
         for k in range(4):
             state, alone, _ = alone_step(state, rest, images, labels, idx[k, m], np.int32(k),
-                                         np.uint32(seed))
+                                         np.uint32(seed), np.float32(1))
         assert _gap(state[:2], member(pop.state[:2], m)) < MEMBER_TOL, seed
         np.testing.assert_allclose(values[m, -1], alone, rtol=1e-5)
         single = get_weights(nnx.merge(graphdef, state[0], state[1], rest))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import PROGRAMS, SLOW, fast_only, one_line_error, run_program, without_dropout
+from helpers import HANG, PROGRAMS, SLOW, fast_only, one_line_error, run_program, without_dropout
 from safetensors.numpy import load_file
 from test_population import MEMBER_TOL
 
@@ -149,7 +149,7 @@ def test_interrupted_population_resumes_exactly(tmp_path, runs, base, framework:
 def _interrupt_after_first_checkpoint(cmd: list[str], workdir: Path) -> str:
     """Start ``cmd``, SIGINT it once its first checkpoint is written; its stderr."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG
     while not (workdir / "checkpoint.safetensors").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
         time.sleep(0.001)

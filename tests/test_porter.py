@@ -390,6 +390,23 @@ class Deconv(nn.Module):
 class NeedsArgs(nn.Module):
     def __init__(self, width):
         super().__init__()
+
+
+class Classes(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def make_model(num_classes=10):
+    return Classes(num_classes)
+
+
+def make_list():
+    return []
 """
 
 
@@ -417,12 +434,34 @@ def test_command_line(tmp_path, capsys) -> None:
     assert isinstance(spec.layers[-1], Linear)
 
 
+def test_command_line_takes_factories_and_arguments(tmp_path, capsys) -> None:
+    """FILE.py:FUNCTION builds the module with a factory; --kwargs gives a class or a factory
+    its arguments, as JSON."""
+    (tmp_path / "net.py").write_text(textwrap.dedent(NET_FILE))
+    for target, kwargs, classes in (("make_model", "{}", 10), ("make_model", '{"num_classes": 3}',
+                                                               3),
+                                    ("Classes", '{"num_classes": 5}', 5)):
+        out = tmp_path / f"{target}{classes}.json"
+        assert main([f"{tmp_path}/net.py:{target}", "--input-shape", "1,4,4", "--kwargs", kwargs,
+                     "-o", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads(out.read_text())["layers"][-1]["out_features"] == classes
+    with pytest.raises(SystemExit):
+        main([f"{tmp_path}/net.py:Classes", "--input-shape", "1,4,4", "--kwargs", "[1]",
+              "-o", str(tmp_path / "x.json")])
+    assert "--kwargs: expected a JSON object of keyword arguments, got list" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["{dir}/nope.py:Net"], "nope.py: no such file"),
     (["{dir}/net.py"], "expected FILE.py:CLASS"),
-    (["{dir}/net.py:Missing"], "has no 'Missing'; the nn.Module classes it defines: Deconv, "
+    (["{dir}/net.py:Missing"], "has no 'Missing'; the nn.Module classes it defines: Classes, "
+                               "Deconv, "
                                "NeedsArgs, Net"),
-    (["{dir}/net.py:NeedsArgs"], "NeedsArgs\\(\\) failed.*no arguments"),
+    (["{dir}/net.py:NeedsArgs"], "NeedsArgs\\(\\) failed.*give its arguments as JSON with "
+                                 "--kwargs"),
+    (["{dir}/net.py:NeedsArgs", "--kwargs", '{{"depth": 3}}'], "NeedsArgs\\(depth=3\\) failed"),
+    (["{dir}/net.py:make_list"], "make_list\\(\\) returned a list, not an nn.Module"),
     (["{dir}/net.py:Deconv"], "up \\(ConvTranspose2d\\).*not supported"),
     (["{dir}/net.py:Net", "--state-dict", "{dir}/other.pt"], "other.pt: does not fit Net: "
                                                              "Error.*Missing key"),

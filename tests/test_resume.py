@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SLOW, idx_split, one_line_error, run_program
+from helpers import SLOW, fast_only, idx_split, one_line_error, run_program
 
 from lenet_spec import PRESETS
 from lenet_train import CheckpointError, Config
@@ -54,12 +54,17 @@ def test_resume_refuses_another_run_and_keeps_its_files(tmp_path, mnist_dir,
     res = _run(framework, workdir, mnist_dir, "--resume", "--loss", "mse")
     _one_line_error(res, "written with --loss ce, now mse")
     res = _run(framework, workdir, mnist_dir, "--resume")
-    _one_line_error(res, "the run is complete (step 3 of 3)", "more --epochs or a larger "
-                    "--max-steps")
+    _one_line_error(res, "the run is complete (step 3 of --max-steps 3)",
+                    "resume with a larger --max-steps")
     assert (workdir / "config.json").read_bytes() == config
     assert (workdir / "metrics.jsonl").read_bytes() == metrics
+    # what the advice says works: the rest of the epoch --max-steps had cut (4 steps)
     res = _run(framework, workdir, mnist_dir, "--resume", "--max-steps", "5", "--lr", "1e-3")
-    _one_line_error(res, "the run is complete (epoch 1 of --epochs 1)")  # its epochs are done
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert read_meta(workdir / "checkpoint.safetensors")["step"] == 4
+    res = _run(framework, workdir, mnist_dir, "--resume", "--max-steps", "5")
+    _one_line_error(res, "the run is complete (epoch 1 of --epochs 1)",
+                    "resume with more --epochs")  # its epochs are done
     res = _run(framework, workdir, mnist_dir, "--resume", "--epochs", "2", "--max-steps", "5",
                "--lr", "1e-3")
     assert res.returncode == 0, res.stderr[-2000:]
@@ -74,6 +79,32 @@ CHANGED = {"spec": PRESETS["lenet5_classic"], "optimizer": "sgd", "momentum": 0.
            "weight_decay": 1e-4, "schedule": "cosine", "loss": "mse", "dataset": "kmnist",
            "augment": ("crop",), "batch_size": 32, "seed": 7, "seeds": (0, 1, 2),
            "train_size": 1000}
+
+
+@pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
+def test_a_run_cut_by_max_steps_extends_into_the_longer_run(tmp_path, mnist_dir,
+                                                           framework: str) -> None:
+    """20 steps, then --resume with --max-steps 40: the same weights, step losses and metrics
+    as 40 steps straight (constant schedule: the schedule is laid over the run's length). An
+    epoch cut by --max-steps is checkpointed where it stopped; the resume trains the rest of
+    that epoch, not the next one's batches (6.4e-2 apart in the weights, lenet5_classic)."""
+    flags = ["--spec", "lenet5_classic", "--train-size", "2560", "--batch-size", "64",
+             "--epochs", "2", "--schedule", "constant", "--log-steps", "--quiet",
+             "--data-dir", mnist_dir]
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    for workdir, steps in ((straight, 40), (extended, 20), (extended, 40)):
+        res = run_program(framework, *flags, "--workdir", str(workdir), "--max-steps",
+                          str(steps), *(["--resume"] if steps == 40 and workdir == extended
+                                        else []))
+        assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("weights.safetensors", "steps.jsonl"):
+        assert (extended / name).read_bytes() == (straight / name).read_bytes(), name
+    timing = {"epoch_s", "images_per_sec", "wall_s"}
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    from lenet_train.runlog import read_jsonl
+
+    assert strip(read_jsonl(extended / "metrics.jsonl")) == \
+        strip(read_jsonl(straight / "metrics.jsonl"))
 
 
 def _settings(spec=LENET5, data=DATA, **changes) -> dict:
@@ -143,8 +174,12 @@ def test_overwrite_deletes_only_a_runs_files(tmp_path, mnist_dir) -> None:
     (foreign / "config.json").write_text('{"lr": 1}')
     (foreign / "metrics.jsonl").write_text("{}\n")
     res = _run("torch", foreign, mnist_dir, "--overwrite")
-    _one_line_error(res, "--overwrite:", "holds no lenet run, but files named as a run's "
-                    "(config.json, metrics.jsonl)")
+    _one_line_error(res, "--overwrite:", "holds no lenet run (it holds config.json, "
+                    "metrics.jsonl)")
+    # a config.json with a spec and data keys is not enough to count as ours
+    (foreign / "config.json").write_text('{"spec": {}, "data": {}}')
+    _one_line_error(_run("torch", foreign, mnist_dir, "--overwrite"), "holds no lenet run")
+    assert (foreign / "metrics.jsonl").read_text() == "{}\n"
     assert (foreign / "config.json").read_text() == '{"lr": 1}'
     workdir = tmp_path / "run"
     assert _run("torch", workdir, mnist_dir, "--max-steps", "2").returncode == 0

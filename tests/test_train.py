@@ -265,6 +265,35 @@ def test_plot(tmp_path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_plot_says_what_it_shows(tmp_path) -> None:
+    """Legends name the framework (and the spec where the runs differ in it), the title the
+    spec and dataset, the x axis counts whole epochs as the programs number them, and a
+    one-epoch population's axis spans that epoch, not 0.96–1.04."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lenet_train.plot import describe, figure
+
+    record = {"epoch": 0, "train_loss": 0.5, "test_loss": 0.4, "train_accuracy": 0.9,
+              "test_accuracy": 0.91}
+    for fw in ("jax", "torch"):
+        (tmp_path / fw).mkdir()
+        (tmp_path / fw / "config.json").write_text(json.dumps(
+            {"framework": fw, "spec": {"name": "lenet5"}, "dataset": "mnist"}))
+    assert describe(tmp_path / "jax") == ("JAX", "lenet5", "mnist")
+    fig = figure({"JAX": [record, {**record, "epoch": 1}, {**record, "epoch": 2}],
+                  "torch": [record]}, "lenet5 on mnist")
+    ax = fig.axes[1]
+    assert fig._suptitle.get_text() == "lenet5 on mnist"
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["JAX, train", "JAX, test"]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks == [0.0, 1.0, 2.0] and ax.get_xlim() == (-0.5, 2.5)
+    population = [{**record, "seed": 1}, {**record, "seeds": [1, 2], "members": 2,
+                                          **{f"{k}_sd": 0.01 for k in record if k != "epoch"}}]
+    ax = figure({"JAX": population}).axes[0]
+    assert ax.get_xlim() == (-0.5, 0.5)
+
+
 @SLOW
 def test_jax_steps_per_call_scan_matches_single_steps(tmp_path, mnist_dir) -> None:
     """``--steps-per-call 5`` (lax.scan) trains the same 20 steps as one jitted step per call:

@@ -86,18 +86,28 @@ class Dataset:
     shape: tuple[int, int, int]
     classes: int
     counts: dict[str, int] = field(default_factory=dict)
+    url: str = ""
+    """Where its publisher offers the files."""
 
     def files(self, split: str) -> tuple[str, ...]:
         return (IDX_FILES if self.format == "idx" else CIFAR_FILES)[split]
 
+    def all_files(self) -> tuple[str, ...]:
+        """Every file of both splits (the training files first)."""
+        return (*self.files("train"), *self.files("test"))
+
 
 DATASETS = {d.name: d for d in (
-    Dataset("mnist", "MNIST", "idx", SHAPES["mnist"], 10, {"train": 60_000, "test": 10_000}),
+    Dataset("mnist", "MNIST", "idx", SHAPES["mnist"], 10, {"train": 60_000, "test": 10_000},
+            "https://storage.googleapis.com/cvdf-datasets/mnist/ (the .gz files)"),
     Dataset("fashion_mnist", "Fashion-MNIST", "idx", SHAPES["fashion_mnist"], 10,
-            {"train": 60_000, "test": 10_000}),
-    Dataset("kmnist", "KMNIST", "idx", SHAPES["kmnist"], 10, {"train": 60_000, "test": 10_000}),
+            {"train": 60_000, "test": 10_000},
+            "https://github.com/zalandoresearch/fashion-mnist (data/fashion/*.gz)"),
+    Dataset("kmnist", "KMNIST", "idx", SHAPES["kmnist"], 10, {"train": 60_000, "test": 10_000},
+            "http://codh.rois.ac.jp/kmnist/dataset/kmnist/ (the *-ubyte.gz files)"),
     Dataset("cifar10", "CIFAR-10", "cifar", SHAPES["cifar10"], 10,
-            {"train": 50_000, "test": 10_000}),
+            {"train": 50_000, "test": 10_000},
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz (the binary version)"),
 )}
 
 

@@ -251,9 +251,10 @@ def load(name: str, split: str, data_dir: str | Path | None = None) -> Split:
     if data_dir:
         found = read_folder(dataset, Path(data_dir), split)
         if found is None:
-            raise DataError(f"{data_dir}: no {dataset.title} {split} files ({what}; plain or "
-                            ".gz)" if dataset.format == "idx" else
-                            f"{data_dir}: no {dataset.title} {split} files ({what})")
+            raise DataError((f"{data_dir}: no {dataset.title} {split} files ({what}; plain or "
+                             ".gz)" if dataset.format == "idx" else
+                             f"{data_dir}: no {dataset.title} {split} files ({what})")
+                            + f"; its publisher offers them at {dataset.url}")
         log.info("%s %s from %s", dataset.title, split, found.source)
         return found
     env = os.environ.get("LENET_DATA_DIR")
@@ -285,10 +286,15 @@ def load(name: str, split: str, data_dir: str | Path | None = None) -> Split:
         assert found is not None
         found.source = f"{source} (cached in {cache})"
         return found
+    every = ", ".join(dataset.all_files())
+    if dataset.format == "idx":
+        every += " (plain or .gz)"
+    else:
+        every = f"{CIFAR_ARCHIVE}, or its {every}"
     raise DataError(
         f"could not find {dataset.title}. Tried:\n  - " + "\n  - ".join(tried)
-        + f"\nPut its files ({what}) in a folder and pass --data-dir (or set "
-        "LENET_DATA_DIR) to it."
+        + f"\nDownload its files ({every}) from {dataset.url}, put them in a folder and pass "
+        "--data-dir (or set LENET_DATA_DIR) to it."
     )
 
 
