@@ -297,7 +297,7 @@ def get_weights(net: LeNet) -> dict[str, np.ndarray]:
                 value = np.array(getattr(module, BN_NAMES[name.rsplit(".", 1)[1]])[...])
                 weights[name] = value.astype(np.int64) if value.dtype.kind == "i" else value
         elif module is not None:
-            kernel = np.asarray(module.kernel[...])
+            kernel = np.array(module.kernel[...])  # a copy: the caller owns what it gets
             weights[f"{info.label}.weight"] = np.ascontiguousarray(_to_canonical(info, kernel))
             if module.bias is not None:
                 weights[f"{info.label}.bias"] = np.array(module.bias[...])

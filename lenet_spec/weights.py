@@ -98,20 +98,27 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
     as a safetensors file whose bytes depend only on its contents (the same state gives the
     same file, so runs can be compared by checksum)."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    chunks, offset = [], 0
+    offset = 0
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if dtype not in _DTYPES:
             raise TypeError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
-        data = np.ascontiguousarray(array, dtype=dtype).tobytes()
+        size = array.size * dtype.itemsize
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+                        "data_offsets": [offset, offset + size]}
+        offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + b"".join(chunks))
+
+    def chunks():  # one tensor's bytes at a time, no copy of the whole state
+        yield len(text).to_bytes(8, "little") + text
+        for name in sorted(tensors):
+            array = np.asarray(tensors[name])
+            dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+            yield memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")
+
+    atomic_write_bytes(path, chunks())
 
 
 def read_safetensors(

@@ -77,16 +77,16 @@ def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     batch_norm sees every output of the conv), the pool a reduction over the phases. With
     ``commutes`` (``between`` is a monotone activation or nothing) a max-pool is taken before
     the bias and ``between``."""
-    y = _phase_product(x, weight, padding, pool)  # (N, Cout, phases, Ho, Wo)
-    n, c, phases, ho, wo = y.shape
+    y = _phase_product(x, weight, padding, pool)  # (N, Ho, Wo, phases, Cout)
+    n, ho, wo, phases, c = y.shape
     if take_max and commutes:
-        y = y.max(dim=2).values
-        y = y + bias.reshape(1, c, 1, 1) if bias is not None else y
-        for f in between:
+        y = y.max(dim=3).values
+        y = y + bias if bias is not None else y
+        for f in between:  # elementwise: in this layout, before the permute
             y = f(y)
-        return y
-    y = y + bias.reshape(1, c, 1, 1, 1) if bias is not None else y
-    y = y.reshape(n, c, phases * ho, wo)
+        return y.permute(0, 3, 1, 2)
+    y = y + bias if bias is not None else y
+    y = y.permute(0, 4, 3, 1, 2).reshape(n, c, phases * ho, wo)
     for f in between:
         y = f(y)
     y = y.reshape(n, c, phases, ho, wo)
@@ -110,7 +110,7 @@ def conv_max_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def _phase_product(x: torch.Tensor, weight: torch.Tensor, padding: Pair,
                    pool: Pair) -> torch.Tensor:
-    """conv(x) (no bias) at the pool's phases: (N, Cout, ph·pw, Ho, Wo), Ho, Wo pooled, the
+    """conv(x) (no bias) at the pool's phases: (N, Ho, Wo, ph·pw, Cout), Ho, Wo pooled, the
     phases in the window's row-major order; a ragged edge the pool drops is not computed."""
     (ph, pw), (cout, cin, kh, kw) = pool, weight.shape
     (pad_h, pad_w) = padding
@@ -128,8 +128,7 @@ def _phase_product(x: torch.Tensor, weight: torch.Tensor, padding: Pair,
         kp * kq * ph * pw * cin, ph * pw * cout)
     patches = torch.cat([x[:, p : p + ho, r : r + wo] for p in range(kp) for r in range(kq)],
                         dim=-1)
-    y = (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
-    return y.permute(0, 4, 3, 1, 2)
+    return (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
 
 
 def _windows(x: torch.Tensor, kernel: Pair, stride: Pair, out: Pair) -> list[torch.Tensor]:

@@ -52,7 +52,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer,
     parameters, ``net``'s or the named tensors it was made over, are already in canonical
     layout). Step counts are the checkpoint's position."""
     names = [k for k, _ in _named(net)]
-    return {f"{names[i]}.{slot}": v.detach().cpu().numpy()
+    return {f"{names[i]}.{slot}": v.detach().cpu().numpy().copy()
             for i, per_param in opt.state_dict()["state"].items()
             for slot, v in per_param.items() if slot != "step" and v is not None}
 

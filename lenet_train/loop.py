@@ -76,7 +76,8 @@ class Trainer(Protocol):
         """Mean loss and accuracy over the test split (a population's: one per member)."""
 
     def state(self) -> State:
-        """The current state as named numpy arrays."""
+        """The current state as named numpy arrays the caller owns (later steps do not change
+        them: a held checkpoint keeps them while the run goes on)."""
 
     def model(self) -> Any:
         """The trained network in its framework, in evaluation mode (a population's: a list,
@@ -127,7 +128,7 @@ def fit(run: Run, backend: Trainer) -> list[dict]:
                             ckpt.save(backend.state(), pos, run.wall_s())
                             raise run.interrupted_at(pos)
                         if due:
-                            held = backend.state().copy(), pos.copy()
+                            held = backend.state(), pos.copy()
                 history += run.end_epoch(pos, backend.evaluate())
                 cut = pos.done < run.steps_per_epoch  # by max_steps: the run's last epoch
                 if not cut:

@@ -40,15 +40,18 @@ def figure(runs: Mapping[str, Sequence[dict[str, Any]]], title: str | None = Non
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs_seen: list[int] = []
-    for name, records in runs.items():
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, records) in enumerate(runs.items()):
         records = list(records)
         seeds = next((r["seeds"] for r in records if "seeds" in r), None)
         label = name if seeds is None else f"{name} ({len(seeds)} seeds, mean ± s.d.)"
+        colour = colours[k % len(colours)]  # one colour a run; train dashed, test solid
         for split, style in (("train", "--"), ("test", "-")):
             for ax, what, scale in ((ax_loss, "loss", 1), (ax_acc, "accuracy", 100)):
                 epochs, values, sds = curve(records, f"{split}_{what}")
                 epochs_seen += epochs
-                line, = ax.plot(epochs, [scale * v for v in values], style, marker="o",
+                line, = ax.plot(epochs, [scale * v for v in values], style, color=colour,
+                                marker="o" if split == "test" else "s",
                                 label=f"{label}, {split}")
                 if sds is not None:
                     pairs = list(zip(values, sds, strict=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from lenet_util.errors import LenetError
@@ -64,8 +65,9 @@ def check_output(path: str | Path) -> None:
         raise OutputError(f"{path}: cannot write there ({e.strerror or e})") from None
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and rename.
+def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or chunks of them written one after another) to ``path`` via a
+    temporary file in the same folder, fsync and rename.
 
     A reader sees either the old file or the new one, never a partial write. Only a regular
     file (or nothing) at ``path`` is replaced: anything else is :class:`OutputError`
@@ -83,7 +85,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # what open() would have given, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in ([data] if isinstance(data, (bytes, bytearray, memoryview)) else data):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         check_output(path)  # nothing else appeared there meanwhile

@@ -10,11 +10,12 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import fast_only, one_line_error, run_command, run_program
+from helpers import SLOW, fast_only, one_line_error, run_command, run_program
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -477,3 +478,36 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, mnist_dir) -> None:
     res = run_program("torch", "--spec", "cifar10_cnn", "--data-dir", mnist_dir, "--workdir",
                       str(workdir))
     assert res.returncode == 2 and workdir.is_dir()
+
+
+def _peak_rss(argv: list[str]) -> int:
+    """The peak resident bytes of ``python -m argv…`` (its own, by wait4)."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read()[-2000:]
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("framework, seeds, width", [
+    ("torch", None, 16384), pytest.param("jax", None, 16384, marks=SLOW),
+    pytest.param("torch", "8", 120, marks=SLOW), pytest.param("jax", "8", 120, marks=SLOW)])
+def test_the_memory_estimate_bounds_the_real_peak(tmp_path, mnist_dir, framework: str,
+                                                  seeds: str | None, width: int) -> None:
+    """The estimate the programs refuse a run by is above what a run really holds at its
+    peak (resident memory, three steps with a checkpoint after each: its writes included),
+    for a wide layer and for a population; it once passed a run the kernel killed at 24 GB
+    (16.2 GiB estimated)."""
+    from lenet_train.setup import memory_needed
+
+    base = PRESETS["lenet5"].to_dict()
+    layers = [dict(layer, out_features=width) if layer.get("name") == "fc1" else layer
+              for layer in base["layers"]]
+    path = tmp_path / "wide.json"
+    path.write_text(json.dumps({**base, "name": "wide", "layers": layers}))
+    flags = ["--spec", str(path), "--max-steps", "3", "--checkpoint-every", "1", "--quiet",
+             "--data-dir", mnist_dir, *(["--seeds", seeds] if seeds else [])]
+    peak = _peak_rss([f"lenet_{framework}.train", *flags, "--workdir", str(tmp_path / "run")])
+    estimate = sum(memory_needed(Config(max_steps=3, seeds=seeds),
+                                 Spec.from_dict(json.loads(path.read_text()))).values())
+    assert peak < estimate, (peak / 2**30, estimate / 2**30)

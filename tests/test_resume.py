@@ -294,7 +294,10 @@ def test_a_spec_too_large_for_memory_is_refused_with_the_estimate(tmp_path, mnis
     spec = PRESETS["lenet5"]
     assert spec.activations == 1024 + 2 * 4704 + 1176 + 2 * 1600 + 400 + 400 + 2 * 120 + \
         2 * 84 + 10
-    assert spec.training_bytes(128) == 4 * (2 * 128 * spec.activations + 4 * 61_706)
+    from lenet_train.setup import memory_needed
+
+    assert memory_needed(Config(), spec)["training"] == 4 * (12 * 61_706 + 3 * 128 *
+                                                             spec.activations)
     path = tmp_path / "wide.json"
     path.write_text(json.dumps({"name": "wide", "input_shape": [1, 28, 28], "layers": [
         {"type": "conv", "out_channels": 200_000, "kernel_size": 3},
@@ -302,8 +305,8 @@ def test_a_spec_too_large_for_memory_is_refused_with_the_estimate(tmp_path, mnis
         {"type": "linear", "out_features": 10}]}))
     res = run_program("torch", "--spec", str(path), "--data-dir", mnist_dir, "--workdir",
                       str(tmp_path / "run"))
-    _one_line_error(res, "spec wide needs about 1,136.9 GiB at --batch-size 128 (data 0.2 GiB, "
-                    "training 129.4 GiB, evaluation 1,007.3 GiB, float32); this machine has")
+    _one_line_error(res, "spec wide needs about 1,203.4 GiB at --batch-size 128 (runtime 1.5 GiB, "
+                    "data 0.4 GiB, training 194.2 GiB, evaluation 1,007.3 GiB); this machine has")
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path,
