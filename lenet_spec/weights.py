@@ -116,7 +116,8 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
         for name in sorted(tensors):
             array = np.asarray(tensors[name])
             dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-            yield memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")
+            if array.size:
+                yield memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")
 
     atomic_write_bytes(path, chunks())
 

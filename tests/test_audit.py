@@ -480,13 +480,21 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, mnist_dir) -> None:
     assert res.returncode == 2 and workdir.is_dir()
 
 
+PEAK = """
+import resource, subprocess, sys
+res = subprocess.run([sys.executable, "-m", *sys.argv[1:]], capture_output=True, text=True)
+assert res.returncode == 0, res.stderr[-2000:]
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+"""Started by a small process of its own: a child forked from the test's worker would count
+the worker's memory, which it shares until it execs, in its peak."""
+
+
 def _peak_rss(argv: list[str]) -> int:
-    """The peak resident bytes of ``python -m argv…`` (its own, by wait4)."""
-    proc = subprocess.Popen([sys.executable, "-m", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read()[-2000:]
-    return usage.ru_maxrss * 1024
+    """The peak resident bytes of ``python -m argv…``."""
+    res = subprocess.run([sys.executable, "-c", PEAK, *argv], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return int(res.stdout.split()[-1]) * 1024
 
 
 @pytest.mark.parametrize("framework, seeds, width", [

@@ -176,11 +176,11 @@ def test_overwrite_deletes_only_a_runs_files(tmp_path, mnist_dir) -> None:
     res = _run("torch", foreign, mnist_dir, "--overwrite")
     _one_line_error(res, "--overwrite:", "holds no lenet run (it holds config.json, "
                     "metrics.jsonl)")
+    assert (foreign / "config.json").read_text() == '{"lr": 1}'
     # a config.json with a spec and data keys is not enough to count as ours
     (foreign / "config.json").write_text('{"spec": {}, "data": {}}')
     _one_line_error(_run("torch", foreign, mnist_dir, "--overwrite"), "holds no lenet run")
     assert (foreign / "metrics.jsonl").read_text() == "{}\n"
-    assert (foreign / "config.json").read_text() == '{"lr": 1}'
     workdir = tmp_path / "run"
     assert _run("torch", workdir, mnist_dir, "--max-steps", "2").returncode == 0
     stale = [workdir / ".checkpoint.safetensors.k1ll3d.tmp", workdir / ".config.json.x.tmp"]
