@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lenet_train.errors import CheckpointError, NonFinite, StateError
+from lenet_train.fault import planned
 from lenet_train.run import Run
 from lenet_train.state import Position, State
 
@@ -96,6 +97,7 @@ def fit(run: Run, backend: Trainer) -> list[dict]:
     history: list[dict] = []
     held: tuple[State, Position] | None = None  # a due checkpoint, until its weights train on
     k_max = backend.steps_per_call
+    fault = planned()
     with run.watching_signals():
         try:
             for epoch in range(pos.epoch, run.config.epochs):
@@ -111,6 +113,8 @@ def fit(run: Run, backend: Trainer) -> list[dict]:
                         k = min(k_max - i % k_max, len(order) - i)
                         pending.append(backend.train(i, k, pos.step))
                         pos.done, pos.step = i + k, pos.step + k
+                        if fault:
+                            fault.after(pos.step - k, pos.step)
                         due = ckpt.due(pos.step - k, pos.step) and pos.done < len(order)
                         report = (i // REPORT_EVERY != pos.done // REPORT_EVERY
                                   or pos.done == len(order) or due)

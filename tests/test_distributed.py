@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +79,10 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _start_pair(framework: str, mnist_dir: str, workdirs: tuple[Path, Path],
-                *extra: str) -> list[subprocess.Popen]:
+                *extra: str, fault: str | None = None) -> list[subprocess.Popen]:
     """Processes 0 and 1 of a two-process run, started directly (JAX: the coordinator flags;
-    torch: the environment torchrun would set), each with its own --workdir."""
+    torch: the environment torchrun would set), each with its own --workdir; ``fault``: the
+    LENET_FAULT of process 1 (a signal it sends itself at a step)."""
     port = str(_free_port())
     procs = []
     for i, workdir in enumerate(workdirs):
@@ -94,6 +94,8 @@ def _start_pair(framework: str, mnist_dir: str, workdirs: tuple[Path, Path],
             cmd = _cmd("torch", mnist_dir, workdir, *extra)
             env = _env(RANK=str(i), LOCAL_RANK=str(i), WORLD_SIZE="2",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        if fault and i == 1:
+            env["LENET_FAULT"] = fault
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     return procs
@@ -102,15 +104,6 @@ def _start_pair(framework: str, mnist_dir: str, workdirs: tuple[Path, Path],
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
     _, err = proc.communicate(timeout=WAIT)
     return proc.returncode, err
-
-
-def _wait_for(path: Path, procs: list[subprocess.Popen]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not path.exists():
-        for p in procs:
-            assert p.poll() is None, f"a process ended early: {p.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {path} after {WAIT} s"
-        time.sleep(0.01)
 
 
 class OneProcess(dict):
@@ -258,11 +251,11 @@ def test_unreachable_coordinator_gives_up_with_one_error(tmp_path, mnist_dir,
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_a_lost_process_stops_the_other_with_one_error(tmp_path, mnist_dir,
                                                        framework: str) -> None:
-    """Process 1 is killed (SIGKILL) mid-run; process 0 must stop on its own, not hang."""
-    procs = _start_pair(framework, mnist_dir, (tmp_path / "p0", tmp_path / "p1"), *LONG)
-    _wait_for(tmp_path / "p0" / "checkpoint.safetensors", procs)
-    procs[1].kill()
-    procs[1].wait()
+    """Process 1 is killed (SIGKILL, which it sends itself after step 30) mid-run; process 0
+    must stop on its own, not hang."""
+    procs = _start_pair(framework, mnist_dir, (tmp_path / "p0", tmp_path / "p1"), *LONG,
+                        fault="SIGKILL@30")
+    assert procs[1].wait(timeout=WAIT) == -signal.SIGKILL
     rc, err = _finish(procs[0])
     assert rc == 4, err[-3000:]
     assert "error: process 0 of 2: lost contact with the other processes" in err
@@ -273,12 +266,11 @@ def test_a_lost_process_stops_the_other_with_one_error(tmp_path, mnist_dir,
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path, mnist_dir,
                                                                framework: str) -> None:
-    """SIGTERM to process 1 alone: both checkpoint-and-stop after the same step (exit 130),
-    process 0 says how to continue, and the pair resumes to the end."""
+    """SIGTERM to process 1 alone (sent by itself after step 30): both checkpoint-and-stop
+    after the same step (exit 130), process 0 says how to continue, and the pair resumes to the
+    end."""
     workdir = tmp_path / "run"
-    procs = _start_pair(framework, mnist_dir, (workdir, workdir), *LONG)
-    _wait_for(workdir / "checkpoint.safetensors", procs)
-    procs[1].send_signal(signal.SIGTERM)
+    procs = _start_pair(framework, mnist_dir, (workdir, workdir), *LONG, fault="SIGTERM@30")
     (rc0, err0), (rc1, err1) = (_finish(p) for p in procs)
     assert rc0 == rc1 == 130, (err0[-2000:], err1[-2000:])
     assert "a signal to another process: stopped at step" in err0 and "--resume" in err0

@@ -9,6 +9,7 @@ lenet5_bn's run does so too: its BatchNorm statistics and dropout randomness are
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import struct
@@ -27,6 +28,8 @@ from lenet_train.runlog import read_jsonl
 RUN = ["--train-size", "2560", "--epochs", "3", "--checkpoint-every", "7", "--log-steps",
        "--quiet"]
 TIMING = {"epoch_s", "images_per_sec", "wall_s"}
+STOP_AT = 25
+"""The step a SIGINT stops the run after: mid-epoch 1, between two checkpoints."""
 
 
 def _cmd(framework: str, workdir: Path, mnist_dir: str, *extra: str) -> list[str]:
@@ -163,21 +166,21 @@ def test_sigkill_of_a_population_then_resume_is_exact(tmp_path, mnist_dir, frame
 @pytest.mark.parametrize("framework", PROGRAMS)
 def test_sigint_checkpoints_says_how_to_resume_and_resumes_exactly(tmp_path, mnist_dir,
                                                                   reference, framework) -> None:
+    """A real SIGINT, sent by the run to itself at a step of epoch 1 (LENET_FAULT: the same
+    step whatever the machine's load): exit 130, the checkpoint at that step, the command that
+    continues, and the continued run is the run never stopped."""
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(framework, workdir, mnist_dir), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + HANG
-    while _checkpoint_meta(workdir) is None:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGINT)
-    stderr = proc.stderr.read()
-    assert proc.wait() == 130, stderr
+    proc = subprocess.run(_cmd(framework, workdir, mnist_dir), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=HANG,
+                          env={**os.environ, "LENET_FAULT": f"SIGINT@{STOP_AT}"})
+    stderr = proc.stderr
+    assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     match = re.search(r"SIGINT: stopped at step (\d+) .*Continue with:\n  (.*--resume)", stderr,
                       re.S)
     assert match, stderr
-    assert _checkpoint_meta(workdir)["step"] == int(match[1])
+    # the stop comes after the train call that holds STOP_AT (JAX trains several steps a call)
+    assert STOP_AT <= int(match[1]) < 40 and _checkpoint_meta(workdir)["step"] == int(match[1])
     assert f"--workdir {workdir}" in match[2] and "lenet_" + framework in match[2]
     res = _run([*_cmd(framework, workdir, mnist_dir), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -286,3 +289,18 @@ def test_ctrl_c_from_the_first_moment_is_one_line(tmp_path, mnist_dir, framework
         assert "Traceback" not in err and "Exception ignored" not in err, err
         # one line; if training had begun, the checkpointed stop's (with the resume command)
         assert any(line.startswith("SIGINT: ") for line in err.splitlines()), err
+
+
+def test_a_fault_names_its_variable_when_malformed(monkeypatch) -> None:
+    """LENET_FAULT (the tests' exact-step signals): unset nothing; malformed one line naming it."""
+    from lenet_train.errors import ConfigError
+    from lenet_train.fault import planned
+
+    monkeypatch.delenv("LENET_FAULT", raising=False)
+    assert planned() is None
+    monkeypatch.setenv("LENET_FAULT", "SIGTERM@7")
+    assert (planned().signal, planned().step) == (signal.SIGTERM, 7)
+    for bad in ("SIGINT", "SIGHUP@3", "SIGINT@0", "SIGINT@x"):
+        monkeypatch.setenv("LENET_FAULT", bad)
+        with pytest.raises(ConfigError, match=f"LENET_FAULT: must be SIGNAL@STEP .* got '{bad}'"):
+            planned()
