@@ -51,6 +51,7 @@ from lenet_spec import (
     LogSoftmax,
     MaxPool,
     ReLU,
+    Scale,
     Sigmoid,
     SiLU,
     Softmax,
@@ -61,6 +62,7 @@ from lenet_spec import (
     chw_to_hwc,
     hwc_to_chw,
     load_spec,
+    pooled_size,
 )
 
 ACTIVATIONS = {
@@ -136,7 +138,7 @@ class LeNet(nnx.Module):
                  logits: bool = False) -> jax.Array:
         """What the spec's network returns for NHWC ``x``; with ``logits``, what it returns
         before a final log_softmax or softmax."""
-        check_input(self.spec, x)
+        x = check_input(self.spec, x)
         end = self.spec.logits_end if logits else len(self.spec.layers)
         if self.kernels == "fused":
             return fused.forward(self, x, rngs, end)
@@ -152,10 +154,14 @@ class LeNet(nnx.Module):
             return ACTIVATIONS[type(layer)](layer, x)
         if isinstance(layer, (Dropout, Dropout2d)):
             return self.dropout(layer, x, rngs)
+        if isinstance(layer, (MaxPool, AvgPool)) and (layer.padding != (0, 0) or layer.ceil_mode):
+            return padded_pool(x, layer)
         if isinstance(layer, MaxPool):
             return nnx.max_pool(x, layer.kernel_size, layer.stride)
         if isinstance(layer, AvgPool):
             return nnx.avg_pool(x, layer.kernel_size, layer.stride)
+        if isinstance(layer, Scale):
+            return x * _per_channel(layer.scale, x) + _per_channel(layer.shift, x)
         if isinstance(layer, (AdaptiveMaxPool, AdaptiveAvgPool)):
             return adaptive_pool(x, layer.output_size, isinstance(layer, AdaptiveMaxPool))
         if isinstance(layer, Flatten):
@@ -178,6 +184,45 @@ class LeNet(nnx.Module):
         keep = keep_mask((rngs or self.rngs).dropout(), layer.p, shape)
         return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / (1 - layer.p),
                               jnp.zeros_like(x))
+
+
+def _per_channel(value: float | tuple[float, ...], x: jax.Array) -> float | jax.Array:
+    """A scale layer's number, or its per-channel values (the last axis of NHWC or (N, F))."""
+    return value if not isinstance(value, tuple) else jnp.asarray(value, x.dtype)
+
+
+def padded_pool(x: jax.Array, layer: MaxPool | AvgPool) -> jax.Array:
+    """A max- or avg-pool of NHWC ``x`` with ``padding`` and ``ceil_mode`` as torch computes
+    it: −∞ (max) or zeros (avg) on each side, a last partial window where ``ceil_mode`` adds
+    one, and an average's divisor counting the window's part inside the padded input
+    (``count_include_pad``) or inside the input alone."""
+    _, h, w, _ = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    ho = pooled_size(h, kh, sh, ph, layer.ceil_mode)
+    wo = pooled_size(w, kw, sw, pw, layer.ceil_mode)
+    # right padding to the end of the last window (beyond the padding torch adds: never read
+    # as a maximum, never counted in a divisor)
+    extra_h = max(0, (ho - 1) * sh + kh - (h + 2 * ph))
+    extra_w = max(0, (wo - 1) * sw + kw - (w + 2 * pw))
+    pads = ((0, 0), (ph, ph + extra_h), (pw, pw + extra_w), (0, 0))
+    window, strides = (1, kh, kw, 1), (1, sh, sw, 1)
+    if isinstance(layer, MaxPool):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, strides, pads)
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, pads)
+    return total / jnp.asarray(_divisors(h, w, layer, ho, wo), x.dtype)[None, :, :, None]
+
+
+def _divisors(h: int, w: int, layer: AvgPool, ho: int, wo: int) -> np.ndarray:
+    """The (Ho, Wo) divisor of each window of a padded avg-pool, as torch counts it."""
+    def along(size: int, k: int, s: int, p: int, out: int) -> np.ndarray:
+        start = np.arange(out) * s - p
+        end = np.minimum(start + k, size + p)
+        if not layer.count_include_pad:
+            start, end = np.maximum(start, 0), np.minimum(end, size)
+        return (end - start).astype(np.float64)
+
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    return np.outer(along(h, kh, sh, ph, ho), along(w, kw, sw, pw, wo))
 
 
 def adaptive_pool(x: jax.Array, size: tuple[int, int], take_max: bool) -> jax.Array:
@@ -215,12 +260,15 @@ def keep_mask(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.bernoulli(key, 1 - p, shape)
 
 
-def check_input(spec: Spec, x: jax.Array) -> None:
-    """Raise ``ValueError`` naming the expected (N, H, W, C) shape unless ``x`` has it."""
+def check_input(spec: Spec, x: jax.Array) -> jax.Array:
+    """``x`` as an (N, H, W, C) batch (a spec fed NHW also takes (N, H, W) and adds the one
+    channel), or ``ValueError`` naming the expected shape."""
     c, h, w = spec.input_shape
     want = (h, w, c)
+    if spec.fed == "NHW" and x.ndim == 3 and tuple(x.shape[1:]) == (h, w):
+        return x[..., None]
     if tuple(x.shape[1:]) == want and x.ndim == 4:
-        return
+        return x
     expected = f"(N, {h}, {w}, {c}) (NHWC)"
     hint = ""
     if tuple(x.shape) == want:
@@ -246,7 +294,7 @@ def _constructor(spec: Spec, init: str, kernels: str):
 
 def layer_outputs(net: LeNet, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
     """The output of every layer of the spec, in order, for input ``x`` (in the net's mode)."""
-    check_input(net.spec, x)
+    x = check_input(net.spec, x)
     outputs = []
     for layer in net.spec.layers:
         x = net.apply_layer(layer, x, rngs)

@@ -162,7 +162,7 @@ def without_dropout(spec: Spec) -> Spec:
     (dropout's own parity is tested with one mask given to both, tests/test_layers.py)."""
     layers = tuple(dataclasses.replace(layer, p=0.0) if isinstance(layer, (Dropout, Dropout2d))
                    else layer for layer in spec.layers)
-    return Spec(spec.name, spec.input_shape, layers)
+    return dataclasses.replace(spec, layers=layers)
 
 
 def buffers_gap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], spec: Spec) -> float:

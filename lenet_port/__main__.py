@@ -15,14 +15,16 @@ from lenet_util import LenetError, atomic_write_bytes, check_output
 from lenet_util.cli import Parser, stopping_on_interrupt
 
 
-def input_shape_arg(text: str) -> tuple[int, int, int]:
+def input_shape_arg(text: str) -> tuple[int, ...]:
+    """An argparse type: C,H,W, or H,W for images without a channel axis."""
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive ints), got {text!r}")
-    return shape  # type: ignore[return-value]
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive ints; H,W for images "
+                                         f"without a channel axis), got {text!r}")
+    return shape
 
 
 def kwargs_arg(text: str) -> dict:
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keyword arguments for the class or function, as a JSON object, "
                              "e.g. '{\"num_classes\": 10}' (default: none)")
     parser.add_argument("--input-shape", type=input_shape_arg, required=True, metavar="C,H,W",
-                        help="one input image's shape, e.g. 1,32,32")
+                        help="one input image's shape, e.g. 1,32,32 (28,28: images without a "
+                             "channel axis, which the module adds)")
     parser.add_argument("--state-dict", type=Path, metavar="FILE",
                         help="weights to load first (read with torch.load(weights_only=True))")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="SPEC.json",

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from lenet_port.errors import SUPPORTED, PortError
-from lenet_spec import Layer
+from lenet_spec import Layer, SpecError
 
 
 def bind_args(node: fx.Node, env: dict, names: Sequence[str], defaults: dict[str, Any],
@@ -43,10 +43,10 @@ def pair(value: Any) -> tuple[int, int]:
 
 
 def pool_layer(kind: type, k: Any, stride: Any, padding: Any, where: str, *, dilation: Any = 1,
-          extra: dict[str, Any] | None = None) -> Layer:
-    """The spec's pool of these settings; ceil_mode is judged later, by the output shape."""
-    if pair(padding) != (0, 0):
-        raise PortError(f"{where}: pooling with padding {padding!r}; the spec's pools have none")
+               ceil_mode: bool = False, extra: dict[str, Any] | None = None,
+               **fields: Any) -> Layer:
+    """The spec's pool of these settings (padding, ceil_mode and ``fields`` such as
+    count_include_pad as torch's)."""
     if pair(dilation) != (1, 1):
         raise PortError(f"{where}: pooling with dilation {dilation!r}; the spec's pools have none")
     for key, (value, ok) in (extra or {}).items():
@@ -55,7 +55,10 @@ def pool_layer(kind: type, k: Any, stride: Any, padding: Any, where: str, *, dil
                             f"{kind.type} has {key}={ok!r})")
     stride = None if stride is None or (isinstance(stride, (list, tuple)) and not stride) \
         else pair(stride)
-    return kind(pair(k), stride)
+    try:
+        return kind(pair(k), stride, pair(padding), bool(ceil_mode), **fields)
+    except SpecError as e:
+        raise PortError(f"{where}: {e}") from None
 
 
 def conv_padding(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int],

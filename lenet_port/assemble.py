@@ -21,6 +21,7 @@ from lenet_spec import (
     MAX_LAYERS,
     BatchNorm,
     Conv,
+    Flatten,
     Layer,
     Linear,
     Spec,
@@ -82,9 +83,9 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
         raise PortError(f"to_spec takes an nn.Module, got {type(module).__name__}")
     name = name or type(module).__name__
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
-        raise PortError(f"{name}: input_shape must be (C, H, W) of positive ints, got "
-                        f"{input_shape!r}")
+    if len(shape) not in (2, 3) or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise PortError(f"{name}: input_shape must be (C, H, W) of positive ints (or (H, W) "
+                        f"for images without a channel axis), got {input_shape!r}")
     if math.prod(shape) > MAX_INPUT:
         raise PortError(f"{name}: input_shape {shape} is {math.prod(shape):,} values an image, "
                         f"more than the {MAX_INPUT:,} the porter runs a module on (LeNet-style "
@@ -129,7 +130,11 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
                 if not flag:
                     step.layer = None  # training=False in both modes: the identity
             steps = [s for s in steps if s.layer is not None]
-        spec, weights = assemble(name, shape, steps)
+        if steps and len(steps[-1].out_shape) == 3 and steps[-1].out_shape[1:] == (1, 1):
+            # ends in a 1×1 map (a DCGAN discriminator's (N, 1, 1, 1)): its logits, flat
+            steps.append(Step(Flatten(), f"{name}'s output", steps[-1].out_shape[:1]))
+        spec_shape = shape if len(shape) == 3 else (1, *shape)
+        spec, weights = assemble(name, spec_shape, steps, "NCHW" if len(shape) == 3 else "NHW")
         gap = check_logits(module, spec, weights, shape, device, dtype, output)
     finally:
         module.train(was_training)
@@ -148,10 +153,10 @@ def valid_name(path: str, prefix: str, taken: set[str]) -> str:
     return name
 
 
-def assemble(name: str, shape: tuple[int, ...],
-              steps: list[Step]) -> tuple[Spec, dict[str, np.ndarray]]:
-    """The spec the steps make, and its canonical weights; each step's seen shape checked
-    against the spec's."""
+def assemble(name: str, shape: tuple[int, ...], steps: list[Step],
+             fed: str = "NCHW") -> tuple[Spec, dict[str, np.ndarray]]:
+    """The spec the steps make (its images fed as ``fed``), and its canonical weights; each
+    step's seen shape checked against the spec's."""
     taken: set[str] = set()
     owners: dict[str, str] = {}
     layers: list[Layer] = []
@@ -171,7 +176,7 @@ def assemble(name: str, shape: tuple[int, ...],
                 weights[key] = tensor.detach().cpu().numpy().astype(canonical_dtype(key))
         layers.append(layer)
     try:
-        spec = Spec(name, shape, tuple(layers))
+        spec = Spec(name, shape, tuple(layers), fed)
     except SpecError as e:
         raise PortError(f"{name}: the layers it computes do not make a spec: {e}") from None
     for info, step in zip(spec.infos, steps, strict=True):
@@ -205,6 +210,9 @@ def check_logits(module: nn.Module, spec: Spec, weights: dict[str, np.ndarray], 
         if output is not None:
             want = want[output]
         got = net(x)
+        if (isinstance(want, torch.Tensor) and want.dim() != 2 and len(want) == len(got)
+                and want.numel() == got.numel()):
+            want = want.reshape(got.shape)  # (N, C, 1, 1) or a squeezed (N,): the logits
     if not isinstance(want, torch.Tensor) or tuple(want.shape) != tuple(got.shape):
         got_shape = tuple(want.shape) if isinstance(want, torch.Tensor) else type(want).__name__
         if isinstance(want, torch.Tensor):

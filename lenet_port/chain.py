@@ -14,9 +14,12 @@ from torch import nn
 
 from lenet_port.errors import SUPPORTED, PortError, batch_shape
 from lenet_port.ops import (
+    ARITHMETIC,
+    CONVERSIONS,
     DROPOUTS,
     IDENTITIES,
     INDEXING,
+    METADATA_OF_OTHER,
     RESHAPES,
     Call,
     Found,
@@ -24,7 +27,7 @@ from lenet_port.ops import (
     from_module,
 )
 from lenet_port.trace import describe, op_key, op_name, quiet
-from lenet_spec import AdaptiveAvgPool, Flatten, Layer
+from lenet_spec import AdaptiveAvgPool, Flatten, Layer, Scale
 
 
 @dataclass
@@ -88,6 +91,8 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
             continue  # x.size(), shape arithmetic, guards
         where = describe(node, gm)
         tensors = [n for n in chain if holds_tensor(env[n])]
+        if op_key(node) in METADATA_OF_OTHER and node.args and node.args[0] is head:
+            tensors = [head]  # x.type_as(y), x.to(y), x.view_as(y): y's dtype or shape only
         if len(tensors) > 1 or tensors[0] is not head:
             other = tensors[1] if tensors[0] is head else tensors[0]
             raise PortError(
@@ -140,18 +145,18 @@ def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, h
     if key in IDENTITIES or (node.op == "call_module"
                               and isinstance(gm.get_submodule(node.target), nn.Identity)):
         return []
+    if key in CONVERSIONS:
+        if (isinstance(y, torch.Tensor) and isinstance(x, torch.Tensor) and y.dtype == x.dtype
+                and y.device == x.device and y.shape == x.shape):
+            return []  # a conversion to what the tensor already is
+        raise PortError(f"{where}: converts the network's {x.dtype} tensor to {y.dtype} on "
+                        f"{y.device}; the spec's network computes in its input's dtype on one "
+                        "device")
     if key in RESHAPES or (node.op == "call_module"
                             and isinstance(gm.get_submodule(node.target), nn.Flatten)):
-        if len(in_shape) == 4 and out_shape == (in_shape[0], math.prod(in_shape[1:])):
-            return [Step(Flatten(), where, out_shape[1:])]
-        if out_shape == in_shape:  # a reshape that changes nothing, at any rank: the identity
-            return []
-        n = in_shape[0]
-        raise PortError(f"{where}: reshapes {batch_shape(in_shape, n)} to "
-                        f"{batch_shape(out_shape, n)}; "
-                        f"the only reshape a spec "
-                        f"holds is flattening (N, C, H, W) to (N, C·H·W) (the batch axis kept); "
-                        f"{SUPPORTED}")
+        return _reshape(in_shape, out_shape, where)
+    if key in ARITHMETIC:
+        return [Step(_scale(node, env, head, x, where), where, out_shape[1:])]
     if key == "mean" and len(in_shape) == 4:
         return _global_mean(Call(node, env, module, where), in_shape, out_shape, where)
     if node.op == "call_module":
@@ -164,6 +169,97 @@ def read_node(node: fx.Node, module: nn.Module, gm: fx.GraphModule, env: dict, h
         return []
     return [Step(found.layer, where, out_shape[1:], found.owner,
                  {k: v for k, v in found.state.items() if v is not None}, found.flag)]
+
+
+def _reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], where: str) -> list[Step]:
+    """A reshape, view, squeeze, unsqueeze or flatten, read by what it does to the shape: the
+    identity when it only adds or removes size-1 axes (the batch axis kept; a (N, H, W) input
+    given its channel axis included), a flatten when it flattens a (N, C, H, W) map, or its
+    single value per image (a discriminator's (N, 1, 1, 1) squeezed to (N,): the spec's one
+    logit)."""
+    n = in_shape[0] if in_shape else 0
+    if out_shape[:1] == in_shape[:1]:
+        core_in = tuple(d for d in in_shape[1:] if d != 1)
+        core_out = tuple(d for d in out_shape[1:] if d != 1)
+        if len(out_shape) == 2 and len(in_shape) == 4 and out_shape[1] == math.prod(in_shape[1:]):
+            return [Step(Flatten(), where, out_shape[1:])]
+        if core_in == core_out:
+            if len(in_shape) == 4 and len(out_shape) <= 2:
+                return [Step(Flatten(), where, (math.prod(in_shape[1:]),))]
+            # only axes of size 1 added or removed: the same values in the same order (a
+            # (N, H, W) input given its channel axis; a discriminator's (N, 1) squeezed to (N,))
+            return []
+    raise PortError(f"{where}: reshapes {batch_shape(in_shape, n)} to "
+                    f"{batch_shape(out_shape, n)}; a spec holds a reshape that flattens (N, C, "
+                    "H, W) to (N, C·H·W) or adds or removes axes of size 1 (the batch axis "
+                    f"kept); {SUPPORTED}")
+
+
+def _constant(value: Any, x: torch.Tensor, where: str) -> float | tuple[float, ...]:
+    """An arithmetic op's other operand as the spec's scale takes it: a number, or one value
+    per channel of ``x`` (dim 1)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, torch.Tensor) or value.is_complex():
+        raise PortError(f"{where}: computes with a {type(value).__name__}; {SUPPORTED}")
+    if value.numel() == 1:
+        return float(value.reshape(()))
+    shape = (1,) * (x.dim() - value.dim()) + tuple(value.shape)
+    per_channel = (len(shape) == x.dim() and shape[0] == 1 and shape[1] == x.shape[1]
+                   and all(d == 1 for d in shape[2:]))
+    if not per_channel:
+        raise PortError(f"{where}: computes with a constant of shape {tuple(value.shape)} "
+                        f"against the network's {batch_shape(tuple(x.shape), len(x))}; a spec "
+                        "holds a number or one value per channel (shape (C, 1, 1) or (1, C, "
+                        f"1, 1)); {SUPPORTED}")
+    return tuple(float(v) for v in value.detach().reshape(-1).double())
+
+
+def _scale(node: fx.Node, env: dict, head: fx.Node, x: Any, where: str) -> Scale:
+    """x · a, x / a, x ± a, a − x, −x with a constant ``a``: the spec's scale."""
+    key = op_key(node)
+    args = list(node.args)
+    if key in ("neg", "neg_"):
+        return Scale(-1.0, 0.0)
+    if len(args) < 2 and "other" not in node.kwargs:
+        raise PortError(f"{where}: {op_name(node)} with one operand; {SUPPORTED}")
+    first, other = (args + [node.kwargs.get("other")])[:2]
+    if first is not head:
+        first, other = other, first
+        if first is not head:
+            raise PortError(f"{where}: {op_name(node)} of a tensor that is not the previous "
+                            f"layer's output; {SUPPORTED}")
+        reversed_ = True
+    else:
+        reversed_ = False
+    alpha = node.kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+    if node.kwargs.get("rounding_mode") is not None:
+        raise PortError(f"{where}: a division with rounding_mode="
+                        f"{node.kwargs['rounding_mode']!r}; {SUPPORTED}")
+    if other is head:
+        raise PortError(f"{where}: {op_name(node)} is not supported on the network's tensor "
+                        f"with itself; a spec's scale takes a number or a constant per channel; "
+                        f"{SUPPORTED}")
+    value = env[other] if isinstance(other, fx.Node) else other
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        raise PortError(f"{where}: {op_name(node)} with the learned parameter {other}; a "
+                        f"spec's scale is a constant (it would not train); {SUPPORTED}")
+    a = _constant(value, x, where)
+    if key in ("mul", "mul_"):
+        return Scale(a, 0.0)
+    if key in ("div", "div_", "truediv", "true_divide"):
+        if reversed_:
+            raise PortError(f"{where}: divides a constant by the network's tensor; {SUPPORTED}")
+        return Scale(tuple(1 / v for v in a) if isinstance(a, tuple) else 1 / a, 0.0)
+    alpha = float(alpha)
+    if key == "rsub" or (key in ("sub", "sub_") and reversed_):
+        # rsub(x, a, alpha) = a − alpha·x; sub(a, x, alpha) = a − alpha·x
+        return Scale(-alpha, a)
+    sign = -1.0 if key in ("sub", "sub_") else 1.0
+    if reversed_:  # add(a, x, alpha) = a + alpha·x
+        return Scale(alpha, a)
+    shift = tuple(sign * alpha * v for v in a) if isinstance(a, tuple) else sign * alpha * a
+    return Scale(1.0, shift)
 
 
 def _global_mean(call: Call, in_shape: tuple[int, ...], out_shape: tuple[int, ...],

@@ -11,7 +11,9 @@ SUPPORTED = (
     "nn.Softmax over dim 1, and their functional forms (F.relu, torch.relu, x.relu(), "
     "F.max_pool2d, F.adaptive_avg_pool2d, F.dropout, F.log_softmax, …); flattening to "
     "(N, C·H·W) by torch.flatten(x, 1), x.flatten(1), x.view(…) or x.reshape(…); a reshape "
-    "that changes nothing; x.mean((2, 3)) (a global average); nn.Sequential, nested modules "
+    "or squeeze that only adds or removes axes of size 1; x * a, x / a, x + a, x - a with a "
+    "number or one constant per channel; x.to(…), x.float() that change nothing; "
+    "x.mean((2, 3)) (a global average); nn.Sequential, nested modules "
     "— one chain of layers from the input to the output"
 )
 

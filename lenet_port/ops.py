@@ -38,8 +38,20 @@ from lenet_spec import (
     Tanh,
 )
 
-RESHAPES = {"view", "reshape", "flatten", "_unsafe_view"}
+RESHAPES = {"view", "reshape", "flatten", "_unsafe_view", "squeeze", "squeeze_", "unsqueeze",
+            "unsqueeze_", "unflatten", "view_as", "reshape_as"}
+"""Ops that rearrange a tensor's axes, read by the shapes they give: a flatten, or the
+identity (adding or removing size-1 axes)."""
 IDENTITIES = {"contiguous", "clone", "alias", "detach", "identity"}
+CONVERSIONS = {"to", "float", "double", "half", "bfloat16", "type_as", "cpu", "cuda", "type",
+               "_to_copy", "to_copy", "_assert_tensor_metadata"}
+"""Ops that convert a tensor's dtype or device: the identity where they change neither."""
+METADATA_OF_OTHER = {"type_as", "to", "view_as", "reshape_as"}
+"""Ops whose second tensor gives only a dtype, device or shape, not values: no branch."""
+ARITHMETIC = {"mul", "mul_", "div", "div_", "truediv", "true_divide", "add", "add_", "sub",
+              "sub_", "rsub", "neg", "neg_"}
+"""Elementwise arithmetic, read as the spec's scale where the other operand is a constant
+(a number, or one value per channel)."""
 INDEXING = {"getitem", "slice", "select", "index", "narrow", "setitem"}
 DROPOUTS = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "dropout2d"}
 
@@ -85,12 +97,13 @@ def _batch_norm_module(sub: nn.modules.batchnorm._BatchNorm, where: str) -> Held
 
 def _max_pool_module(sub: nn.MaxPool2d, where: str) -> Held:
     return pool_layer(MaxPool, sub.kernel_size, sub.stride, sub.padding, where,
-                      dilation=sub.dilation,
+                      dilation=sub.dilation, ceil_mode=sub.ceil_mode,
                       extra={"return_indices": (sub.return_indices, False)}), {}
 
 
 def _avg_pool_module(sub: nn.AvgPool2d, where: str) -> Held:
     return pool_layer(AvgPool, sub.kernel_size, sub.stride, sub.padding, where,
+                      ceil_mode=sub.ceil_mode, count_include_pad=bool(sub.count_include_pad),
                       extra={"divisor_override": (sub.divisor_override, None)}), {}
 
 
@@ -230,7 +243,7 @@ def _max_pool(call: Call) -> Found:
                                            "ceil_mode": False, "return_indices": False})
     extra = {"return_indices": (a.get("return_indices", False), False)}
     return Found(pool_layer(MaxPool, a["kernel_size"], a["stride"], a["padding"], call.where,
-                            dilation=a["dilation"], extra=extra), {})
+                            dilation=a["dilation"], ceil_mode=a["ceil_mode"], extra=extra), {})
 
 
 def _avg_pool(call: Call) -> Found:
@@ -238,6 +251,8 @@ def _avg_pool(call: Call) -> Found:
                    "divisor_override"], {"stride": None, "padding": 0, "ceil_mode": False,
                                          "count_include_pad": True, "divisor_override": None})
     return Found(pool_layer(AvgPool, a["kernel_size"], a["stride"], a["padding"], call.where,
+                            ceil_mode=a["ceil_mode"],
+                            count_include_pad=bool(a["count_include_pad"]),
                             extra={"divisor_override": (a["divisor_override"], None)}), {})
 
 

@@ -29,6 +29,7 @@ from lenet_spec.layers import (
     MaxPool,
     Pair,
     ReLU,
+    Scale,
     Shape,
     Sigmoid,
     SiLU,
@@ -39,6 +40,7 @@ from lenet_spec.layers import (
     fmt_pair,
     fmt_shape,
     is_monotone,
+    pooled_size,
 )
 from lenet_spec.presets import PRESETS
 from lenet_spec.spec import (
@@ -69,10 +71,10 @@ __all__ = [
     "BatchNorm", "COUNTERS", "Conv", "Dropout", "Dropout2d", "ELEMENTWISE", "ELU", "Flatten",
     "GELU", "INITS", "LAYER_TYPES", "Layer", "LayerInfo", "LeakyReLU", "Linear", "LogSoftmax",
     "MAX_LAYERS", "MAX_PARAMS", "MaxPool", "OUTPUT_TYPES", "PARAMETERISED", "PRESETS", "Pair",
-    "RESERVED_NAMES", "ReLU",
+    "RESERVED_NAMES", "ReLU", "Scale",
     "SHAPES", "Shape", "SiLU", "Sigmoid", "Softmax", "Spec", "SpecError", "Tanh",
     "WeightsError", "adaptive_windows", "canonical_dtype",
     "check_shapes", "check_weights", "chw_to_hwc", "fitting", "fmt_pair", "fmt_shape", "hwc_to_chw",
-    "is_monotone", "load_spec", "load_weights", "misfit", "parse_spec_json", "read_lenet_file",
-    "save_weights", "widen", "write_safetensors",
+    "is_monotone", "load_spec", "load_weights", "misfit", "parse_spec_json", "pooled_size",
+    "read_lenet_file", "save_weights", "widen", "write_safetensors",
 ]

@@ -114,26 +114,87 @@ class Conv:
 class _Pool:
     kernel_size: Pair
     stride: Pair | None = None
+    padding: Pair = (0, 0)
+    ceil_mode: bool = False
 
     def __post_init__(self) -> None:
         k = _pair(self.kernel_size, "kernel_size")
         object.__setattr__(self, "kernel_size", k)
         s = k if self.stride is None else _pair(self.stride, "stride")
         object.__setattr__(self, "stride", s)
+        pad = _pair(self.padding, "padding", minimum=0)
+        if pad[0] > k[0] // 2 or pad[1] > k[1] // 2:
+            raise SpecError(f"padding {fmt_pair(pad)} must be at most half the window "
+                            f"{fmt_pair(k)} (torch's rule)")
+        object.__setattr__(self, "padding", pad)
+        _flag(self.ceil_mode, "ceil_mode")
+
+
+def pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """The number of windows along one axis, as torch counts them: ``ceil_mode`` adds a last,
+    partial window only where it starts inside the input or its left padding."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
 @dataclass(frozen=True)
 class MaxPool(_Pool):
-    """Max pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``."""
+    """Max pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``;
+    ``padding`` pads with −∞ on each side; ``ceil_mode``: a last, partial window at the end
+    of an axis the windows do not fit (torch's rules)."""
 
     type: ClassVar[str] = "max_pool"
 
 
 @dataclass(frozen=True)
 class AvgPool(_Pool):
-    """Average pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``."""
+    """Average pooling over ``kernel_size`` windows; ``stride`` defaults to ``kernel_size``;
+    ``padding`` pads with zeros on each side, counted in a window's divisor unless
+    ``count_include_pad`` is false; ``ceil_mode``: a last, partial window at the end of an
+    axis, whose divisor counts only what lies within the input and its padding (torch's
+    rules)."""
 
+    count_include_pad: bool = True
     type: ClassVar[str] = "avg_pool"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _flag(self.count_include_pad, "count_include_pad")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Elementwise ``x · scale + shift`` with constants: numbers, or one value per channel of
+    a C×H×W map (per feature of a flat vector). What a network does to its input (``x /
+    255``, ``(x − mean) / std``) or between layers with numbers it does not learn."""
+
+    scale: float | tuple[float, ...] = 1.0
+    shift: float | tuple[float, ...] = 0.0
+    type: ClassVar[str] = "scale"
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "shift"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    raise SpecError(f"{name} must be a number or a non-empty list of numbers")
+                value = tuple(_number(v, name) for v in value)
+            else:
+                value = _number(value, name)
+            object.__setattr__(self, name, value)
+        sizes = {len(v) for v in (self.scale, self.shift) if isinstance(v, tuple)}
+        if len(sizes) > 1:
+            raise SpecError(f"scale and shift must hold one value per channel each, got "
+                            f"{' and '.join(str(s) for s in sorted(sizes))} values")
+
+    @property
+    def channels(self) -> int | None:
+        """The channel count its per-channel values fix (None: numbers only)."""
+        sizes = [len(v) for v in (self.scale, self.shift) if isinstance(v, tuple)]
+        return sizes[0] if sizes else None
 
 
 @dataclass(frozen=True)
@@ -322,16 +383,16 @@ class Dropout2d(_Dropout):
 
 Layer = Union[Conv, MaxPool, AvgPool, AdaptiveMaxPool, AdaptiveAvgPool, ReLU,  # noqa: UP007
               Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU, Flatten, Linear, BatchNorm, Dropout,
-              Dropout2d, LogSoftmax, Softmax]
+              Dropout2d, LogSoftmax, Softmax, Scale]
 LAYER_TYPES: dict[str, type] = {
     cls.type: cls for cls in (Conv, MaxPool, AvgPool, AdaptiveMaxPool, AdaptiveAvgPool, ReLU,
                               Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU, Flatten, Linear,
-                              BatchNorm, Dropout, Dropout2d, LogSoftmax, Softmax)
+                              BatchNorm, Dropout, Dropout2d, LogSoftmax, Softmax, Scale)
 }
 ACTIVATION_TYPES = (ReLU, Tanh, Sigmoid, GELU, LeakyReLU, ELU, SiLU)
 PARAMETERISED = (Conv, Linear, BatchNorm)
 """The named layers: those with parameters or buffers."""
-ELEMENTWISE = (*ACTIVATION_TYPES, Dropout, Dropout2d)
+ELEMENTWISE = (*ACTIVATION_TYPES, Dropout, Dropout2d, Scale)
 """Layers that keep a tensor's shape and the order of its elements' meaning."""
 OUTPUT_TYPES = (LogSoftmax, Softmax)
 """Layers a network may end in, after its logits: what it returns is then not the logits."""
@@ -364,16 +425,17 @@ def infer(layer: Layer, shape: Shape, where: str) -> tuple[Shape, int]:
         c, h, w = shape
         span = layer.span if isinstance(layer, Conv) else layer.kernel_size
         (kh, kw), (sh, sw) = span, layer.stride
-        ph, pw = layer.padding if isinstance(layer, Conv) else (0, 0)
+        ph, pw = layer.padding
         if h + 2 * ph < kh or w + 2 * pw < kw:
             padded = f" (padded {h + 2 * ph}×{w + 2 * pw})" if (ph, pw) != (0, 0) else ""
             dilated = (f" (dilated {fmt_pair(layer.kernel_size)})"
                        if isinstance(layer, Conv) and layer.dilation != (1, 1) else "")
             raise SpecError(f"{where}: input {fmt_shape(shape)}{padded} is smaller than kernel "
                             f"{kh}×{kw}{dilated}")
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         if not isinstance(layer, Conv):
-            return (c, ho, wo), 0
+            return (c, pooled_size(h, kh, sh, ph, layer.ceil_mode),
+                    pooled_size(w, kw, sw, pw, layer.ceil_mode)), 0
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
         if c % layer.groups:
             raise SpecError(f"{where}: groups {layer.groups} does not divide the input's "
                             f"{c} channels")
@@ -396,6 +458,12 @@ def infer(layer: Layer, shape: Shape, where: str) -> tuple[Shape, int]:
         return (layer.out_features,), shape[0] * layer.out_features
     if isinstance(layer, BatchNorm):
         return shape, math.prod(shape)  # one multiply-add per element: x·a + b
+    if isinstance(layer, Scale):
+        if layer.channels is not None and layer.channels != shape[0]:
+            what = "channels" if len(shape) == 3 else "features"
+            raise SpecError(f"{where}: {layer.channels} values per channel, but the input has "
+                            f"{shape[0]} {what} ({fmt_shape(shape)})")
+        return shape, 0
     return shape, 0  # element-wise: activations, dropout
 
 
@@ -416,6 +484,16 @@ def kind(layer: Layer) -> str:
         extra = f" {fmt_pair(layer.kernel_size)}"
         if layer.stride != layer.kernel_size:
             extra += f" s{fmt_pair(layer.stride)}"
+        if layer.padding != (0, 0):
+            extra += f" p{fmt_pair(layer.padding)}"
+        if layer.ceil_mode:
+            extra += " ceil"
+        if isinstance(layer, AvgPool) and not layer.count_include_pad:
+            extra += " pad uncounted"
+    elif isinstance(layer, Scale):
+        def shown(v: float | tuple[float, ...]) -> str:
+            return f"{v:.4g}" if not isinstance(v, tuple) else f"[{len(v)} values]"
+        extra = f" ×{shown(layer.scale)} +{shown(layer.shift)}"
     elif isinstance(layer, ADAPTIVE_POOLS):
         extra = f" to {fmt_pair(layer.output_size)}"
     elif isinstance(layer, Linear) and not layer.bias:
@@ -433,6 +511,10 @@ def kind(layer: Layer) -> str:
     return layer.type + extra
 
 
+PAIRS = ("kernel_size", "stride", "padding", "dilation", "output_size")
+"""The fields that hold an (h, w) pair (written as one int when h = w)."""
+
+
 def layer_to_dict(layer: Layer) -> dict[str, Any]:
     """A layer's JSON object: its type, its name if it has one, and every other field that is
     not at its default (pairs of equal values as one int)."""
@@ -446,8 +528,10 @@ def layer_to_dict(layer: Layer) -> dict[str, Any]:
             continue
         if f.name == "name" and v is None:
             continue
-        if isinstance(v, tuple):
+        if isinstance(v, tuple) and f.name in PAIRS:
             v = v[0] if v[0] == v[1] else list(v)
+        elif isinstance(v, tuple):
+            v = list(v)
         d[f.name] = v
     return d
 

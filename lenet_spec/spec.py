@@ -109,6 +109,9 @@ MAX_LAYERS = 1000
 """The most layers a spec may have (a LeNet-style network has tens; the spec file limit, 1 MiB,
 holds about this many)."""
 
+FED = ("NCHW", "NHW")
+"""How a spec's images come in (:attr:`Spec.fed`)."""
+
 RESERVED_NAMES = frozenset({
     "add_module", "apply", "apply_layer", "bfloat16", "buffers", "call_super_init", "children",
     "compile", "cpu", "cuda", "deterministic", "double", "dropout", "dump_patches", "eval",
@@ -142,6 +145,10 @@ class Spec:
     name: str
     input_shape: Shape
     layers: tuple[Layer, ...] = field(default_factory=tuple)
+    fed: str = "NCHW"
+    """How the network's images come in: ``"NCHW"``, with their channel axis, or ``"NHW"``,
+    one-channel images without it (the network adds the axis itself, as a module whose forward
+    begins ``x.unsqueeze(1)``); the ports take either form of such a spec's input."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -152,6 +159,11 @@ class Spec:
         for d in shape:
             _positive_int(d, f"{self.name}: input_shape {list(shape)!r}: each size")
         object.__setattr__(self, "input_shape", tuple(shape))
+        if self.fed not in FED:
+            raise SpecError(f"{self.name}: fed must be one of {', '.join(FED)}, got {self.fed!r}")
+        if self.fed == "NHW" and shape[0] != 1:
+            raise SpecError(f"{self.name}: fed NHW (images without a channel axis) needs one "
+                            f"input channel, not {shape[0]}")
         if not isinstance(self.layers, (list, tuple)):
             raise SpecError(f"{self.name}: layers must be a list, got {type(self.layers).__name__}")
         if len(self.layers) > MAX_LAYERS:
@@ -352,11 +364,11 @@ class Spec:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; ``Spec.from_dict(s.to_dict()) == s``."""
-        return {
-            "name": self.name,
-            "input_shape": list(self.input_shape),
-            "layers": [layer_to_dict(layer) for layer in self.layers],
-        }
+        out: dict[str, Any] = {"name": self.name, "input_shape": list(self.input_shape)}
+        if self.fed != "NCHW":
+            out["fed"] = self.fed
+        out["layers"] = [layer_to_dict(layer) for layer in self.layers]
+        return out
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -366,10 +378,11 @@ class Spec:
         """Parse the JSON form, with one :class:`SpecError` for anything malformed."""
         if not isinstance(data, dict):
             raise SpecError(f"a spec must be a JSON object, got {type(data).__name__}")
-        unknown = set(data) - {"name", "input_shape", "layers"}
+        unknown = set(data) - {"name", "input_shape", "fed", "layers"}
         if unknown:
             raise SpecError(
-                f"unknown spec key(s) {sorted(unknown)}; expected name, input_shape, layers"
+                f"unknown spec key(s) {sorted(unknown)}; expected name, input_shape, layers "
+                "(and fed)"
             )
         for key in ("name", "input_shape", "layers"):
             if key not in data:
@@ -377,7 +390,7 @@ class Spec:
         if not isinstance(data["layers"], list):
             raise SpecError(f"spec 'layers' must be a list, got {type(data['layers']).__name__}")
         layers = [layer_from_dict(i, d) for i, d in enumerate(data["layers"])]
-        return cls(data["name"], data["input_shape"], tuple(layers))
+        return cls(data["name"], data["input_shape"], tuple(layers), data.get("fed", "NCHW"))
 
 
 def widen(spec: Spec, factor: float) -> Spec:

@@ -36,6 +36,7 @@ from lenet_spec import (
     LogSoftmax,
     MaxPool,
     ReLU,
+    Scale,
     Sigmoid,
     SiLU,
     Softmax,
@@ -57,6 +58,15 @@ ACTIVATIONS = {
     SiLU: lambda layer, x: F.silu(x),
 }
 """The spec's activation layers, with torch's defaults (GELU: exact, erf)."""
+
+
+def _per_channel(value: float | tuple[float, ...], x: torch.Tensor) -> float | torch.Tensor:
+    """A scale layer's number, or its per-channel values shaped to broadcast over NCHW (or
+    (N, F)) ``x``."""
+    if not isinstance(value, tuple):
+        return value
+    shape = (1, len(value)) + (1,) * (x.dim() - 2)
+    return torch.tensor(value, dtype=x.dtype, device=x.device).reshape(shape)
 
 
 # The std of a normal truncated to ±2σ is this fraction of σ; lecun_normal divides it out.
@@ -89,7 +99,7 @@ class LeNet(nn.Module):
     def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
         """What the spec's network returns for NCHW ``x``; with ``logits``, what it returns
         before a final log_softmax or softmax."""
-        check_input(self.spec, x)
+        x = check_input(self.spec, x)
         end = self.spec.logits_end if logits else len(self.spec.layers)
         if self.kernels == "fused":
             return fused.forward(self, x, end)
@@ -108,9 +118,13 @@ class LeNet(nn.Module):
         if isinstance(layer, Dropout2d):
             return F.dropout2d(x, layer.p, self.training)
         if isinstance(layer, MaxPool):
-            return F.max_pool2d(x, layer.kernel_size, layer.stride)
+            return F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding,
+                                ceil_mode=layer.ceil_mode)
         if isinstance(layer, AvgPool):
-            return F.avg_pool2d(x, layer.kernel_size, layer.stride)
+            return F.avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding,
+                                layer.ceil_mode, layer.count_include_pad)
+        if isinstance(layer, Scale):
+            return x * _per_channel(layer.scale, x) + _per_channel(layer.shift, x)
         if isinstance(layer, AdaptiveMaxPool):
             return F.adaptive_max_pool2d(x, layer.output_size)
         if isinstance(layer, AdaptiveAvgPool):
@@ -124,11 +138,14 @@ class LeNet(nn.Module):
         raise TypeError(f"unknown layer {layer!r}")
 
 
-def check_input(spec: Spec, x: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming the expected (N, C, H, W) shape unless ``x`` has it."""
+def check_input(spec: Spec, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as an (N, C, H, W) batch (a spec fed NHW also takes (N, H, W) and adds the one
+    channel), or ``ValueError`` naming the expected shape."""
     want = tuple(spec.input_shape)
+    if spec.fed == "NHW" and x.ndim == 3 and tuple(x.shape[1:]) == want[1:]:
+        return x.unsqueeze(1)
     if tuple(x.shape[1:]) == want and x.ndim == 4:
-        return
+        return x
     expected = f"(N, {', '.join(map(str, want))}) (NCHW)"
     hint = ""
     if tuple(x.shape) == want:
@@ -176,7 +193,7 @@ def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "
 
 def layer_outputs(net: LeNet, x: torch.Tensor) -> list[torch.Tensor]:
     """The output of every layer of the spec, in order, for input ``x``."""
-    check_input(net.spec, x)
+    x = check_input(net.spec, x)
     outputs = []
     for layer in net.spec.layers:
         x = net.apply_layer(layer, x)

@@ -44,10 +44,12 @@ from lenet_spec import (
     Linear,
     MaxPool,
     ReLU,
+    Scale,
     Sigmoid,
     SiLU,
     Spec,
     Tanh,
+    pooled_size,
 )
 from lenet_train.data import cifar_bytes, idx_bytes, load
 from lenet_train.data.catalog import CIFAR_FILES, IDX_FILES
@@ -75,11 +77,17 @@ ACTIVATIONS = [ReLU, Tanh, Sigmoid, GELU, lambda: GELU("tanh"), lambda: LeakyReL
 
 @st.composite
 def specs(draw: st.DrawFn, max_blocks: int = 2, batch_norm: bool = True) -> Spec:
-    """Valid specs: conv blocks (any stride, padding, dilation, groups, bias or not, optionally
-    batch_norm, any activation, pooling), flatten, an MLP head (bias or not, batch_norm)."""
+    """Valid specs: an input scale sometimes (a number or per channel), conv blocks (any
+    stride, padding, dilation, groups, bias or not, optionally batch_norm, any activation,
+    pooling with or without padding and ceil_mode), flatten, an MLP head (bias or not,
+    batch_norm)."""
     input_shape = c, h, w = (draw(st.integers(1, 3)), draw(st.integers(6, 20)),
                              draw(st.integers(6, 20)))
     layers: list = []
+    if draw(st.booleans()):  # the input scaled: a number or one value per channel
+        per = draw(st.booleans())
+        value = st.floats(0.25, 4.0) if not per else st.tuples(*[st.floats(0.25, 4.0)] * c)
+        layers.append(Scale(draw(value), draw(st.floats(-1.0, 1.0))))
     for _ in range(draw(st.integers(0, max_blocks))):
         dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
         kh = draw(st.integers(1, max(1, min(5, (h - 1) // dh + 1))))
@@ -102,9 +110,12 @@ def specs(draw: st.DrawFn, max_blocks: int = 2, batch_norm: bool = True) -> Spec
         if pool and h >= 2 and w >= 2:
             k = draw(st.integers(2, min(3, h, w)))
             s = draw(st.sampled_from([None, 1, 2]))
-            layers.append(pool(k, s))
+            pad = draw(st.integers(0, k // 2))
+            ceil = draw(st.booleans())
+            extra = {"count_include_pad": draw(st.booleans())} if pool is AvgPool else {}
+            layers.append(pool(k, s, padding=pad, ceil_mode=ceil, **extra))
             s = s or k
-            h, w = (h - k) // s + 1, (w - k) // s + 1
+            h, w = (pooled_size(h, k, s, pad, ceil), pooled_size(w, k, s, pad, ceil))
     layers.append(Flatten())
     for _ in range(draw(st.integers(0, 2))):
         norm = batch_norm and draw(st.booleans())

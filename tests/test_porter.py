@@ -302,8 +302,8 @@ class Bad(nn.Module):
             y = self.conv1.forward(F.relu(self.conv2(y))[:, :1])
         elif self.what == "half_flatten":
             return self.fc(y.reshape(-1, 4 * 8 * 8 // 2).reshape(y.shape[0], -1))
-        elif self.what == "pool_padding":
-            y = F.max_pool2d(self.conv2(y), 3, 1, 1)
+        elif self.what == "pool_dilation":
+            y = F.max_pool2d(self.conv2(y), 2, 1, 1, dilation=2)
         elif self.what == "batch_in_forward":
             return self.fc(self.conv2(y).view(3, -1))
         elif self.what == "tuple":
@@ -322,7 +322,7 @@ class Bad(nn.Module):
     ("slice", r"indexing or slicing"),
     ("shared", r"indexing or slicing"),
     ("half_flatten", r"reshapes \(N, 4, 8, 8\) to \(2N, 128\).*flattening"),
-    ("pool_padding", r"pooling with padding 1"),
+    ("pool_dilation", r"pooling with dilation 2; the spec's pools have none"),
     ("batch_in_forward", r"batch size written into forward"),
     ("tuple", r"forward returns .*not the output of its last layer.*pick it with output=I"),
 ])
@@ -354,7 +354,7 @@ def test_weight_sharing_and_other_refusals() -> None:
     with pytest.raises(PortError, match="running it on a batch of \\(N, 1, 5, 5\\) images failed"):
         to_spec(TutorialNet(), (1, 5, 5))
     with pytest.raises(PortError, match="input_shape must be"):
-        to_spec(TutorialNet(), (32, 32))
+        to_spec(TutorialNet(), (1, 1, 32, 32))
 
 
 NET_FILE = """
