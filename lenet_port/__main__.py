@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keyword arguments for the class or function, as a JSON object, "
                              "e.g. '{\"num_classes\": 10}' (default: none)")
     parser.add_argument("--input-shape", type=input_shape_arg, required=True, metavar="C,H,W",
-                        help="one input image's shape, e.g. 1,32,32 (28,28: images without a "
-                             "channel axis, which the module adds)")
+                        help="one input image's shape as the module takes it, e.g. 1,32,32 "
+                             "(28,28: images without a channel axis, which the module adds; "
+                             "84,84,4: channels last, which the module moves first)")
     parser.add_argument("--state-dict", type=Path, metavar="FILE",
                         help="weights to load first (read with torch.load(weights_only=True))")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="SPEC.json",

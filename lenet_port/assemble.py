@@ -85,7 +85,8 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
     shape = tuple(input_shape)
     if len(shape) not in (2, 3) or not all(isinstance(d, int) and d > 0 for d in shape):
         raise PortError(f"{name}: input_shape must be (C, H, W) of positive ints (or (H, W) "
-                        f"for images without a channel axis), got {input_shape!r}")
+                        f"for images without a channel axis, (H, W, C) for channels last), got "
+                        f"{input_shape!r}")
     if math.prod(shape) > MAX_INPUT:
         raise PortError(f"{name}: input_shape {shape} is {math.prod(shape):,} values an image, "
                         f"more than the {MAX_INPUT:,} the porter runs a module on (LeNet-style "
@@ -113,7 +114,7 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
         if len(gm.graph.nodes) > 2 * MAX_LAYERS:
             raise PortError(f"{name}: its graph has {len(gm.graph.nodes):,} operations, more "
                             f"than the {MAX_LAYERS:,} layers a spec may have")
-        steps = read_chain(module, gm, run_graph(gm, x, name), name, output)
+        steps, channels_last = read_chain(module, gm, run_graph(gm, x, name), name, output)
         dropouts = [s for s in steps if s.eval_flag is not None]
         if dropouts:
             module.train()
@@ -133,8 +134,11 @@ def _port(module: nn.Module, input_shape: Sequence[int], name: str | None,
         if steps and len(steps[-1].out_shape) == 3 and steps[-1].out_shape[1:] == (1, 1):
             # ends in a 1×1 map (a DCGAN discriminator's (N, 1, 1, 1)): its logits, flat
             steps.append(Step(Flatten(), f"{name}'s output", steps[-1].out_shape[:1]))
-        spec_shape = shape if len(shape) == 3 else (1, *shape)
-        spec, weights = assemble(name, spec_shape, steps, "NCHW" if len(shape) == 3 else "NHW")
+        if channels_last:  # the module takes (N, H, W, C)
+            spec_shape, fed = (shape[2], shape[0], shape[1]), "NHWC"
+        else:
+            spec_shape, fed = (shape, "NCHW") if len(shape) == 3 else ((1, *shape), "NHW")
+        spec, weights = assemble(name, spec_shape, steps, fed)
         gap = check_logits(module, spec, weights, shape, device, dtype, output)
     finally:
         module.train(was_training)

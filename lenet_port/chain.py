@@ -20,6 +20,7 @@ from lenet_port.ops import (
     IDENTITIES,
     INDEXING,
     METADATA_OF_OTHER,
+    PERMUTES,
     RESHAPES,
     Call,
     Found,
@@ -49,9 +50,10 @@ def holds_tensor(value: Any) -> bool:
 
 
 def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
-               output: int | None = None) -> list[Step]:
-    """The chain of spec layers the graph computes, with the shapes it was seen to produce;
-    ``output``: which element of a forward that returns a tuple holds the logits."""
+               output: int | None = None) -> tuple[list[Step], bool]:
+    """The chain of spec layers the graph computes, with the shapes it was seen to produce,
+    and whether it takes channels-last images (moved channels first at its input); ``output``:
+    which element of a forward that returns a tuple holds the logits."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise PortError(f"{name}: forward takes {len(placeholders)} inputs; a spec's network "
@@ -59,6 +61,7 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
     head = placeholders[0]
     derived = {head}
     steps: list[Step] = []
+    channels_last = False
     needed = _feeding(gm, output) if output is not None else None
     for node in gm.graph.nodes:
         if needed is not None and node.op != "output" and node not in needed \
@@ -105,9 +108,32 @@ def read_chain(module: nn.Module, gm: fx.GraphModule, env: dict, name: str,
                 "_native_batch_norm_legit_no_training", "adaptive_max_pool2d"):
             raise PortError(f"{where}: returns {type(env[node]).__name__}, not one tensor "
                             f"(return_indices?); {SUPPORTED}")
-        steps += read_node(node, module, gm, env, head, where)
+        if op_key(node) in PERMUTES:
+            _channels_first(env[head], env[node], steps, channels_last, where)
+            channels_last = True
+        else:
+            steps += read_node(node, module, gm, env, head, where)
         head = node
-    return steps
+    return steps, channels_last
+
+
+def _channels_first(x: Any, y: Any, steps: list[Step], already: bool, where: str) -> None:
+    """A permute, movedim or moveaxis the spec holds: channels-last (N, H, W, C) images moved
+    channels first before any layer but numbers' scale (whose seen shapes are then made the
+    spec's C×H×W)."""
+    n = len(x) if isinstance(x, torch.Tensor) else 0
+    moves = (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() == 4
+             and y.shape == x.permute(0, 3, 1, 2).shape and torch.equal(y, x.permute(0, 3, 1, 2)))
+    early = all(isinstance(s.layer, Scale) and s.layer.channels is None for s in steps)
+    if not moves or not early or already:
+        shapes = (f"{batch_shape(tuple(x.shape), n)} to {batch_shape(tuple(y.shape), n)}"
+                  if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else "")
+        raise PortError(f"{where}: reorders the axes of {shapes}; a spec holds one reordering, "
+                        "channels-last images (N, H, W, C) moved channels first at the input "
+                        f"(x.permute(0, 3, 1, 2)); {SUPPORTED}")
+    for s in steps:
+        h, w, c = s.out_shape
+        s.out_shape = (c, h, w)
 
 
 def _feeding(gm: fx.GraphModule, output: int) -> set[fx.Node]:

@@ -52,6 +52,9 @@ ARITHMETIC = {"mul", "mul_", "div", "div_", "truediv", "true_divide", "add", "ad
               "sub_", "rsub", "neg", "neg_"}
 """Elementwise arithmetic, read as the spec's scale where the other operand is a constant
 (a number, or one value per channel)."""
+PERMUTES = {"permute", "movedim", "moveaxis"}
+"""Ops that reorder axes: a spec holds one, channels-last images moved channels first at the
+input (the spec is then fed NHWC)."""
 INDEXING = {"getitem", "slice", "select", "index", "narrow", "setitem"}
 DROPOUTS = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "dropout2d"}
 

@@ -109,7 +109,7 @@ MAX_LAYERS = 1000
 """The most layers a spec may have (a LeNet-style network has tens; the spec file limit, 1 MiB,
 holds about this many)."""
 
-FED = ("NCHW", "NHW")
+FED = ("NCHW", "NHW", "NHWC")
 """How a spec's images come in (:attr:`Spec.fed`)."""
 
 RESERVED_NAMES = frozenset({
@@ -146,9 +146,11 @@ class Spec:
     input_shape: Shape
     layers: tuple[Layer, ...] = field(default_factory=tuple)
     fed: str = "NCHW"
-    """How the network's images come in: ``"NCHW"``, with their channel axis, or ``"NHW"``,
-    one-channel images without it (the network adds the axis itself, as a module whose forward
-    begins ``x.unsqueeze(1)``); the ports take either form of such a spec's input."""
+    """How the network's images come in: ``"NCHW"``, with their channel axis first;
+    ``"NHW"``, one-channel images without it (the network adds the axis itself, as a module
+    whose forward begins ``x.unsqueeze(1)``); ``"NHWC"``, channels last (a module whose forward
+    begins ``x.permute(0, 3, 1, 2)``, as observations come from many environments). The ports
+    take such a spec's images in that form and in their own (torch NCHW, JAX NHWC)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -140,12 +140,15 @@ class LeNet(nn.Module):
 
 def check_input(spec: Spec, x: torch.Tensor) -> torch.Tensor:
     """``x`` as an (N, C, H, W) batch (a spec fed NHW also takes (N, H, W) and adds the one
-    channel), or ``ValueError`` naming the expected shape."""
+    channel; one fed NHWC also takes (N, H, W, C) and moves the channels first), or
+    ``ValueError`` naming the expected shape."""
     want = tuple(spec.input_shape)
     if spec.fed == "NHW" and x.ndim == 3 and tuple(x.shape[1:]) == want[1:]:
         return x.unsqueeze(1)
     if tuple(x.shape[1:]) == want and x.ndim == 4:
         return x
+    if spec.fed == "NHWC" and x.ndim == 4 and tuple(x.shape[1:]) == (*want[1:], want[0]):
+        return x.permute(0, 3, 1, 2)
     expected = f"(N, {', '.join(map(str, want))}) (NCHW)"
     hint = ""
     if tuple(x.shape) == want:

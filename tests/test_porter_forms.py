@@ -289,3 +289,64 @@ def test_a_learned_scale_is_not_taken_for_a_constant() -> None:
     with pytest.raises(PortError, match="with the learned parameter gamma; a spec's scale is a "
                                         "constant"):
         port(Gain(), (1, 6, 6))
+
+
+class ChannelsLast(nn.Module):
+    """Observations as environments give them, (N, H, W, C), scaled, then moved channels first
+    (``permute`` or ``movedim``)."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.spelling = spelling
+        self.conv = nn.Conv2d(3, 4, 3, 2)
+        self.fc = nn.Linear(4 * 4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spelling == "permute":
+            x = x.permute(0, 3, 1, 2) / 255.0
+        else:
+            x = torch.movedim(x.float() / 255.0, -1, 1)
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("spelling", ["permute", "movedim"])
+def test_channels_last_images_moved_first(spelling: str) -> None:
+    """to_spec(module, (H, W, C)) of a module that moves channels first: a spec fed NHWC of
+    C×H×W images, whose torch port takes (N, H, W, C) as the module does (and NCHW as the
+    programs feed it), and whose Flax port takes NHWC as always."""
+    module = ChannelsLast(spelling)
+    result = port(module, (9, 11, 3))
+    spec = result.spec
+    assert spec.input_shape == (3, 9, 11) and spec.fed == "NHWC"
+    assert spec.layers[0] == Scale(1 / 255.0, 0.0)
+    assert Spec.from_dict(json.loads(spec.to_json())) == spec
+    x = torch.rand(5, 9, 11, 3) * 255
+    with torch.no_grad():
+        want = module.eval()(x).numpy()
+    t = lenet_torch.build(spec)
+    lenet_torch.set_weights(t, result.weights)
+    flax = lenet_jax.build(spec)
+    lenet_jax.set_weights(flax, result.weights)
+    flax.eval()
+    bound = LOGIT_TOL * max(1.0, float(np.abs(want).max()))
+    with torch.no_grad():
+        for got in (t.eval()(x).numpy(), t(x.permute(0, 3, 1, 2)).numpy(),
+                    np.asarray(flax(jnp.asarray(x.numpy())))):
+            assert np.abs(got - want).max() <= bound
+
+
+def test_a_permute_elsewhere_is_refused() -> None:
+    """Axes reordered after a layer, or any other way: one error naming the reordering."""
+
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.fc = nn.Linear(2 * 3 * 3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).permute(0, 1, 3, 2).flatten(1))
+
+    with pytest.raises(PortError, match=r"reorders the axes of \(N, 2, 3, 3\) to \(N, 2, 3, 3\); "
+                                        r"a spec holds one reordering, channels-last"):
+        port(Late(), (2, 3, 3))
