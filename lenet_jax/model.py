@@ -262,7 +262,8 @@ def keep_mask(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
 
 def check_input(spec: Spec, x: jax.Array) -> jax.Array:
     """``x`` as an (N, H, W, C) batch (a spec fed NHW also takes (N, H, W) and adds the one
-    channel), or ``ValueError`` naming the expected shape."""
+    channel; one fed NHWC is taken as it comes), or ``ValueError`` naming the expected
+    shape."""
     c, h, w = spec.input_shape
     want = (h, w, c)
     if spec.fed == "NHW" and x.ndim == 3 and tuple(x.shape[1:]) == (h, w):

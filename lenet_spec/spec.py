@@ -304,12 +304,6 @@ class Spec:
         """Values one image's forward pass holds: its input and every layer's output."""
         return math.prod(self.input_shape) + sum(math.prod(i.out_shape) for i in self.infos)
 
-    def training_bytes(self, batch: int) -> int:
-        """A float32 estimate of what training at ``batch`` holds at once: every activation
-        (kept for the backward pass) and its gradient, and the parameters with their
-        gradients and two optimizer slots (Adam's moments)."""
-        return 4 * (2 * batch * self.activations + 4 * self.param_count)
-
     def layer_param_counts(self) -> dict[str, int]:
         """Parameter count of each parameterised layer, by layer name."""
         return {info.label: info.param_count for info in self.infos if info.params}

@@ -98,12 +98,13 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
     as a safetensors file whose bytes depend only on its contents (the same state gives the
     same file, so runs can be compared by checksum)."""
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
+    offset, little = 0, {}
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         if dtype not in _DTYPES:
             raise TypeError(f"tensor {name!r}: dtype {array.dtype} has no safetensors code")
+        little[name] = array, dtype
         size = array.size * dtype.itemsize
         header[name] = {"dtype": _DTYPES[dtype], "shape": list(array.shape),
                         "data_offsets": [offset, offset + size]}
@@ -113,9 +114,7 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
 
     def chunks():  # one tensor's bytes at a time, no copy of the whole state
         yield len(text).to_bytes(8, "little") + text
-        for name in sorted(tensors):
-            array = np.asarray(tensors[name])
-            dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+        for array, dtype in little.values():
             if array.size:
                 yield memoryview(np.ascontiguousarray(array, dtype=dtype)).cast("B")
 

@@ -60,15 +60,6 @@ ACTIVATIONS = {
 """The spec's activation layers, with torch's defaults (GELU: exact, erf)."""
 
 
-def _per_channel(value: float | tuple[float, ...], x: torch.Tensor) -> float | torch.Tensor:
-    """A scale layer's number, or its per-channel values shaped to broadcast over NCHW (or
-    (N, F)) ``x``."""
-    if not isinstance(value, tuple):
-        return value
-    shape = (1, len(value)) + (1,) * (x.dim() - 2)
-    return torch.tensor(value, dtype=x.dtype, device=x.device).reshape(shape)
-
-
 # The std of a normal truncated to ±2σ is this fraction of σ; lecun_normal divides it out.
 _TRUNC_STD = 0.87962566103423978
 
@@ -136,6 +127,15 @@ class LeNet(nn.Module):
         if isinstance(layer, Softmax):
             return F.softmax(x, dim=1)
         raise TypeError(f"unknown layer {layer!r}")
+
+
+def _per_channel(value: float | tuple[float, ...], x: torch.Tensor) -> float | torch.Tensor:
+    """A scale layer's number, or its per-channel values shaped to broadcast over NCHW (or
+    (N, F)) ``x``."""
+    if not isinstance(value, tuple):
+        return value
+    shape = (1, len(value)) + (1,) * (x.dim() - 2)
+    return torch.tensor(value, dtype=x.dtype, device=x.device).reshape(shape)
 
 
 def check_input(spec: Spec, x: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,47 @@ def twin_nets(spec: Spec, seed: int = 0, kernels: tuple[str, str] = ("auto", "au
     return t, j
 
 
+PORT_TOL = 1e-5
+"""max |Δ| of a port's outputs relative to max(1, max |output|): the porter's own check."""
+
+
+def port_round_trip(module, shape: tuple[int, ...], x=None, tracer: str | None = None):
+    """``module`` ported from ``shape`` (one input as it takes it); the Flax and torch models
+    of its spec, given its weights, give its outputs within :data:`PORT_TOL` on ``x`` (a
+    fresh batch of 5 if None; evaluation mode), the torch one also in its own NCHW layout.
+    The port's result."""
+    import jax.numpy as jnp
+    import torch
+
+    import lenet_jax
+    import lenet_torch
+    from lenet_port import port
+
+    torch.manual_seed(2)
+    result = port(module, shape)
+    if tracer:
+        assert result.tracer == tracer
+    x = torch.randn(5, *shape) if x is None else x
+    with torch.no_grad():
+        want = module.eval()(x).reshape(len(x), -1).numpy()
+    bound = PORT_TOL * max(1.0, float(np.abs(want).max()))
+    spec = result.spec
+    flax = lenet_jax.build(spec)
+    lenet_jax.set_weights(flax, result.weights)
+    flax.eval()
+    as_given = spec.fed != "NCHW"  # NHW and NHWC batches: what JAX takes as they are
+    got = np.asarray(flax(jnp.asarray(x.numpy() if as_given else x.numpy().transpose(0, 2, 3, 1))))
+    assert np.abs(got - want).max() <= bound, np.abs(got - want).max()
+    t = lenet_torch.build(spec)
+    lenet_torch.set_weights(t, result.weights)
+    nchw = (x.unsqueeze(1) if spec.fed == "NHW" else
+            x.permute(0, 3, 1, 2) if spec.fed == "NHWC" else x)
+    with torch.no_grad():
+        for given in (x, nchw):
+            assert np.abs(t.eval()(given).numpy() - want).max() <= bound
+    return result
+
+
 # ----------------------------------------------------------------------------- data files
 
 

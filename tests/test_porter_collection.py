@@ -8,18 +8,13 @@ its output, or is refused with the reason named: the figures docs/porting.md rep
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fast_only
+from helpers import fast_only, port_round_trip
 from torch import nn
 
-import lenet_jax
 from lenet_port import PortError, port
-
-LOGIT_TOL = 1e-5  # max |Δ| of outputs relative to max(1, |output|), as the porter's own check
 
 
 class NatureDQN(nn.Module):
@@ -422,14 +417,4 @@ def test_each_network_ports_or_is_refused_for_its_reason(name: str) -> None:
         with pytest.raises(PortError, match=refusal.replace("(", r"\(").replace(")", r"\)")):
             port(module, shape)
         return
-    result = port(module, shape)
-    x = torch.rand(6, *shape) * 255  # images as pixel values: the RL networks scale them
-    with torch.no_grad():
-        want = module.eval()(x).reshape(6, -1).numpy()
-    flax = lenet_jax.build(result.spec)
-    lenet_jax.set_weights(flax, result.weights)
-    flax.eval()
-    channels_first = len(shape) == 3 and result.spec.fed == "NCHW"
-    xj = x.numpy().transpose(0, 2, 3, 1) if channels_first else x.numpy()
-    got = np.asarray(flax(jnp.asarray(xj)))
-    assert np.abs(got - want).max() <= LOGIT_TOL * max(1.0, float(np.abs(want).max()))
+    port_round_trip(module, shape, torch.rand(6, *shape) * 255)  # pixel values, as RL scales

@@ -9,45 +9,22 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import port_round_trip
 from torch import nn
 
-import lenet_jax
-import lenet_torch
 from lenet_port import PortError, port
 from lenet_port.__main__ import main
 from lenet_spec import AvgPool, Dropout, Dropout2d, Flatten, Linear, MaxPool, Scale, Spec
 
-LOGIT_TOL = 1e-5  # max |Δ| of logits relative to max(1, |logits|), as the porter's own check
 
-
-def _round_trip(module: nn.Module, shape: tuple[int, ...], tracer: str | None = None):
-    """``module`` ported; its spec's Flax and torch models give its logits on a fresh batch
-    (evaluation mode). The spec."""
-    torch.manual_seed(2)
-    result = port(module, shape)
-    if tracer:
-        assert result.tracer == tracer
+def _round_trip(module: nn.Module, shape: tuple[int, ...], tracer: str | None = None) -> Spec:
+    """:func:`helpers.port_round_trip` on frames of pixel values (4 channels: an Atari
+    network's) or a normal batch; the spec."""
     x = torch.rand(5, *shape) * 255 if shape[0] == 4 else torch.randn(5, *shape)
-    module.eval()
-    with torch.no_grad():
-        want = module(x).reshape(5, -1).numpy()
-    flax = lenet_jax.build(result.spec)
-    lenet_jax.set_weights(flax, result.weights)
-    flax.eval()
-    xj = x.numpy() if len(shape) == 2 else x.numpy().transpose(0, 2, 3, 1)
-    got = np.asarray(flax(jnp.asarray(xj)))
-    bound = LOGIT_TOL * max(1.0, float(np.abs(want).max()))
-    assert np.abs(got - want).max() <= bound, np.abs(got - want).max()
-    t = lenet_torch.build(result.spec)
-    lenet_torch.set_weights(t, result.weights)
-    with torch.no_grad():
-        assert np.abs(t.eval()(x).numpy() - want).max() <= bound
-    return result.spec
+    return port_round_trip(module, shape, x, tracer).spec
 
 
 class QNet(nn.Module):
@@ -314,25 +291,11 @@ def test_channels_last_images_moved_first(spelling: str) -> None:
     """to_spec(module, (H, W, C)) of a module that moves channels first: a spec fed NHWC of
     C×H×W images, whose torch port takes (N, H, W, C) as the module does (and NCHW as the
     programs feed it), and whose Flax port takes NHWC as always."""
-    module = ChannelsLast(spelling)
-    result = port(module, (9, 11, 3))
-    spec = result.spec
+    spec = port_round_trip(ChannelsLast(spelling), (9, 11, 3),
+                           torch.rand(5, 9, 11, 3) * 255).spec
     assert spec.input_shape == (3, 9, 11) and spec.fed == "NHWC"
     assert spec.layers[0] == Scale(1 / 255.0, 0.0)
     assert Spec.from_dict(json.loads(spec.to_json())) == spec
-    x = torch.rand(5, 9, 11, 3) * 255
-    with torch.no_grad():
-        want = module.eval()(x).numpy()
-    t = lenet_torch.build(spec)
-    lenet_torch.set_weights(t, result.weights)
-    flax = lenet_jax.build(spec)
-    lenet_jax.set_weights(flax, result.weights)
-    flax.eval()
-    bound = LOGIT_TOL * max(1.0, float(np.abs(want).max()))
-    with torch.no_grad():
-        for got in (t.eval()(x).numpy(), t(x.permute(0, 3, 1, 2)).numpy(),
-                    np.asarray(flax(jnp.asarray(x.numpy())))):
-            assert np.abs(got - want).max() <= bound
 
 
 def test_a_permute_elsewhere_is_refused() -> None:
