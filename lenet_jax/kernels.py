@@ -43,20 +43,26 @@ def forward(net: Any, x: jax.Array, rngs: Any = None, end: int | None = None) ->
     for step in fusion_plan(infos):
         layer = infos[step.start].layer
         if step.kind == "conv_pool":  # conv, the layers between, pool: computed together
-            module = getattr(net, layer.name)
+            x, kernel, bias = _operands(net, getattr(net, layer.name), x)
             between = [lambda y, b=infos[k].layer: net.apply_layer(b, y) for k in step.between]
-            x = conv_pool(x, module.kernel[...], _bias(module), layer.padding,
+            x = conv_pool(x, kernel, bias, layer.padding,
                           infos[step.stop - 1].layer.kernel_size, between, step.take_max,
-                          step.commutes)
+                          step.commutes, net.matmul_precision)
         elif step.kind == "conv_one_channel":
-            module = getattr(net, layer.name)
-            x = conv_one_channel(x, module.kernel[...], _bias(module), layer.stride,
-                                 layer.padding)
+            x, kernel, bias = _operands(net, getattr(net, layer.name), x)
+            x = conv_one_channel(x, kernel, bias, layer.stride, layer.padding)
         elif step.kind == "pool":
             x = pool(x, layer.kernel_size, "max" if step.take_max else "mean")
         else:
             x = net.apply_layer(layer, x, rngs)
     return x
+
+
+def _operands(net: Any, module: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A conv's input, kernel and bias in the dtype the net computes products in (as
+    ``nnx.Conv`` casts them)."""
+    dtype = net.compute_dtype or x.dtype
+    return x.astype(dtype), module.kernel[...].astype(dtype), _bias(module).astype(dtype)
 
 
 def _bias(module: Any) -> jax.Array:
@@ -79,19 +85,21 @@ def pool(x: jax.Array, window: tuple[int, int], reduce: str) -> jax.Array:
 
 
 def conv_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pair, pool: Pair,
-              between: list, take_max: bool, commutes: bool = False) -> jax.Array:
+              between: list, take_max: bool, commutes: bool = False,
+              precision: str = "highest") -> jax.Array:
     """pool(between(conv(x) + bias)) for an NHWC ``x``, an HWIO ``kernel`` of stride 1 and
     non-overlapping ``pool`` windows (max if ``take_max``, else mean), ``between`` a list of
     functions applied in turn to the conv's output (batch_norm, activations): the conv as one
     matrix product over the pool's phases (:func:`conv_max_pool`), ``between`` applied to
     every phase, the pool a reduction over the phases. With ``commutes`` (``between`` is a
-    monotone activation or nothing) a max-pool is taken before the bias and ``between``."""
+    monotone activation or nothing) a max-pool is taken before the bias and ``between``. The
+    product at ``precision`` (``jax.lax.Precision``'s name)."""
     if take_max and commutes:
-        y = _phase_max(_phase_product(x, kernel, padding, pool)) + bias
+        y = _phase_max(_phase_product(x, kernel, padding, pool, precision)) + bias
         for f in between:
             y = f(y)
         return y
-    y = _phase_product(x, kernel, padding, pool) + bias
+    y = _phase_product(x, kernel, padding, pool, precision) + bias
     for f in between:
         y = f(y)
     return _phase_max(y) if take_max else y.mean(axis=3)
@@ -113,7 +121,8 @@ def conv_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: Pai
                      True)
 
 
-def _phase_product(x: jax.Array, kernel: jax.Array, padding: Pair, pool: Pair) -> jax.Array:
+def _phase_product(x: jax.Array, kernel: jax.Array, padding: Pair, pool: Pair,
+                   precision: str = "highest") -> jax.Array:
     """conv(x) (no bias) at the pool's phases: (N, Ho, Wo, ph·pw, Cout), Ho, Wo pooled, the
     phases in the window's row-major order; a ragged edge the pool drops is not computed."""
     (ph, pw), (kh, kw, cin, cout) = pool, kernel.shape
@@ -132,7 +141,8 @@ def _phase_product(x: jax.Array, kernel: jax.Array, padding: Pair, pool: Pair) -
                       kernel).reshape(kp * kq * ph * pw * cin, ph * pw * cout)
     patches = jnp.concatenate([x[:, p : p + ho, r : r + wo] for p in range(kp)
                                for r in range(kq)], axis=-1)
-    return (patches.reshape(-1, taps.shape[0]) @ taps).reshape(n, ho, wo, ph * pw, cout)
+    return jnp.matmul(patches.reshape(-1, taps.shape[0]), taps,
+                      precision=precision).reshape(n, ho, wo, ph * pw, cout)
 
 
 def _phase_max(y: jax.Array) -> jax.Array:
@@ -180,12 +190,15 @@ def conv_one_channel(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: P
                      padding: Pair) -> jax.Array:
     """The convolution of a one-channel NHWC ``x`` with an HWIO ``kernel``: what nnx.Conv
     computes, to float32 rounding, faster in the whole train step on XLA:CPU (the README's
-    benchmark says by how much)."""
+    benchmark says by how much). bfloat16 operands are multiplied and summed in float32 and the
+    sum rounded once, as a bfloat16 convolution accumulates."""
     (ph, pw), (kh, kw) = padding, kernel.shape[:2]
     if ph or pw:
         x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     out = ((x.shape[1] - kh) // stride[0] + 1, (x.shape[2] - kw) // stride[1] + 1)
-    return _shift_and_add(x, kernel, bias, stride, out)
+    wide = jnp.promote_types(x.dtype, jnp.float32)
+    y = _shift_and_add(x.astype(wide), kernel.astype(wide), bias.astype(wide), stride, out)
+    return y.astype(x.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -211,10 +224,12 @@ def _shift_and_add_bwd(stride, out, residuals, dy):
     x, kernel = residuals
     kh, kw, _, cout = kernel.shape
     windows = jnp.stack([w[..., 0] for w in _windows(x, (kh, kw), stride, out)])
-    dkernel = (windows.reshape(kh * kw, -1) @ dy.reshape(-1, cout)).reshape(kernel.shape)
+    dkernel = jnp.matmul(windows.reshape(kh * kw, -1), dy.reshape(-1, cout),
+                         precision="highest").reshape(kernel.shape)
     # the input's gradient; XLA drops it when only the parameters are differentiated
     _, vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(
-        x, kernel, stride, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")), x)
+        x, kernel, stride, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest"), x)
     return vjp(dy)[0], dkernel, dy.sum((0, 1, 2))
 
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from lenet_jax import kernels as fused
 from lenet_jax.batchnorm import CanonicalBatchNorm
+from lenet_kernels.precision import check_precision
 from lenet_spec import (
     ELU,
     GELU,
@@ -78,6 +79,10 @@ ACTIVATIONS = {
 """The spec's activation layers, with the spec's (torch's) defaults: GELU is exact (erf)
 unless the spec asks for the tanh approximation, which is Flax's and JAX's default."""
 
+MATMUL_PRECISION = {"float32": "highest", "bfloat16": "highest", "tf32": "tensorfloat32"}
+"""``jax.lax.Precision`` of the products at each precision (lenet_kernels.precision): XLA's
+default on GPUs and TPUs is lower than float32's; bfloat16 operands are exact at any."""
+
 
 def _uniform(bound: float) -> nnx.Initializer:
     def init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -105,9 +110,14 @@ class LeNet(nnx.Module):
     """A network built from a :class:`~lenet_spec.Spec`."""
 
     def __init__(self, spec: Spec, *, init: str = "torch", kernels: str = "auto",
-                 rngs: nnx.Rngs) -> None:
+                 precision: str = "float32", rngs: nnx.Rngs) -> None:
+        check_precision(precision)
         self.spec = spec
         self.kernels = fused.resolve(kernels)
+        self.precision = precision
+        # what conv and linear layers compute in (lenet_kernels.precision's rules)
+        self.compute_dtype = jnp.bfloat16 if precision == "bfloat16" else None
+        self.matmul_precision = MATMUL_PRECISION[precision]
         self.deterministic = False  # dropout off when true: net.eval() sets it, net.train() not
         # flattened H, W, C is the canonical C, H, W once the next linear's rows are permuted;
         # with no linear after it (logits straight from a flatten) it flattens C, H, W
@@ -126,10 +136,13 @@ class LeNet(nnx.Module):
                                   strides=layer.stride, padding=((ph, ph), (pw, pw)),
                                   kernel_dilation=layer.dilation, feature_group_count=layer.groups,
                                   use_bias=layer.bias, kernel_init=kernel_init,
-                                  bias_init=bias_init, rngs=rngs)
+                                  bias_init=bias_init, dtype=self.compute_dtype,
+                                  precision=self.matmul_precision, rngs=rngs)
             else:
                 module = nnx.Linear(channels, layer.out_features, use_bias=layer.bias,
-                                    kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+                                    kernel_init=kernel_init, bias_init=bias_init,
+                                    dtype=self.compute_dtype, precision=self.matmul_precision,
+                                    rngs=rngs)
             setattr(self, layer.name, module)
         if any(isinstance(layer, (Dropout, Dropout2d)) for layer in spec.layers):
             self.rngs = rngs  # the stream dropout draws from when a call brings none
@@ -141,10 +154,11 @@ class LeNet(nnx.Module):
         x = check_input(self.spec, x)
         end = self.spec.logits_end if logits else len(self.spec.layers)
         if self.kernels == "fused":
-            return fused.forward(self, x, rngs, end)
-        for layer in self.spec.layers[:end]:
-            x = self.apply_layer(layer, x, rngs)
-        return x
+            x = fused.forward(self, x, rngs, end)
+        else:
+            for layer in self.spec.layers[:end]:
+                x = self.apply_layer(layer, x, rngs)
+        return x.astype(jnp.float32) if self.compute_dtype is not None else x
 
     def apply_layer(self, layer: object, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """One layer of the spec applied to ``x`` by Flax's own layers."""
@@ -168,9 +182,9 @@ class LeNet(nnx.Module):
             return x.reshape(x.shape[0], -1) if self.flatten_hwc else \
                 x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
         if isinstance(layer, LogSoftmax):
-            return jax.nn.log_softmax(x, axis=-1)
+            return jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
         if isinstance(layer, Softmax):
-            return jax.nn.softmax(x, axis=-1)
+            return jax.nn.softmax(x.astype(jnp.float32), axis=-1)
         raise TypeError(f"unknown layer {layer!r}")
 
     def dropout(self, layer: Dropout | Dropout2d, x: jax.Array,
@@ -277,20 +291,26 @@ def check_input(spec: Spec, x: jax.Array) -> jax.Array:
     raise ValueError(f"{spec.name}: expected input of shape {expected}, got {tuple(x.shape)}{hint}")
 
 
-def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "auto") -> LeNet:
+def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "auto",
+          precision: str = "float32") -> LeNet:
     """The Flax model of ``spec`` (a Spec, preset name or JSON path), initialised from ``seed``,
-    computed with ``kernels`` ("stock", "fused" or "auto")."""
+    computed with ``kernels`` ("stock", "fused" or "auto") at ``precision`` ("float32",
+    "bfloat16" or "tf32": :mod:`lenet_kernels.precision`; the parameters are float32 at
+    every precision)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INITS)}")
-    return _constructor(load_spec(spec), init, fused.resolve(kernels))(jax.random.key(seed))
+    check_precision(precision)
+    return _constructor(load_spec(spec), init, fused.resolve(kernels),
+                        precision)(jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=64)
-def _constructor(spec: Spec, init: str, kernels: str):
+def _constructor(spec: Spec, init: str, kernels: str, precision: str):
     """``LeNet(spec, …)`` as one compiled function of the seed: initialising op by op would
     compile every parameter's random draw separately; one program draws the same values
     (tested bit for bit), and JAX's persistent cache keeps it across runs."""
-    return nnx.jit(lambda key: LeNet(spec, init=init, kernels=kernels, rngs=nnx.Rngs(key)))
+    return nnx.jit(lambda key: LeNet(spec, init=init, kernels=kernels, precision=precision,
+                                     rngs=nnx.Rngs(key)))
 
 
 def layer_outputs(net: LeNet, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> list[jax.Array]:

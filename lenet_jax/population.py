@@ -51,7 +51,7 @@ class Population:
     def __init__(self, spec: Spec, seeds: Sequence[int], *, optimizer: str = "sgd",
                  lr: float | Callable[[int], float] = 0.01, momentum: float = 0.0,
                  weight_decay: float = 0.0, loss: str = "ce", kernels: str = "auto",
-                 device: Any = None) -> None:
+                 precision: str = "float32", device: Any = None) -> None:
         if not seeds:
             raise ValueError("a population needs at least one seed")
         self.spec, self.seeds = spec, [int(s) for s in seeds]
@@ -59,7 +59,8 @@ class Population:
         self.lr = lr if callable(lr) else (lambda step: lr)
         self.device = device or jax.devices()[0]
         on_logits, loss_of = loss_on_logits(loss), loss_fn(loss)
-        splits = [split_for_training(build(spec, seed=s, kernels=kernels)) for s in self.seeds]
+        splits = [split_for_training(build(spec, seed=s, kernels=kernels, precision=precision))
+                  for s in self.seeds]
         self.graphdef, self.eval_graphdef = splits[0][0], splits[0][1]
         params = stack([s[2] for s in splits])
         stats = stack([s[3] for s in splits])
@@ -163,7 +164,7 @@ class PopulationBackend(JaxBackend):
         c = run.config
         self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr,
                               momentum=c.momentum, weight_decay=c.weight_decay, loss=c.loss,
-                              kernels=c.kernels)
+                              kernels=c.kernels, precision=c.precision)
         if restore:
             try:
                 self.pop.load(restore.weights, restore.optimizer, int(restore.meta["step"]))

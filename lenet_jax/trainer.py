@@ -24,7 +24,7 @@ from lenet_jax.loss import loss_fn
 from lenet_jax.model import build, get_weights, set_weights
 from lenet_jax.optim import load_optimizer_tensors, make_tx, optimizer_tensors
 from lenet_train.config import Config
-from lenet_train.errors import StateError
+from lenet_train.errors import ConfigError, StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.paths import cache_root
 from lenet_train.run import Run
@@ -147,6 +147,17 @@ def use_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+def check_tf32() -> None:
+    """Raise :class:`ConfigError` unless every device is an NVIDIA GPU with TensorFloat-32
+    (compute capability 8.0 or newer)."""
+    devices = jax.devices()
+    capable = [float(getattr(d, "compute_capability", 0) or 0) >= 8.0 for d in devices]
+    if jax.default_backend() != "gpu" or not all(capable):
+        raise ConfigError(f"--precision tf32: needs NVIDIA GPUs with TensorFloat-32 (compute "
+                          f"capability 8.0 or newer); JAX computes on {devices[0].device_kind} "
+                          f"({jax.default_backend()}); use float32 or bfloat16")
+
+
 class JaxBackend(distributed.Processes):
     """The JAX side of ``lenet_train.loop.fit`` (see :class:`lenet_train.program.Backend`)."""
 
@@ -155,6 +166,9 @@ class JaxBackend(distributed.Processes):
 
     def configure(self, config: Config) -> None:
         self.steps_per_call, self.kernels = config.steps_per_call, config.kernels
+        self.precision = config.precision
+        if config.precision == "tf32":
+            check_tf32()
         if not config.no_compile_cache:
             use_compilation_cache()
 
@@ -163,11 +177,11 @@ class JaxBackend(distributed.Processes):
                      else "")
         devices = ", ".join(str(d) for d in jax.devices())
         return (f"jax {jax.__version__} on {jax.default_backend()} ({devices}{processes}), "
-                f"{resolve(self.kernels)} kernels")
+                f"{resolve(self.kernels)} kernels, {self.precision}")
 
     def start(self, run: Run, restore: State | None) -> None:
         c = run.config
-        net = build(run.spec, seed=c.seed, kernels=c.kernels)
+        net = build(run.spec, seed=c.seed, kernels=c.kernels, precision=c.precision)
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)

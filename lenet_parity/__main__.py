@@ -1,6 +1,8 @@
 """``python -m lenet_parity SPEC_OR_FILE``: the parity battery on one spec — every layer's
 output, every gradient, an SGD trajectory and batch_norm statistics, torch port against JAX
 port — as a table; exit status 0 when all are within the tests' tolerances, 1 otherwise.
+With ``--precision bfloat16`` (or tf32): both ports at that precision against the float64
+reference, within bounds derived from its unit roundoff and the network's depth.
 With ``--train``: the two training programs over N seeds each, and whether they train the
 same (an equivalence test); exit status 0 when equivalence is shown, 1 otherwise."""
 
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lenet_kernels import KERNELS
+from lenet_kernels.precision import PRECISIONS
 from lenet_spec import (
     Spec,
     SpecError,
@@ -112,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-float64", action="store_true",
                         help="skip the float64 reference (it repeats every computation): "
                              "fixed bounds only, with the gradients' absolute floor of 1.2e-7")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="float32: the ports against each other (the battery above); "
+                             "bfloat16 or tf32: each port at that precision against the "
+                             "float64 reference, within derived bounds (lenet_parity.rounding); "
+                             "with --train: both programs at that precision, each also against "
+                             "its own float32")
     parser.add_argument("--torch-kernels", choices=KERNELS, default="auto",
                         help="the torch side's kernels (stock: its own layers; fused: the "
                              "tuned formulations; auto: the faster here)")
@@ -198,6 +207,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"error: --batch {args.batch}: {spec.name} has batch_norm, whose training-mode "
               "statistics need at least 2 images", file=sys.stderr)
         return 2
+    if args.precision != "float32":
+        return _precision(spec, sides, args)
     try:
         report = check(spec, sides["torch"], sides["jax"], steps=args.steps, batch=args.batch,
                        seed=args.seed, single_step=args.single_step,
@@ -214,6 +225,51 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _precision(spec: Spec, sides: dict[str, Any], args: argparse.Namespace) -> int:
+    """``--precision``: both ports at it against float64 (lenet_parity.rounding)."""
+    if args.torch_kernels == "fused":
+        print(f"error: --torch-kernels fused: torch's fused kernels compute in float32 only; "
+              f"--precision {args.precision} measures torch's own layers", file=sys.stderr)
+        return 2
+    if args.precision == "tf32":
+        print("error: --precision tf32: tf32 exists on NVIDIA GPUs only, and the float64 "
+              "reference runs on the CPU; run the programs with --precision tf32 there",
+              file=sys.stderr)
+        return 2
+    torch_w, jax_w = sides["torch"], sides["jax"]
+    if torch_w is not None and jax_w is not None and any(
+            not np.array_equal(torch_w[k], jax_w[k]) for k in torch_w):
+        print(f"error: --precision {args.precision} compares each port with the float64 "
+              "reference on the same weights; give one weights file", file=sys.stderr)
+        return 2
+    import lenet_torch
+    from lenet_parity.rounding import precision_battery
+
+    weights = torch_w if torch_w is not None else jax_w
+    if weights is None:
+        weights = lenet_torch.get_weights(lenet_torch.build(spec, seed=args.seed))
+    rows = precision_battery(spec, weights, args.precision, batch=args.batch, seed=args.seed,
+                             steps=args.steps, jax_kernels=args.jax_kernels,
+                             progress=lambda what: print(f"  {what}…", file=sys.stderr,
+                                                         end="\r"))
+    print(" " * 40, file=sys.stderr, end="\r")
+    print(f"{spec.name} at {args.precision} against float64 (share: the error as a fraction "
+          "of its bound; ≤ 1 passes)")
+    width = max(len(r.check) for r in rows)
+    for r in rows:
+        where = f"  ({r.where})" if r.where else ""
+        print(f"  {r.check:<{width}}  {r.side:<5}  share {r.share:6.3f}  error "
+              f"{r.error:.3g}{where}{'' if r.ok else '  FAIL'}")
+    bad = next((r for r in rows if not r.ok), None)
+    if bad is None:
+        print(f"parity at {args.precision}: ok (largest share "
+              f"{max(r.share for r in rows):.2f})")
+        return 0
+    print(f"parity at {args.precision}: {bad.side} exceeds its bound: {bad.check}"
+          f"{f' at {bad.where}' if bad.where else ''} (share {bad.share:.3g})")
+    return 1
+
+
 def _alpha(text: str) -> float:
     value = positive_float(text)
     if value >= 0.5:
@@ -223,30 +279,47 @@ def _alpha(text: str) -> float:
 
 def _train(args: argparse.Namespace) -> int:
     """``--train``: both programs on N seeds, the equivalence tests, the verdict."""
-    from lenet_parity.population import ProgramFailed, compare, report, run_populations
+    from lenet_parity.population import ProgramFailed, compare, report, run_populations, shown
 
     common = ["--spec", args.spec, "--epochs", str(args.epochs), *shlex.split(args.train_args)]
-    flags = {"jax": [*common, *shlex.split(args.jax_args)],
-             "torch": [*common, *shlex.split(args.torch_args)]}
-    print(f"{args.seeds} seeds per program, {args.epochs} epoch(s), margins ±{args.margin:g} "
-          f"points (accuracy) and ±{args.loss_margin:g} (loss), α = {args.alpha:g}",
-          file=sys.stderr, flush=True)
+    own = {"jax": shlex.split(args.jax_args), "torch": shlex.split(args.torch_args)}
+    lower = args.precision != "float32"
+    at = ["--precision", args.precision] if lower else []
+    flags = {fw: [*common, *at, *own[fw]] for fw in ("jax", "torch")}
+    pairs = [("jax", "torch")]
+    if lower:  # each program at the lower precision against itself at float32
+        flags.update({f"{fw} float32": [*common, *own[fw]] for fw in ("jax", "torch")})
+        pairs += [("jax", "jax float32"), ("torch", "torch float32")]
+    print(f"{args.seeds} seeds per program{f' at {args.precision} and float32' if lower else ''}"
+          f", {args.epochs} epoch(s), margins ±{args.margin:g} points (accuracy) and "
+          f"±{args.loss_margin:g} (loss), α = {args.alpha:g}", file=sys.stderr, flush=True)
     try:
         runs = run_populations(args.seeds, flags,
                                lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     except ProgramFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = compare(runs, args.margin / 100, args.loss_margin, args.alpha)
-    for line in report(result):
-        print(line)
+    results = [compare(runs, args.margin / 100, args.loss_margin, args.alpha, pair)
+               for pair in pairs]
+    for result in results:
+        if lower:
+            print(f"{shown(result['pair'][0])} against {shown(result['pair'][1])}:")
+        for line in report(result):
+            print(f"  {line}" if lower else line)
+    equivalent = all(r["equivalent"] for r in results)
+    if lower:
+        print("verdict: " + ("all three pairs train the same within the margins" if equivalent
+                             else "equivalence not shown for every pair"))
     if args.json:
+        comparisons = [{"pair": r["pair"], "tests": {k: {**vars(t), "equivalent": t.equivalent}
+                                                     for k, t in r["tests"].items()},
+                        "equivalent": r["equivalent"]} for r in results]
         record = {"flags": flags, "seeds": args.seeds, "runs": runs,
-                  "tests": {k: {**vars(t), "equivalent": t.equivalent}
-                            for k, t in result["tests"].items()},
-                  "equivalent": result["equivalent"]}
+                  **({"comparisons": comparisons} if lower else
+                     {"tests": comparisons[0]["tests"]}),
+                  "equivalent": equivalent}
         atomic_write_bytes(args.json, json.dumps(record, indent=1).encode())
-    return 0 if result["equivalent"] else 1
+    return 0 if equivalent else 1
 
 
 if __name__ == "__main__":

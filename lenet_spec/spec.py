@@ -114,18 +114,18 @@ FED = ("NCHW", "NHW", "NHWC")
 
 RESERVED_NAMES = frozenset({
     "add_module", "apply", "apply_layer", "bfloat16", "buffers", "call_super_init", "children",
-    "compile", "cpu", "cuda", "deterministic", "double", "dropout", "dump_patches", "eval",
-    "extra_repr", "flatten_hwc", "float", "forward", "get_buffer", "get_extra_state",
+    "compile", "compute_dtype", "cpu", "cuda", "deterministic", "double", "dropout", "dump_patches",
+    "eval", "extra_repr", "flatten_hwc", "float", "forward", "get_buffer", "get_extra_state",
     "get_parameter", "get_submodule", "half", "ipu", "iter_children", "iter_modules", "kernels",
-    "load_state_dict", "modules", "mtia", "named_buffers", "named_children", "named_modules",
-    "named_parameters", "parameters", "perturb", "register_backward_hook", "register_buffer",
-    "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
-    "register_full_backward_pre_hook", "register_load_state_dict_post_hook",
-    "register_load_state_dict_pre_hook", "register_module", "register_parameter",
-    "register_state_dict_post_hook", "register_state_dict_pre_hook", "requires_grad_", "rngs",
-    "set_attributes", "set_extra_state", "set_submodule", "share_memory", "sow", "spec",
-    "state_dict", "T_destination", "to", "to_empty", "train", "training", "type", "xpu",
-    "zero_grad",
+    "load_state_dict", "matmul_precision", "modules", "mtia", "named_buffers", "named_children",
+    "named_modules", "named_parameters", "parameters", "perturb", "precision",
+    "register_backward_hook", "register_buffer", "register_forward_hook",
+    "register_forward_pre_hook", "register_full_backward_hook", "register_full_backward_pre_hook",
+    "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook", "register_module",
+    "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
+    "requires_grad_", "rngs", "set_attributes", "set_extra_state", "set_submodule", "share_memory",
+    "sow", "spec", "state_dict", "T_destination", "to", "to_empty", "train", "training", "type",
+    "xpu", "zero_grad",
 })
 """Names a layer cannot take: attributes of the ports' models (torch.nn.Module's and
 nnx.Module's methods and state, and the LeNet classes' own), which a layer of that name would

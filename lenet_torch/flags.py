@@ -20,11 +20,15 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check(config: Config) -> None:
-    """A population (seeds) trains torch's own layers, eagerly: :class:`ConfigError` for
-    compile or fused kernels with seeds."""
+    """A population (seeds) trains torch's own layers, eagerly, and bfloat16 needs torch's own
+    layers: :class:`ConfigError` for compile or fused kernels with seeds, fused kernels with
+    bfloat16."""
     if config.seeds is not None and config.compile:
         raise ConfigError("--compile: not with --seeds (a population's step is torch.func.vmap "
                           "of the network, which this program does not compile)")
+    if config.precision == "bfloat16" and config.kernels == "fused":
+        raise ConfigError("--precision bfloat16: not with --kernels fused (torch's fused kernels "
+                          "compute in float32 only; torch.autocast does not reach inside them)")
     if config.seeds is not None and config.kernels == "fused":
         raise ConfigError("--kernels fused: not with --seeds (a population trains torch's own "
                           "layers)")

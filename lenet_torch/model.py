@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lenet_kernels.precision import check_precision
 from lenet_spec import (
     ELU,
     GELU,
@@ -67,10 +68,16 @@ _TRUNC_STD = 0.87962566103423978
 class LeNet(nn.Module):
     """A network built from a :class:`~lenet_spec.Spec`."""
 
-    def __init__(self, spec: Spec, kernels: str = "auto") -> None:
+    def __init__(self, spec: Spec, kernels: str = "auto", precision: str = "float32") -> None:
         super().__init__()
+        check_precision(precision)
         self.spec = spec
         self.kernels = fused.resolve(kernels)
+        if precision == "bfloat16" and self.kernels == "fused":
+            raise ValueError("precision bfloat16: torch's fused kernels compute in float32 only "
+                             "(torch.autocast does not reach inside them); use kernels 'stock' "
+                             "or 'auto'")
+        self.precision = precision
         for info in spec.infos:
             layer, channels = info.layer, info.in_shape[0]
             if isinstance(layer, Conv):
@@ -94,6 +101,11 @@ class LeNet(nn.Module):
         end = self.spec.logits_end if logits else len(self.spec.layers)
         if self.kernels == "fused":
             return fused.forward(self, x, end)
+        if self.precision == "bfloat16":  # lenet_kernels.precision's rules
+            with torch.autocast(x.device.type, torch.bfloat16):
+                for layer in self.spec.layers[:end]:
+                    x = self.apply_layer(layer, x)
+            return x.float()
         for layer in self.spec.layers[:end]:
             x = self.apply_layer(layer, x)
         return x
@@ -123,9 +135,9 @@ class LeNet(nn.Module):
         if isinstance(layer, Flatten):
             return torch.flatten(x, 1)
         if isinstance(layer, LogSoftmax):
-            return F.log_softmax(x, dim=1)
+            return F.log_softmax(x.float(), dim=1)
         if isinstance(layer, Softmax):
-            return F.softmax(x, dim=1)
+            return F.softmax(x.float(), dim=1)
         raise TypeError(f"unknown layer {layer!r}")
 
 
@@ -186,12 +198,26 @@ def init_weights(net: LeNet, seed: int = 0, init: str = "torch") -> None:
                     nn.init.zeros_(module.bias)
 
 
-def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "auto") -> LeNet:
+def build(spec: Spec | str, seed: int = 0, init: str = "torch", kernels: str = "auto",
+          precision: str = "float32") -> LeNet:
     """The torch model of ``spec`` (a Spec, preset name or JSON path), initialised from ``seed``,
-    computed with ``kernels`` ("stock", "fused" or "auto")."""
-    net = LeNet(load_spec(spec), kernels)
+    computed with ``kernels`` ("stock", "fused" or "auto") at ``precision`` ("float32",
+    "bfloat16" under ``torch.autocast``, or "tf32": :mod:`lenet_kernels.precision`; the
+    parameters are float32 at every precision). On a GPU, float32 and tf32 are torch's global
+    switches: :func:`pin_precision` sets them."""
+    net = LeNet(load_spec(spec), kernels, precision)
     init_weights(net, seed, init)
     return net
+
+
+def pin_precision(precision: str) -> None:
+    """Set torch's global TF32 switches for ``precision`` (CUDA's matrix products and cuDNN's
+    convolutions: TF32 with "tf32", full float32 otherwise; cuDNN's default is TF32); they
+    change nothing on a CPU."""
+    check_precision(precision)
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def layer_outputs(net: LeNet, x: torch.Tensor) -> list[torch.Tensor]:

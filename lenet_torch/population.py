@@ -42,7 +42,7 @@ class Population:
     def __init__(self, spec: Spec, seeds: Sequence[int], *, optimizer: str = "sgd",
                  lr: float | Callable[[int], float] = 0.01, momentum: float = 0.0,
                  weight_decay: float = 0.0, loss: str = "ce", kernels: str = "auto",
-                 device: torch.device | str | None = None) -> None:
+                 precision: str = "float32", device: torch.device | str | None = None) -> None:
         if not seeds:
             raise ValueError("a population needs at least one seed")
         if kernels == "fused":
@@ -50,7 +50,9 @@ class Population:
         self.spec, self.seeds = spec, [int(s) for s in seeds]
         self.device = torch.device(device or "cpu")
         self.lr = lr if callable(lr) else (lambda step: lr)
-        nets = [build(spec, seed=s, kernels="stock").to(self.device) for s in self.seeds]
+        self.precision = precision
+        nets = [build(spec, seed=s, kernels="stock", precision=precision).to(self.device)
+                for s in self.seeds]
         self.params, self.buffers = stack_module_state(nets)
         self.base = copy.deepcopy(nets[0]).to("meta")
         self.opt = make_optimizer(self.params.values(), optimizer, float(self.lr(0)), momentum,
@@ -104,7 +106,7 @@ class Population:
 
     def network(self, m: int) -> torch.nn.Module:
         """Member ``m`` as a network of its own (a copy of its current state)."""
-        net = build(self.spec, kernels="stock").to(self.device)
+        net = build(self.spec, kernels="stock", precision=self.precision).to(self.device)
         set_weights(net, self.weights(m))
         return net
 
@@ -152,7 +154,7 @@ class PopulationBackend(TorchBackend):
         c, device = run.config, self.device
         self.pop = Population(run.spec, self.seeds, optimizer=c.optimizer, lr=run.lr,
                               momentum=c.momentum, weight_decay=c.weight_decay, loss=c.loss,
-                              device=device)
+                              precision=c.precision, device=device)
         if restore:
             try:
                 self.pop.load(restore.weights, restore.optimizer, int(restore.meta["step"]))

@@ -14,10 +14,10 @@ import torch
 from lenet_torch import distributed
 from lenet_torch.kernels import resolve
 from lenet_torch.loss import loss_fn
-from lenet_torch.model import build, get_weights, set_weights
+from lenet_torch.model import build, get_weights, pin_precision, set_weights
 from lenet_torch.optim import load_optimizer_tensors, make_optimizer, optimizer_tensors
 from lenet_train.config import Config
-from lenet_train.errors import StateError
+from lenet_train.errors import ConfigError, StateError
 from lenet_train.options import EVAL_BATCH, loss_on_logits
 from lenet_train.run import Run
 from lenet_train.state import State
@@ -41,6 +41,16 @@ def make_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss, on_logit
     return step
 
 
+def check_tf32(device: torch.device) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is an NVIDIA GPU with TensorFloat-32
+    (compute capability 8.0 or newer)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        what = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        raise ConfigError(f"--precision tf32: needs an NVIDIA GPU with TensorFloat-32 (compute "
+                          f"capability 8.0 or newer); torch computes on {what}; use float32 or "
+                          "bfloat16")
+
+
 class TorchBackend(distributed.Processes):
     """The torch side of ``lenet_train.loop.fit`` (see :class:`lenet_train.program.Backend`)."""
 
@@ -53,13 +63,17 @@ class TorchBackend(distributed.Processes):
             torch.set_num_threads(config.threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.compile, self.kernels = config.compile, config.kernels
+        self.precision = config.precision
+        if config.precision == "tf32":
+            check_tf32(self.device)
+        pin_precision(config.precision)
 
     def describe(self) -> str:
         where = (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda"
                  else f", {torch.get_num_threads()} threads")
         ranks = f", {self.layout.process_count} ranks" if self.layout.distributed else ""
         return (f"torch {torch.__version__} on {self.device}{where}{ranks}, "
-                f"{resolve(self.kernels)} kernels")
+                f"{resolve(self.kernels)} kernels, {self.precision}")
 
     @staticmethod
     def _restore_rng(restore: State, device: torch.device) -> None:
@@ -88,7 +102,8 @@ class TorchBackend(distributed.Processes):
 
     def start(self, run: Run, restore: State | None) -> None:
         c, device = run.config, self.device
-        self.net = net = build(run.spec, seed=c.seed, kernels=c.kernels).to(device)
+        self.net = net = build(run.spec, seed=c.seed, kernels=c.kernels,
+                               precision=c.precision).to(device)
         weights = restore.weights if restore else run.init_weights
         if weights:
             set_weights(net, weights)

@@ -11,7 +11,7 @@ from lenet_spec import Spec, SpecError, load_spec
 from lenet_train import config
 from lenet_train.config import SEED_MAX, SEEDS_MAX, Config, shown_seeds
 from lenet_train.errors import ConfigError
-from lenet_train.options import DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
+from lenet_train.options import DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES
 from lenet_util.cli import Parser
 
 __all__ = ["SEEDS_MAX", "SEED_MAX", "check_seeds", "default_workdir", "int_at_least",
@@ -92,6 +92,12 @@ def parser(prog: str, framework: str) -> argparse.ArgumentParser:
                    help="stock: the framework's own layers; fused: the tuned formulations "
                         "(conv+activation+max-pool as one GEMM, ...); auto: the faster on this "
                         "machine (JAX on CPU: fused; torch: stock)")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="float32: every product in full float32 (also on GPUs and TPUs); "
+                        "bfloat16: mixed precision, conv and linear layers in bfloat16 with "
+                        "float32 weights, optimizer, batch-norm statistics and loss "
+                        "(torch.autocast; Flax's dtype); tf32: TensorFloat-32 products on "
+                        "NVIDIA GPUs that have them")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
                    help="torch.optim's semantics in both frameworks (adam: L2 weight decay; "
                         "adamw: decoupled)")

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from lenet_train.errors import ConfigError
-from lenet_train.options import AUGMENTS, DATASET_NAMES, KERNELS, LOSSES, OPTIMIZERS, SCHEDULES
+from lenet_train.options import (
+    AUGMENTS,
+    DATASET_NAMES,
+    KERNELS,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+)
 
 SEED_MAX = 2**32 - 1
 """The largest seed: what numpy, torch and JAX all take as a seed."""
@@ -213,6 +221,8 @@ class Config:
     batch_size: int = _setting(128, lambda v: int_at_least(v, 1), kept=True,
                                doc="images per optimizer step, all devices together")
     kernels: str = _setting("auto", one_of(KERNELS), doc="stock, fused or auto")
+    precision: str = _setting("float32", one_of(PRECISIONS), kept=True,
+                              doc="float32, bfloat16 (mixed) or tf32 (GPUs)")
     optimizer: str = _setting("adam", one_of(OPTIMIZERS), kept=True)
     lr: float = _setting(5e-3, positive_float, doc="peak learning rate")
     momentum: float = _setting(0.9, non_negative_float, kept=True)

@@ -4,6 +4,7 @@ ports' optimizers, losses and evaluation."""
 from __future__ import annotations
 
 from lenet_kernels import KERNELS
+from lenet_kernels.precision import PRECISIONS
 from lenet_spec import INITS, SHAPES
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -33,4 +34,4 @@ EVAL_BATCH = 1000
 """Images per forward pass when evaluating (memory only: the sums do not depend on it)."""
 
 __all__ = ["AUGMENTS", "DATASET_NAMES", "EVAL_BATCH", "INITS", "KERNELS", "LOSSES", "OPTIMIZERS",
-           "SCHEDULES", "loss_on_logits"]
+           "PRECISIONS", "SCHEDULES", "loss_on_logits"]

@@ -78,7 +78,7 @@ LENET5 = PRESETS["lenet5"]
 CHANGED = {"spec": PRESETS["lenet5_classic"], "optimizer": "sgd", "momentum": 0.5,
            "weight_decay": 1e-4, "schedule": "cosine", "loss": "mse", "dataset": "kmnist",
            "augment": ("crop",), "batch_size": 32, "seed": 7, "seeds": (0, 1, 2),
-           "train_size": 1000}
+           "train_size": 1000, "precision": "bfloat16"}
 
 
 @pytest.mark.parametrize("framework", fast_only(PROGRAMS, "torch"))
