@@ -1,9 +1,11 @@
 """``python -m bench``: JAX and PyTorch training and inference of a spec'd LeNet, side by side, in
 two tiers: same math (each framework's own layers in its usual execution mode: a jitted JAX
-step, eager torch) and tuned (each framework's fastest variant: kernels × execution mode).
+step, eager torch) and tuned (each framework's fastest variant: kernels × execution mode);
+with ``--precision float32,bfloat16`` a third, mixed precision (each framework's fastest
+bfloat16 variant), measured beside the float32 ones.
 
 Every (variant, batch size, width) is measured in its own subprocess (``bench.worker``) so
-thread pools and allocators do not interfere; same spec, batch, dtype (float32), optimizer and
+thread pools and allocators do not interfere; same spec, batch, precision, optimizer and
 thread count for every variant; data already in memory / on the device; warm-up reported
 apart; at least 5 timed repeats, reported as median, min and max; ``--rounds R`` repeats it all
 interleaved. ``--time-to-accuracy`` and ``--startup`` measure the real training programs;
@@ -27,6 +29,7 @@ import numpy as np
 
 from bench import programs, report
 from bench.worker import KERNELS, MODES
+from lenet_kernels.precision import PRECISIONS
 from lenet_spec import SHAPES
 from lenet_util import OutputError, atomic_write_bytes, check_output
 from lenet_util.cli import Parser
@@ -80,6 +83,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=_variants, default=None,
                    help="framework-kernels-mode names, comma-separated (default: every one; "
                         f"with --population: {','.join(POPULATION)})")
+    p.add_argument("--precision", type=_list(str, "float32, bfloat16 and/or tf32",
+                                             lambda v: v in PRECISIONS),
+                   default=["float32"], metavar="PRECISIONS",
+                   help="precisions to measure each variant at, comma-separated; "
+                        "float32,bfloat16: the third tier, mixed precision (torch's fused "
+                        "kernels compute in float32 only and are left out at bfloat16)")
     p.add_argument("--kernels", type=_list(str, "stock and/or fused", lambda v: v in KERNELS),
                    default=list(KERNELS), help="keep only the variants with these kernels")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (at least 5)")
@@ -221,21 +230,28 @@ def throughput(args: argparse.Namespace, variants: list[str]) -> dict[str, Any]:
                                      "threads": args.threads}, args.timeout)
                     if b:
                         bounds.setdefault((spec, width, batch), []).append(b)
-                    for variant in order:
+                    for variant, precision in _at_precisions(order, args.precision):
                         config = _variant_config(
                             args, variant, spec=spec, batch_size=batch, width=width,
-                            steps=min(2_000, max(5, images // batch)),
+                            precision=precision, steps=min(2_000, max(5, images // batch)),
                             latency_calls=50 if args.quick else 200)
                         results.append(_measured(
-                            config, args, k, f"{spec} {variant:30s} width {width:g} batch "
-                            f"{batch:5d}", "img/s"))
+                            config, args, k, f"{spec} {variant:30s} {precision:8s} width "
+                            f"{width:g} batch {batch:5d}", "img/s"))
         rounds.append(results)
     _some_measured(rounds)
-    merged = report.merge_rounds(rounds, variants)
+    merged = report.merge_rounds(rounds, variants, args.precision)
     for r in [*merged, *(r for rs in rounds for r in rs)]:
         measured = bounds.get((r["spec"], r["width"], r["batch_size"]))
         r["shape_bound_images_per_sec"] = float(np.median(measured)) if measured else None
     return {"results": merged, "rounds": rounds}
+
+
+def _at_precisions(variants: list[str], precisions: list[str]) -> list[tuple[str, str]]:
+    """Each variant at each precision, one after the other (the precisions of a variant side by
+    side), leaving out torch's fused kernels below float32 (they compute in float32 only)."""
+    return [(v, p) for v in variants for p in precisions
+            if not (p == "bfloat16" and v.startswith("torch-fused"))]
 
 
 def populations(args: argparse.Namespace, variants: list[str]) -> list[dict[str, Any]]:

@@ -6,12 +6,13 @@
 #   1. the parity battery with JAX on the GPU (lenet_parity's torch side runs on the CPU), TF32
 #      off (JAX_DEFAULT_MATMUL_PRECISION=highest, NVIDIA_TF32_OVERRIDE=0 for cuBLAS/cuDNN), on
 #      lenet5, lenet5_bn and cifar10_cnn: python -m lenet_parity
-#   2. the two tiers at batch 128 and 1024, TF32 off and on (torch's cuBLAS TF32 forced on by
-#      TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, JAX's default precision), JAX jit and scan against
-#      torch eager and compiled
+#   2. the two tiers at batch 128 and 1024 in float32 (both models pin full float32 products),
+#      JAX jit and scan against torch eager and compiled
 #   3. populations of 1, 4, 16 and 64 lenet5 seeds as one program (TF32 off)
-# Results: bench/results/gpu_parity.txt, gpu_tiers_{tf32_off,tf32_on}.{md,json},
-# gpu_population.{md,json}.
+#   4. precision: the parity battery at bfloat16 (each port against float64), and the three
+#      tiers at batch 128 with --precision float32,bfloat16,tf32 (the mixed-precision tier)
+# Results: bench/results/gpu_parity.txt, gpu_tiers_tf32_off.{md,json},
+# gpu_population.{md,json}, gpu_precision.txt, gpu_precision_tiers.{md,json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -41,10 +42,16 @@ specs=lenet5,lenet5_bn,cifar10_cnn
 JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 \
   "$PYTHON" -m bench --spec "$specs" --batch-sizes 128,1024 --variants "$variants" \
   --images 5120 --timeout 60 --json "$OUT/gpu_tiers_tf32_off.json" | tee "$OUT/gpu_tiers_tf32_off.md" || status=1
-TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
-  "$PYTHON" -m bench --spec "$specs" --batch-sizes 128,1024 --variants "$variants" \
-  --images 5120 --timeout 60 --json "$OUT/gpu_tiers_tf32_on.json" | tee "$OUT/gpu_tiers_tf32_on.md" || status=1
 JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 \
   "$PYTHON" -m bench --population 1,4,16,64 --spec lenet5 --images 25600 --timeout 60 \
   --json "$OUT/gpu_population.json" | tee "$OUT/gpu_population.md" || status=1
+{
+  for spec in lenet5 lenet5_bn; do
+    echo "== $spec at bfloat16"
+    timeout 120 "$PYTHON" -m lenet_parity "$spec" --precision bfloat16 --steps 5 || status=1
+  done
+} 2>&1 | tee "$OUT/gpu_precision.txt"
+"$PYTHON" -m bench --spec "$specs" --batch-sizes 128 --variants "$variants" \
+  --precision float32,bfloat16,tf32 --images 5120 --timeout 60 \
+  --json "$OUT/gpu_precision_tiers.json" | tee "$OUT/gpu_precision_tiers.md" || status=1
 exit $status

@@ -1,5 +1,6 @@
-"""What ``python -m bench`` prints and draws: the table, the two tiers' headline ratios, the
-merge of interleaved rounds, and the chart."""
+"""What ``python -m bench`` prints and draws: the table, the tiers' headline ratios (same math
+and tuned in float32, mixed precision in bfloat16), the merge of interleaved rounds, and the
+chart."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ def _fmt(value: float | None, digits: int = 0) -> str:
 def table(results: list[dict[str, Any]], env: dict[str, Any] | None = None) -> str:
     """The results as a markdown table; training throughput also as a share of the GEMM bound
     (``env``'s GEMM rate over the step's FLOPs) and of the shape bound (``bench.bound``)."""
-    rows = ["| spec | framework | kernels | mode | width | batch | train img/s (median [min, max]) "
-            "| % GEMM bound | % shape bound "
+    rows = ["| spec | framework | kernels | mode | precision | width | batch "
+            "| train img/s (median [min, max]) | % GEMM bound | % shape bound "
             "| infer img/s | batch-1 latency ms | warm-up s | threads | peak RSS MB |",
-            "| --- | --- | --- | --- | " + "---: | " * 10]
+            "| --- | --- | --- | --- | --- | " + "---: | " * 10]
     for r in results:
         head = f"| {r['spec']} | {r['framework']} | {r['kernels']} | {r['mode']} | " \
-               f"{r.get('width', 1):g} | {r['batch_size']} |"
+               f"{precision_of(r)} | {r.get('width', 1):g} | {r['batch_size']} |"
         if "error" in r:
             rows.append(f"{head} failed: {r['error']} | | | | | | | |")
             continue
@@ -45,20 +46,27 @@ def table(results: list[dict[str, Any]], env: dict[str, Any] | None = None) -> s
     return "\n".join(rows)
 
 
+def precision_of(result: dict[str, Any]) -> str:
+    """A result's precision (float32 for records that predate the setting)."""
+    return result.get("precision", "float32")
+
+
 def _pick(results: list[dict[str, Any]], spec: str, width: float, batch: int, framework: str,
-          variant: str | None = None):
-    """The fastest result of ``framework`` (or its ``variant``) at (spec, width, batch)."""
+          variant: str | None = None, precision: str = "float32"):
+    """The fastest result of ``framework`` (or its ``variant``) at (spec, width, batch,
+    precision)."""
     group = [r for r in results if "error" not in r and r["spec"] == spec and r["width"] == width
              and r["batch_size"] == batch and r["framework"] == framework
+             and precision_of(r) == precision
              and (variant is None or r["variant"] == variant)]
     return max(group, key=lambda r: r["train_images_per_sec"], default=None)
 
 
 def _tier_line(name: str, results, rounds, spec: str, width: float, batch: int,
-               same_math: bool, env: dict[str, Any]) -> str | None:
+               same_math: bool, env: dict[str, Any], precision: str = "float32") -> str | None:
     def pair(rs):
-        return tuple(_pick(rs, spec, width, batch, fw, SAME_MATH[fw] if same_math else None)
-                     for fw in ("jax", "torch"))
+        return tuple(_pick(rs, spec, width, batch, fw, SAME_MATH[fw] if same_math else None,
+                           precision) for fw in ("jax", "torch"))
 
     j, t = pair(results)
     if not (j and t):
@@ -107,19 +115,37 @@ def summary(results: list[dict[str, Any]], env: dict[str, Any],
                 elif tuned:  # the fastest variants are the same-math ones: nothing tuned ran
                     lines.append(f"{where}, tuned tier: the same variants (no faster variant "
                                  "was measured)")
+                mixed = _tier_line("", ok, rounds, spec, width, b, False, env, "bfloat16")
+                if mixed:
+                    lines.append(f"{where}, mixed-precision tier (bfloat16){mixed}"
+                                 f"{_against_float32(ok, spec, width, b)}")
     return lines
 
 
-def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str]) -> list[dict[str, Any]]:
-    """One result per (spec, width, batch, variant): the round whose training throughput is the
-    median of the rounds', with min and max over every round's repeats and each round's median
-    under ``rounds``."""
+def _against_float32(results: list[dict[str, Any]], spec: str, width: float, batch: int) -> str:
+    """Each framework's fastest bfloat16 variant against its fastest float32 one."""
+    parts = []
+    for fw, name in (("jax", "JAX"), ("torch", "torch")):
+        low = _pick(results, spec, width, batch, fw, None, "bfloat16")
+        full = _pick(results, spec, width, batch, fw, None, "float32")
+        if low and full:
+            ratio = low["train_images_per_sec"] / full["train_images_per_sec"]
+            parts.append(f"{name} {ratio:.2f}×")
+    return f"; bfloat16 against each one's fastest float32: {', '.join(parts)}" if parts else ""
+
+
+def merge_rounds(rounds: list[list[dict[str, Any]]], variants: list[str],
+                 precisions: list[str] | None = None) -> list[dict[str, Any]]:
+    """One result per (spec, width, batch, variant, precision): the round whose training
+    throughput is the median of the rounds', with min and max over every round's repeats and
+    each round's median under ``rounds``."""
     if len(rounds) == 1:
         return rounds[0]
     merged = []
     specs = list(dict.fromkeys(r["spec"] for r in rounds[0]))
+    order = precisions or ["float32"]
     key = lambda r: (specs.index(r["spec"]), r["width"], r["batch_size"],  # noqa: E731
-                     variants.index(r["variant"]))
+                     variants.index(r["variant"]), order.index(precision_of(r)))
     for first in sorted(rounds[0], key=key):
         same = [r for rs in rounds for r in rs if key(r) == key(first)]
         ok = sorted((r for r in same if "error" not in r),
@@ -149,7 +175,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     width = 1.0 if 1.0 in widths else widths[0]
     ok = [r for r in ok if r["width"] == width]
     specs = list(dict.fromkeys(r["spec"] for r in ok))
-    variants = list(dict.fromkeys(r["variant"] for r in ok))
+    variants = list(dict.fromkeys((r["variant"], precision_of(r)) for r in ok))
     batches = sorted({r["batch_size"] for r in ok})
     fig, axes = plt.subplots(len(specs), 2, figsize=(13, 5 * len(specs)), squeeze=False)
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(variants), 2)))
@@ -158,11 +184,12 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in ok if r["spec"] == spec]
         for ax, key, title in ((row[0], "train_images_per_sec", "training"),
                                (row[1], "infer_images_per_sec", "inference")):
-            for k, v in enumerate(variants):
+            for k, (v, p) in enumerate(variants):
                 values = [next((r[key] for r in mine if r["variant"] == v
-                                and r["batch_size"] == b), 0) for b in batches]
-                ax.bar(np.arange(len(batches)) + k * bar_w, values, bar_w, label=v,
-                       color=colors[k])
+                                and precision_of(r) == p and r["batch_size"] == b), 0)
+                          for b in batches]
+                ax.bar(np.arange(len(batches)) + k * bar_w, values, bar_w,
+                       label=v if p == "float32" else f"{v} {p}", color=colors[k])
             ax.set_xticks(np.arange(len(batches)) + bar_w * (len(variants) - 1) / 2)
             ax.set_xticklabels([str(b) for b in batches])
             ax.set_xlabel("batch size")

@@ -1,6 +1,7 @@
 """One benchmark measurement in its own process: ``python -m bench.worker '<json config>'``.
 
-Imports only the framework of its variant, builds the spec's model with the variant's kernels,
+Imports only the framework of its variant, builds the spec's model with the variant's kernels
+at the configured precision,
 runs the training programs' own step (``lenet_jax.train.make_steps`` /
 ``lenet_torch.train.make_step``) in the variant's execution mode on random data in memory (on
 the device), and prints one JSON result line. Clocks stop only after ``block_until_ready`` /
@@ -58,7 +59,7 @@ def _indices(batch: int, steps: int, seed: int = 0) -> np.ndarray:
 
 
 def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, repeats: int,
-                latency_calls: int) -> dict[str, Any]:
+                latency_calls: int, precision: str = "float32") -> dict[str, Any]:
     # a worker imports only the framework it measures
     import jax
     from flax import nnx
@@ -73,7 +74,7 @@ def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, rep
     images = jax.device_put(rng.standard_normal((POOL, h, w, c)).astype(np.float32))
     labels = jax.device_put(rng.integers(0, spec.num_classes, POOL).astype(np.int32))
     graphdef, eval_graphdef, params, stats, rest = split_for_training(
-        build(spec, seed=0, kernels=kernels))
+        build(spec, seed=0, kernels=kernels, precision=precision))
     tx = make_tx("adam", 1e-3)
     train_step, train_steps, _ = make_steps(graphdef, eval_graphdef, tx, loss_fn("ce"))
     idx = _indices(batch, steps)
@@ -134,12 +135,13 @@ def measure_jax(spec: Spec, kernels: str, mode: str, batch: int, steps: int, rep
 
 
 def measure_torch(spec: Spec, kernels: str, mode: str, batch: int, steps: int, repeats: int,
-                  latency_calls: int, threads: int | None) -> dict[str, Any]:
+                  latency_calls: int, threads: int | None,
+                  precision: str = "float32") -> dict[str, Any]:
     # a worker imports only the framework it measures
     import torch
 
     from lenet_torch.loss import loss_fn
-    from lenet_torch.model import build
+    from lenet_torch.model import build, pin_precision
     from lenet_torch.optim import make_optimizer
     from lenet_torch.trainer import make_step
 
@@ -151,7 +153,8 @@ def measure_torch(spec: Spec, kernels: str, mode: str, batch: int, steps: int, r
     images = torch.from_numpy(rng.standard_normal((POOL, *spec.input_shape))
                               .astype(np.float32)).to(device)
     labels = torch.from_numpy(rng.integers(0, spec.num_classes, POOL)).to(device)
-    net = build(spec, seed=0, kernels=kernels).to(device)
+    pin_precision(precision)
+    net = build(spec, seed=0, kernels=kernels, precision=precision).to(device)
     if mode == "channels-last":
         net = net.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -298,11 +301,15 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     framework, kernels, mode = config["framework"], config["kernels"], config["mode"]
     batch, steps = config["batch_size"], config["steps"]
     repeats, latency_calls = config["repeats"], config["latency_calls"]
+    precision = config.get("precision", "float32")
     if framework == "jax":
-        raw = measure_jax(spec, kernels, mode, batch, steps, repeats, latency_calls)
+        raw = measure_jax(spec, kernels, mode, batch, steps, repeats, latency_calls, precision)
     else:
         raw = measure_torch(spec, kernels, mode, batch, steps, repeats, latency_calls,
-                            config.get("threads"))
+                            config.get("threads"), precision)
+    if precision == "tf32" and not raw["device"].startswith(("gpu", "cuda")):
+        raise SystemExit(f"precision tf32 needs an NVIDIA GPU; {framework} ran on "
+                         f"{raw['device']}")
     images = steps * batch
     train = _stats([images / t for t in raw["train_s"]])
     infer = _stats([images / t for t in raw["infer_s"]])
@@ -310,7 +317,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     return {
         "framework": framework, "kernels": kernels, "mode": mode,
         "variant": f"{framework}-{kernels}-{mode}", "spec": config["spec"],
-        "network": spec.name,
+        "network": spec.name, "precision": precision,
         "width": config.get("width", 1), "batch_size": batch, "steps_per_repeat": steps,
         "train_images_per_sec": train["median"], "train_images_per_sec_min": train["min"],
         "train_images_per_sec_max": train["max"],
