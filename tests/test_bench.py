@@ -200,6 +200,45 @@ def test_rounds_merge_to_medians_and_report_each_rounds_ratio() -> None:
     assert "within each of 3 rounds: 1.25–3.00×, median 2.00×" in tuned
 
 
+def test_the_mixed_precision_tier_stands_beside_the_float32_tiers() -> None:
+    """--precision float32,bfloat16: each (variant, precision) merged on its own; the third tier
+    compares the fastest bfloat16 variants and each against its framework's fastest float32;
+    torch's fused kernels are left out below float32."""
+    from bench.__main__ import _at_precisions
+    from bench.report import merge_rounds, summary, table
+
+    def result(variant: str, precision: str, rate: float) -> dict:
+        framework, kernels, mode = variant.split("-", 2)
+        return {"spec": "lenet5", "framework": framework, "kernels": kernels, "mode": mode,
+                "variant": variant, "precision": precision, "width": 1.0, "batch_size": 128,
+                "train_images_per_sec": rate, "train_images_per_sec_min": rate,
+                "train_images_per_sec_max": rate, "train_flops_per_image": 2.5e6,
+                "infer_images_per_sec": rate, "latency_ms": 1.0, "compile_s": 1.0,
+                "threads": 2, "peak_rss_mb": 1.0}
+
+    names = ["jax-fused-jit", "torch-stock-eager", "torch-fused-eager"]
+    assert _at_precisions(names, ["float32", "bfloat16"]) == [
+        ("jax-fused-jit", "float32"), ("jax-fused-jit", "bfloat16"),
+        ("torch-stock-eager", "float32"), ("torch-stock-eager", "bfloat16"),
+        ("torch-fused-eager", "float32")]
+    rates = {("jax-fused-jit", "float32"): 100.0, ("jax-fused-jit", "bfloat16"): 80.0,
+             ("torch-stock-eager", "float32"): 50.0, ("torch-stock-eager", "bfloat16"): 100.0,
+             ("torch-fused-eager", "float32"): 40.0}
+    rounds = [[result(v, p, rate * k) for (v, p), rate in rates.items()] for k in (1, 2, 3)]
+    merged = merge_rounds(rounds, names, ["float32", "bfloat16"])
+    assert [(r["variant"], r["precision"], r["train_images_per_sec"]) for r in merged] == [
+        (v, p, 2 * rate) for (v, p), rate in rates.items()]
+    lines = summary(merged, {"gemm_gflops": 1.0}, rounds)
+    mixed = [line for line in lines if "mixed-precision tier (bfloat16)" in line]
+    assert len(mixed) == 1
+    assert "JAX (fused, jit) 160 img/s vs torch (stock, eager) 200 img/s = 0.80×" in mixed[0]
+    assert mixed[0].endswith("bfloat16 against each one's fastest float32: JAX 0.80×, "
+                             "torch 2.00×")
+    assert any("tuned tier: JAX (fused, jit) 200 img/s" in line and "= 2.00×" in line
+               for line in lines)
+    assert "| jax | fused | jit | bfloat16 | 1 | 128 |" in table(merged)
+
+
 @SLOW
 def test_bench_population_mode(tmp_path) -> None:
     out = tmp_path / "population.json"
