@@ -88,7 +88,9 @@ def parser() -> argparse.ArgumentParser:
                    default=["float32"], metavar="PRECISIONS",
                    help="precisions to measure each variant at, comma-separated; "
                         "float32,bfloat16: the third tier, mixed precision (torch's fused "
-                        "kernels compute in float32 only and are left out at bfloat16)")
+                        "kernels compute in float32 only and are left out at bfloat16); the "
+                        "throughput tiers only (--population and the programs' modes: float32 "
+                        "unless --train-args says otherwise)")
     p.add_argument("--kernels", type=_list(str, "stock and/or fused", lambda v: v in KERNELS),
                    default=list(KERNELS), help="keep only the variants with these kernels")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (at least 5)")

@@ -79,9 +79,10 @@ ACTIVATIONS = {
 """The spec's activation layers, with the spec's (torch's) defaults: GELU is exact (erf)
 unless the spec asks for the tanh approximation, which is Flax's and JAX's default."""
 
-MATMUL_PRECISION = {"float32": "highest", "bfloat16": "highest", "tf32": "tensorfloat32"}
+MATMUL_PRECISION = {"float32": "highest", "bfloat16": "default", "tf32": "tensorfloat32"}
 """``jax.lax.Precision`` of the products at each precision (lenet_kernels.precision): XLA's
-default on GPUs and TPUs is lower than float32's; bfloat16 operands are exact at any."""
+default for float32 operands on GPUs and TPUs is lower than float32; bfloat16 operands take
+the hardware's native bfloat16 products with float32 sums."""
 
 
 def _uniform(bound: float) -> nnx.Initializer:

@@ -72,8 +72,11 @@ class TorchBackend(distributed.Processes):
         where = (f" ({torch.cuda.get_device_name()})" if self.device.type == "cuda"
                  else f", {torch.get_num_threads()} threads")
         ranks = f", {self.layout.process_count} ranks" if self.layout.distributed else ""
+        slow = (" (this CPU has no oneDNN bfloat16: torch's slow reference convolutions)"
+                if self.precision == "bfloat16" and self.device.type == "cpu"
+                and not torch.ops.mkldnn._is_mkldnn_bf16_supported() else "")
         return (f"torch {torch.__version__} on {self.device}{where}{ranks}, "
-                f"{resolve(self.kernels)} kernels, {self.precision}")
+                f"{resolve(self.kernels)} kernels, {self.precision}{slow}")
 
     @staticmethod
     def _restore_rng(restore: State, device: torch.device) -> None:
