@@ -29,9 +29,10 @@ class CanonicalBatchNorm(nnx.BatchNorm):
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalised ``x`` (computed in float32 whatever its dtype, returned in its dtype)."""
-        dtype = x.dtype
-        return self._normalised(x.astype(jnp.float32), use_running_average).astype(dtype)
+        """Normalised ``x`` (computed in float32 or wider whatever its dtype, returned in its
+        dtype)."""
+        wide = jnp.promote_types(x.dtype, jnp.float32)
+        return self._normalised(x.astype(wide), use_running_average).astype(x.dtype)
 
     def _normalised(self, x: jax.Array, use_running_average: bool | None) -> jax.Array:
         running = self.use_running_average if use_running_average is None \

@@ -159,7 +159,7 @@ class LeNet(nnx.Module):
         else:
             for layer in self.spec.layers[:end]:
                 x = self.apply_layer(layer, x, rngs)
-        return x.astype(jnp.float32) if self.compute_dtype is not None else x
+        return _wide(x)
 
     def apply_layer(self, layer: object, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """One layer of the spec applied to ``x`` by Flax's own layers."""
@@ -183,9 +183,9 @@ class LeNet(nnx.Module):
             return x.reshape(x.shape[0], -1) if self.flatten_hwc else \
                 x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
         if isinstance(layer, LogSoftmax):
-            return jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+            return jax.nn.log_softmax(_wide(x), axis=-1)
         if isinstance(layer, Softmax):
-            return jax.nn.softmax(x.astype(jnp.float32), axis=-1)
+            return jax.nn.softmax(_wide(x), axis=-1)
         raise TypeError(f"unknown layer {layer!r}")
 
     def dropout(self, layer: Dropout | Dropout2d, x: jax.Array,
@@ -199,6 +199,11 @@ class LeNet(nnx.Module):
         keep = keep_mask((rngs or self.rngs).dropout(), layer.p, shape)
         return jax.lax.select(jnp.broadcast_to(keep, x.shape), x / (1 - layer.p),
                               jnp.zeros_like(x))
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """``x`` in float32, or as it is when wider (a float64 reference)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _per_channel(value: float | tuple[float, ...], x: jax.Array) -> float | jax.Array:

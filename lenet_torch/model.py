@@ -105,7 +105,7 @@ class LeNet(nn.Module):
             with torch.autocast(x.device.type, torch.bfloat16):
                 for layer in self.spec.layers[:end]:
                     x = self.apply_layer(layer, x)
-            return x.float()
+            return _wide(x)
         for layer in self.spec.layers[:end]:
             x = self.apply_layer(layer, x)
         return x
@@ -135,10 +135,15 @@ class LeNet(nn.Module):
         if isinstance(layer, Flatten):
             return torch.flatten(x, 1)
         if isinstance(layer, LogSoftmax):
-            return F.log_softmax(x.float(), dim=1)
+            return F.log_softmax(_wide(x), dim=1)
         if isinstance(layer, Softmax):
-            return F.softmax(x.float(), dim=1)
+            return F.softmax(_wide(x), dim=1)
         raise TypeError(f"unknown layer {layer!r}")
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as it is when wider (a float64 reference)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _per_channel(value: float | tuple[float, ...], x: torch.Tensor) -> float | torch.Tensor:

@@ -335,7 +335,7 @@ def test_kernels_flag_trains_the_same_steps(tmp_path, mnist_dir, framework: str)
         res = _run(PROGRAMS[framework], "--kernels", kernels, "--spec", "lenet5_classic",
                    "--max-steps", "20", "--epochs", "1", "--log-steps", "--data-dir",
                    mnist_dir, "--workdir", str(workdir))
-        assert f", {kernels} kernels; lenet5_classic, 20 steps" in res.stdout
+        assert f", {kernels} kernels, float32; lenet5_classic, 20 steps" in res.stdout
         losses[kernels] = np.array([r["loss"] for r in read_jsonl(workdir / "steps.jsonl")])
     assert len(losses["stock"]) == len(losses["fused"]) == 20
     assert np.all(np.abs(losses["fused"] - losses["stock"]) <= 1e-4 * losses["stock"])
