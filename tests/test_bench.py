@@ -42,7 +42,8 @@ def test_bench_quick_covers_both_tiers(tmp_path) -> None:
         assert r["train_images_per_sec"] > 0 and r["latency_ms"] > 0
         assert r["shape_bound_images_per_sec"] > 0
         framework, kernels, mode = r["variant"].split("-", 2)
-        assert f"| {r['spec']} | {framework} | {kernels} | {mode} | float32 | 1 | 128 |" in res.stdout
+        row = f"| {r['spec']} | {framework} | {kernels} | {mode} | float32 | 1 | 128 |"
+        assert row in res.stdout
     for spec in specs:
         assert f"\n{spec}, width 1, batch 128, same-math tier: JAX (stock, jit)" in res.stdout
         assert f"\n{spec}, width 1, batch 128, tuned tier: JAX (" in res.stdout
