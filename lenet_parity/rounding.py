@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -207,7 +208,9 @@ def _layer(net: Any, info: Any, a: Any, v: Any, u_in: float, u_out: float, train
     if isinstance(layer, BatchNorm):
         return y, _batch_norm(getattr(net, layer.name), a, v, y, u_out, train)
     if isinstance(layer, Scale):
-        s, t = (torch.as_tensor(_channels(value, a)) for value in (layer.scale, layer.shift))
+        from lenet_torch.model import _per_channel
+
+        s, t = (torch.as_tensor(_per_channel(value, a)) for value in (layer.scale, layer.shift))
         return y, s.square() * v + 2 * u_out**2 * ((a * s).square() + t.square())
     if isinstance(layer, Flatten):
         return y, torch.flatten(v, 1)
@@ -217,15 +220,6 @@ def _layer(net: Any, info: Any, a: Any, v: Any, u_in: float, u_out: float, train
                              "(lenet_parity.battery.without_dropout)")
         return y, v
     raise TypeError(f"no rounding bound for layer {layer!r}")
-
-
-def _channels(value: float | tuple[float, ...], a: Any) -> Any:
-    """A scale layer's number, or its per-channel values shaped to broadcast over ``a``."""
-    import torch
-
-    if not isinstance(value, tuple):
-        return value
-    return torch.tensor(value, dtype=a.dtype).reshape((1, len(value)) + (1,) * (a.dim() - 2))
 
 
 def _batch_norm(module: Any, a: Any, v: Any, y: Any, u_out: float, train: bool) -> Any:
@@ -262,6 +256,12 @@ def gradient_bound(spec: Spec, precision: str) -> float:
     return 2 * summing_layers(spec, spec.logits_end) * (2 * u_in + u_out)
 
 
+def _keep(seen: dict[str, Any], name: str, module: Any, inputs: Any, output: Any) -> None:
+    """A forward hook: the layer's input, and its output, which keeps its gradient (δ)."""
+    output.retain_grad()
+    seen[name] = (inputs[0].detach(), output)
+
+
 def abs_gradients(spec: Spec, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
                   loss: str = "ce") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(the float64 gradients of ``loss`` in training mode, the same sums taken over the
@@ -278,11 +278,7 @@ def abs_gradients(spec: Spec, weights: Mapping[str, np.ndarray], x: np.ndarray, 
     for info in spec.infos:
         if isinstance(info.layer, (Conv, Linear, BatchNorm)):
             module = getattr(net, info.label)
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o, n=info.label: seen.__setitem__(n, (i[0].detach(), o))))
-    for module in (getattr(net, info.label) for info in spec.infos if info.params):
-        # every summing layer's output keeps its gradient (δ)
-        module.register_forward_hook(lambda m, i, o: o.retain_grad())
+            hooks.append(module.register_forward_hook(partial(_keep, seen, info.label)))
     out = net(torch.from_numpy(np.asarray(x, np.float64)), logits=loss_on_logits(loss))
     loss_fn(loss)(out, torch.from_numpy(y)).backward()
     for h in hooks:
